@@ -1,0 +1,107 @@
+"""The plan: which KV heads keep everything and what the others keep.
+
+Small, frozen dataclasses shared by profile, build and runtime; the YAML form lives in
+``kvcompile.profile_io``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SELECTIONS = ("attention", "key_norm")
+
+
+@dataclass(frozen=True)
+class BudgetLayout:
+    """Slots of one budgeted KV head: sinks + compensation + selected + ring window."""
+
+    sinks: int
+    compensation: int
+    selected: int
+    window: int
+
+    def __post_init__(self) -> None:
+        if min(self.sinks, self.selected, self.window) < 0 or self.compensation not in (0, 1):
+            raise ValueError(f"invalid budget layout {self}")
+        if self.window < 1:
+            raise ValueError("a budgeted head needs a window of at least 1 (the current token)")
+
+    @property
+    def capacity(self) -> int:
+        return self.sinks + self.compensation + self.selected + self.window
+
+    @property
+    def token_slots(self) -> int:
+        """Slots that hold real tokens (everything but the compensation slot)."""
+        return self.sinks + self.selected + self.window
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer: original KV-head indices kept full, the budgeted ones, and their layout."""
+
+    full_heads: tuple[int, ...]
+    budgeted_heads: tuple[int, ...]
+    layout: BudgetLayout | None
+    sliding: bool = False  # the source model runs this layer as sliding-window attention
+
+    def __post_init__(self) -> None:
+        if self.budgeted_heads and self.layout is None:
+            raise ValueError("budgeted heads need a layout")
+        if set(self.full_heads) & set(self.budgeted_heads):
+            raise ValueError("a head cannot be both full and budgeted")
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.full_heads) + len(self.budgeted_heads)
+
+    @property
+    def permutation(self) -> tuple[int, ...]:
+        """KV-head order after the permutation pass: full heads first."""
+        return tuple(self.full_heads) + tuple(self.budgeted_heads)
+
+    def kv_slots(self, context: int) -> int:
+        """KV slots (tokens x heads) this layer allocates for ``context`` tokens (DESIGN formula)."""
+        budgeted = 0
+        if self.budgeted_heads:
+            assert self.layout is not None
+            budgeted = len(self.budgeted_heads) * self.layout.capacity
+        return len(self.full_heads) * context + budgeted
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-layer plan plus how budgeted heads pick their selected tokens."""
+
+    layers: tuple[LayerPlan, ...]
+    policy: str = "profiled"
+    selection: str = "attention"
+    observation_window: int = 16  # last prompt positions whose attention scores selection
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+
+    @property
+    def n_full(self) -> int:
+        return sum(len(layer.full_heads) for layer in self.layers)
+
+    def kv_slots(self, context: int) -> int:
+        return sum(layer.kv_slots(context) for layer in self.layers)
+
+    def kv_bytes(self, context: int, head_dim: int, bytes_per_value: int) -> int:
+        """KV memory at ``context`` tokens: keys and values, every layer."""
+        return self.kv_slots(context) * 2 * head_dim * bytes_per_value
+
+    @staticmethod
+    def uncompressed(n_layers: int, n_kv_heads: int, sliding: tuple[int | None, ...] | None = None) -> Plan:
+        """Every head full (sliding layers keep the model's own window)."""
+        layers = []
+        for i in range(n_layers):
+            window = sliding[i] if sliding else None
+            if window:
+                layers.append(
+                    LayerPlan((), tuple(range(n_kv_heads)), BudgetLayout(0, 0, 0, window), sliding=True)
+                )
+            else:
+                layers.append(LayerPlan(tuple(range(n_kv_heads)), (), None))
+        return Plan(tuple(layers), policy="uncompressed")

@@ -1,0 +1,1 @@
+"""Graph passes: torch (head permutation, attention swap)."""

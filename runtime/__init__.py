@@ -1,0 +1,1 @@
+"""The static-budget runtime: budgeted cache, custom ops, generation loop."""
