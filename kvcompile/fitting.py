@@ -1,0 +1,273 @@
+"""Turn head statistics into a plan under a memory target.
+
+Memory is counted in KV slots (one token of one KV head) at the reference context; the
+target is a fraction of the uncompressed slots. Full heads are paid first, the rest goes
+to budgeted heads' layers by greedy marginal gain on their error curves.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcompile.arch import ArchSpec
+from kvcompile.errors import BudgetError
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.profiler import HeadStatistics
+
+POLICIES = ("profiled", "uniform", "pyramid")
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    kv_budget: float = 0.125  # fraction of the uncompressed KV cache at ``at_context``
+    at_context: int = 8192
+    policy: str = "profiled"
+    full_heads: int | None = None  # override the fitted number of full heads
+    retrieval_threshold: float = 0.5  # full when score >= threshold x best score
+    sinks: int = 4
+    compensation: int = 1
+    selected_fraction: float = 0.25  # share of a budgeted head's free slots picked by score
+    min_window: int = 16
+    selection: str = "attention"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kv_budget <= 1:
+            raise BudgetError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
+        if self.at_context < 1:
+            raise BudgetError(f"--at-context must be positive, got {self.at_context}")
+        if self.policy not in POLICIES:
+            raise BudgetError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.full_heads is not None and self.full_heads < 0:
+            raise BudgetError(f"--full-heads must be >= 0, got {self.full_heads}")
+        if not 0 <= self.selected_fraction < 1:
+            raise BudgetError(f"selected fraction must be in [0, 1), got {self.selected_fraction}")
+
+
+@dataclass
+class FitResult:
+    plan: Plan
+    budget_slots: int
+    used_slots: int
+    full_rule: str  # how the number of full heads was decided, for the report
+    demoted: list[tuple[int, int]] = field(default_factory=list)  # wanted full, did not fit
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio_of_budget(self) -> float:
+        return self.used_slots / self.budget_slots
+
+
+def _check_context(arch: ArchSpec, request: FitRequest) -> None:
+    if request.at_context > arch.max_context:
+        raise BudgetError(
+            f"--at-context {request.at_context} exceeds the model's maximum context "
+            f"{arch.max_context}; pass --at-context {arch.max_context} or less"
+        )
+
+
+def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitRequest) -> FitResult:
+    """Fit a plan with the requested policy; the baselines need no statistics."""
+    _check_context(arch, request)
+    if request.policy == "profiled":
+        if stats is None:
+            raise BudgetError("the profiled policy needs head statistics")
+        return _fit_profiled(stats, arch, request)
+    return _fit_baseline(arch, request)
+
+
+def _budget_slots(arch: ArchSpec, request: FitRequest) -> int:
+    return math.floor(request.kv_budget * arch.n_layers * arch.n_kv_heads * request.at_context)
+
+
+def _min_capacity(request: FitRequest) -> int:
+    return request.sinks + request.compensation + request.min_window
+
+
+def _sliding_cost(arch: ArchSpec) -> int:
+    return sum(arch.n_kv_heads * w for w in arch.sliding_windows if w)
+
+
+def _layout(capacity: int, request: FitRequest, selected_fraction: float) -> BudgetLayout:
+    free = capacity - request.sinks - request.compensation
+    selected = int(round(selected_fraction * free))
+    return BudgetLayout(request.sinks, request.compensation, selected, free - selected)
+
+
+def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> FitResult:
+    budget = _budget_slots(arch, request)
+    ctx = request.at_context
+    cmin = min(_min_capacity(request), ctx)
+    fixed = _sliding_cost(arch)
+    candidates = [(layer, head) for layer in range(arch.n_layers) if not arch.sliding_windows[layer]
+                  for head in range(arch.n_kv_heads)]
+    n_candidates = len(candidates)
+    floor_cost = fixed + n_candidates * cmin
+    if floor_cost > budget:
+        raise BudgetError(
+            f"the target ({request.kv_budget:g} of the KV cache at {ctx} tokens = {budget} slots) "
+            f"is below the minimum layout ({floor_cost} slots: every head with {cmin} slots); "
+            f"raise --kv-budget or --at-context"
+        )
+    scores = stats.retrieval
+    ranked = sorted(candidates, key=lambda lh: (-float(scores[lh]), lh))
+    best = float(scores.max()) if scores.numel() else 0.0
+    if request.full_heads is not None:
+        wanted = ranked[: request.full_heads]
+        rule = f"--full-heads {request.full_heads} (user override)"
+    else:
+        threshold = request.retrieval_threshold * best
+        wanted = [lh for lh in ranked if best > 0 and float(scores[lh]) >= threshold]
+        rule = (f"retrieval score >= {request.retrieval_threshold:g} x best ({threshold:.4f}): "
+                f"{len(wanted)} heads")
+    # each full head costs (ctx - cmin) more than its minimum budgeted layout
+    affordable = (budget - floor_cost) // max(1, ctx - cmin) if ctx > cmin else len(wanted)
+    full = wanted[:affordable]
+    demoted = wanted[affordable:]
+    notes = []
+    if demoted:
+        notes.append(
+            f"{len(demoted)} heads above the retrieval threshold did not fit the budget and "
+            f"are budgeted: {', '.join(f'L{l}H{h}' for l, h in demoted)}"
+        )
+    full_set = set(full)
+    budgeted: dict[int, list[int]] = {}
+    for layer, head in candidates:
+        if (layer, head) not in full_set:
+            budgeted.setdefault(layer, []).append(head)
+    remaining = budget - fixed - len(full) * ctx
+    capacities = _greedy_capacities(stats, budgeted, remaining, cmin, ctx)
+    layers = []
+    used = fixed + len(full) * ctx
+    for layer in range(arch.n_layers):
+        window = arch.sliding_windows[layer]
+        if window:
+            layers.append(LayerPlan((), tuple(range(arch.n_kv_heads)), BudgetLayout(0, 0, 0, window), True))
+            continue
+        heads = tuple(sorted(h for l, h in full if l == layer))
+        rest = tuple(budgeted.get(layer, ()))
+        layout = _layout(capacities[layer], request, request.selected_fraction) if rest else None
+        used += len(rest) * (layout.capacity if layout else 0)
+        layers.append(LayerPlan(heads, rest, layout))
+    plan = Plan(tuple(layers), policy="profiled", selection=request.selection)
+    return FitResult(plan, budget, used, rule, demoted, notes)
+
+
+def _interp_error(stats: HeadStatistics, layer: int, heads: list[int], capacity: float, ctx: int) -> float:
+    """Summed error of ``heads`` at ``capacity`` (piecewise linear; zero at the context)."""
+    grid = [c for c in stats.capacity_grid if c < ctx] + [ctx]
+    values = [float(stats.error[layer, heads, i].sum()) for i, c in enumerate(stats.capacity_grid) if c < ctx]
+    values.append(0.0)
+    if capacity <= grid[0]:
+        # below the grid: extrapolate flat (conservative: the smallest measured error)
+        return values[0]
+    for (c0, e0), (c1, e1) in zip(zip(grid, values), zip(grid[1:], values[1:])):
+        if capacity <= c1:
+            return e0 + (e1 - e0) * (capacity - c0) / (c1 - c0)
+    return 0.0
+
+
+def _greedy_capacities(
+    stats: HeadStatistics, budgeted: dict[int, list[int]], remaining: int, cmin: int, ctx: int
+) -> dict[int, int]:
+    """Largest error reduction per slot first, in segments between grid points."""
+    capacities = {layer: cmin for layer in budgeted}
+    remaining -= sum(cmin * len(heads) for heads in budgeted.values())
+    breakpoints = sorted({c for c in stats.capacity_grid if cmin < c < ctx} | {ctx})
+
+    def next_segment(layer: int) -> tuple[float, int, int] | None:
+        current = capacities[layer]
+        upper = next((b for b in breakpoints if b > current), None)
+        if upper is None:
+            return None
+        heads = budgeted[layer]
+        gain = _interp_error(stats, layer, heads, current, ctx) - _interp_error(stats, layer, heads, upper, ctx)
+        cost = (upper - current) * len(heads)
+        return (-gain / cost, layer, upper)
+
+    heap = [seg for layer in budgeted if (seg := next_segment(layer)) is not None]
+    heapq.heapify(heap)
+    while heap and remaining > 0:
+        _, layer, upper = heapq.heappop(heap)
+        n = len(budgeted[layer])
+        step = min(upper - capacities[layer], remaining // n)
+        if step <= 0:
+            continue  # cannot afford a single slot per head in this layer
+        capacities[layer] += step
+        remaining -= step * n
+        if capacities[layer] == upper and (seg := next_segment(layer)) is not None:
+            heapq.heappush(heap, seg)
+    return capacities
+
+
+def _fit_baseline(arch: ArchSpec, request: FitRequest) -> FitResult:
+    """``uniform``: StreamingLLM everywhere; ``pyramid``: PyramidKV's linear schedule."""
+    budget = _budget_slots(arch, request)
+    ctx = request.at_context
+    fixed = _sliding_cost(arch)
+    layers_idx = [i for i in range(arch.n_layers) if not arch.sliding_windows[i]]
+    n = arch.n_kv_heads
+    per_layer = (budget - fixed) // (n * len(layers_idx)) if layers_idx else 0
+    sinks = request.sinks
+    if per_layer < sinks + 1:
+        raise BudgetError(
+            f"the target ({request.kv_budget:g} at {ctx} tokens) leaves {per_layer} slots per head, "
+            f"fewer than {sinks} sinks + 1; raise --kv-budget"
+        )
+    if request.policy == "uniform":
+        capacities = {i: min(per_layer, ctx) for i in layers_idx}
+        rule = "uniform: every head sinks + recent window (StreamingLLM)"
+    else:
+        capacities = _pyramid_schedule(layers_idx, per_layer, n, budget - fixed, ctx, sinks + 1)
+        rule = "pyramid: PyramidKV arithmetic schedule (beta = 20), SnapKV selection"
+    layers = []
+    used = fixed
+    for i in range(arch.n_layers):
+        window = arch.sliding_windows[i]
+        if window:
+            layers.append(LayerPlan((), tuple(range(n)), BudgetLayout(0, 0, 0, window), True))
+            continue
+        cap = capacities[i]
+        if request.policy == "uniform":
+            layout = BudgetLayout(sinks, 0, 0, cap - sinks)
+        else:  # SnapKV keeps an observation window and selects the rest by attention
+            window_slots = min(8, cap)
+            layout = BudgetLayout(0, 0, cap - window_slots, window_slots)
+        used += n * layout.capacity
+        layers.append(LayerPlan((), tuple(range(n)), layout))
+    plan = Plan(tuple(layers), policy=request.policy, selection="attention")
+    return FitResult(plan, budget, used, rule)
+
+
+def _pyramid_schedule(
+    layers: list[int], average: int, n_heads: int, slots: int, ctx: int, floor: int, beta: int = 20
+) -> dict[int, int]:
+    """k_l falls linearly from k_max at the bottom to k_min at the top, total ~ L·k."""
+    count = len(layers)
+    k_min = max(floor, average // beta)
+    k_max = 2 * average - k_min
+    if k_max > ctx:
+        k_max = ctx
+        k_min = max(floor, 2 * average - k_max)
+    step = (k_max - k_min) / max(1, count - 1)
+    caps = {layer: int(round(k_max - i * step)) for i, layer in enumerate(layers)}
+    # absorb rounding so the total never exceeds the budget
+    while sum(caps.values()) * n_heads > slots:
+        top = max(caps, key=lambda layer: caps[layer])
+        caps[top] -= 1
+    return caps
+
+
+def error_at(stats: HeadStatistics, layer: int, head: int, capacity: int, ctx: int) -> float:
+    """Interpolated error of one head, for reports and plots."""
+    return _interp_error(stats, layer, [head], capacity, ctx)
+
+
+def kv_ratio(plan: Plan, arch: ArchSpec, context: int) -> float:
+    return plan.kv_slots(context) / (arch.n_layers * arch.n_kv_heads * context)
+
+
+def retrieval_table(stats: HeadStatistics) -> torch.Tensor:
+    return stats.retrieval

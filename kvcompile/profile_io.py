@@ -1,0 +1,206 @@
+"""The profile file (``kvcompile-profile/1``): statistics, labels, plan, memory table.
+
+Loading validates the whole schema and names the first bad field by its path, so a
+hand-edited or truncated profile fails with a message, not a KeyError three stages later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvcompile import __version__
+from kvcompile.errors import ProfileError
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.yamlio import FlowDict, FlowList, atomic_write_text, dump_yaml, rounded
+
+PROFILE_FORMAT = "kvcompile-profile/1"
+HEAD_FIELDS = ("retrieval", "induction", "echo", "needle", "sink_mass", "local_mass", "entropy")
+
+
+@dataclass
+class Profile:
+    model: dict[str, Any]  # source, name, fingerprint, architecture
+    calibration: dict[str, Any]
+    profiling: dict[str, Any]  # capacity grid and scoring settings
+    heads: list[dict[str, Any]]  # one per (layer, kv head): statistics, error curve, label
+    fit: dict[str, Any]
+    plan: Plan
+    memory: list[dict[str, Any]]
+    kvcompile_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model["fingerprint"]
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    layers = []
+    for index, layer in enumerate(plan.layers):
+        layout = layer.layout
+        layers.append(FlowDict(
+            layer=index,
+            full=FlowList(layer.full_heads),
+            budgeted=FlowList(layer.budgeted_heads),
+            sinks=layout.sinks if layout else 0,
+            compensation=layout.compensation if layout else 0,
+            selected=layout.selected if layout else 0,
+            window=layout.window if layout else 0,
+            sliding=layer.sliding,
+        ))
+    return {
+        "policy": plan.policy,
+        "selection": plan.selection,
+        "observation_window": plan.observation_window,
+        "layers": layers,
+    }
+
+
+def profile_to_dict(profile: Profile) -> dict[str, Any]:
+    heads = []
+    for head in profile.heads:
+        entry = FlowDict(layer=head["layer"], head=head["head"], label=head["label"])
+        for name in HEAD_FIELDS:
+            entry[name] = rounded(head[name])
+        entry["error"] = FlowList(rounded(e) for e in head["error"])
+        heads.append(entry)
+    data = {
+        "format": PROFILE_FORMAT,
+        "kvcompile_version": profile.kvcompile_version,
+        "model": profile.model,
+        "calibration": profile.calibration,
+        "profiling": profile.profiling,
+        "fit": profile.fit,
+        "plan": plan_to_dict(profile.plan),
+        "memory": [FlowDict(row) for row in profile.memory],
+        "heads": heads,
+    }
+    data.update(profile.extra)
+    return data
+
+
+def save_profile(profile: Profile, path: Path) -> None:
+    atomic_write_text(Path(path), dump_yaml(profile_to_dict(profile)))
+
+
+# -- loading with path-named errors -------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> ProfileError:
+        return ProfileError(f"{self.source}: {path}: {message}")
+
+    def mapping(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def get(self, parent: dict[str, Any], key: str, path: str, kind: type | tuple[type, ...]) -> Any:
+        full = f"{path}.{key}" if path else key
+        if key not in parent:
+            raise self.fail(full, "missing")
+        value = parent[key]
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise self.fail(full, f"expected a number, got {value!r}")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(full, f"expected {names}, got {value!r}")
+        return value
+
+    def int_list(self, parent: dict[str, Any], key: str, path: str) -> tuple[int, ...]:
+        values = self.get(parent, key, path, list)
+        for i, v in enumerate(values):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise self.fail(f"{path}.{key}[{i}]", f"expected a non-negative integer, got {v!r}")
+        return tuple(values)
+
+
+def plan_from_dict(data: Any, reader: _Reader, path: str = "plan") -> Plan:
+    data = reader.mapping(data, path)
+    layers_data = reader.get(data, "layers", path, list)
+    layers = []
+    for i, raw in enumerate(layers_data):
+        p = f"{path}.layers[{i}]"
+        raw = reader.mapping(raw, p)
+        if reader.get(raw, "layer", p, int) != i:
+            raise reader.fail(f"{p}.layer", f"expected {i} (layers in order)")
+        full = reader.int_list(raw, "full", p)
+        budgeted = reader.int_list(raw, "budgeted", p)
+        ints = {k: reader.get(raw, k, p, int) for k in ("sinks", "compensation", "selected", "window")}
+        sliding = reader.get(raw, "sliding", p, bool)
+        try:
+            layout = BudgetLayout(**ints) if budgeted else None
+            layers.append(LayerPlan(full, budgeted, layout, sliding))
+        except ValueError as exc:
+            raise reader.fail(p, str(exc)) from exc
+    try:
+        return Plan(
+            tuple(layers),
+            policy=reader.get(data, "policy", path, str),
+            selection=reader.get(data, "selection", path, str),
+            observation_window=reader.get(data, "observation_window", path, int),
+        )
+    except ValueError as exc:
+        raise reader.fail(path, str(exc)) from exc
+
+
+def profile_from_dict(data: Any, source: str = "profile") -> Profile:
+    reader = _Reader(source)
+    data = reader.mapping(data, "(top level)")
+    fmt = data.get("format")
+    if fmt != PROFILE_FORMAT:
+        raise reader.fail("format", f"expected {PROFILE_FORMAT!r}, got {fmt!r} (not a kvcompile profile, or a newer format)")
+    model = reader.get(data, "model", "", dict)
+    reader.get(model, "fingerprint", "model", str)
+    arch = reader.get(model, "architecture", "model", dict)
+    n_layers = reader.get(arch, "layers", "model.architecture", int)
+    n_kv = reader.get(arch, "kv_heads", "model.architecture", int)
+    calibration = reader.get(data, "calibration", "", dict)
+    profiling = reader.get(data, "profiling", "", dict)
+    grid = reader.int_list(profiling, "capacity_grid", "profiling")
+    fit = reader.get(data, "fit", "", dict)
+    plan = plan_from_dict(reader.get(data, "plan", "", dict), reader)
+    if len(plan.layers) != n_layers:
+        raise reader.fail("plan.layers", f"has {len(plan.layers)} layers, the model has {n_layers}")
+    for i, layer in enumerate(plan.layers):
+        if sorted(layer.full_heads + layer.budgeted_heads) != list(range(n_kv)):
+            raise reader.fail(f"plan.layers[{i}]", f"full + budgeted must list each of the {n_kv} KV heads once")
+    memory = reader.get(data, "memory", "", list)
+    heads = reader.get(data, "heads", "", list)
+    if len(heads) != n_layers * n_kv:
+        raise reader.fail("heads", f"expected {n_layers * n_kv} entries, got {len(heads)}")
+    for i, head in enumerate(heads):
+        p = f"heads[{i}]"
+        head = reader.mapping(head, p)
+        reader.get(head, "layer", p, int)
+        reader.get(head, "head", p, int)
+        label = reader.get(head, "label", p, str)
+        if label not in ("full", "budgeted", "sliding"):
+            raise reader.fail(f"{p}.label", f"expected full, budgeted or sliding, got {label!r}")
+        for name in HEAD_FIELDS:
+            reader.get(head, name, p, (int, float))
+        error = reader.get(head, "error", p, list)
+        if len(error) != len(grid):
+            raise reader.fail(f"{p}.error", f"expected {len(grid)} values (one per capacity), got {len(error)}")
+    known = {"format", "kvcompile_version", "model", "calibration", "profiling", "fit", "plan", "memory", "heads"}
+    extra = {k: v for k, v in data.items() if k not in known}
+    return Profile(model, calibration, profiling, heads, fit, plan, memory,
+                   kvcompile_version=str(data.get("kvcompile_version", "?")), extra=extra)
+
+
+def load_profile(path: Path) -> Profile:
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"profile {path} does not exist; create one with `kvcompile profile MODEL -o {path}`")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ProfileError(f"{path}: not valid YAML ({first})") from exc
+    return profile_from_dict(data, source=str(path))

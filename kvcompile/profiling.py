@@ -1,0 +1,155 @@
+"""The ``profile`` stage as a function: model + calibration -> statistics -> fitted Profile."""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcompile.arch import ArchSpec
+from kvcompile.calibration import CalibConfig, CalibPrompt, build_calibration_set
+from kvcompile.errors import ContextLengthError
+from kvcompile.fitting import FitRequest, FitResult, fit
+from kvcompile.models import LoadedModel
+from kvcompile.plan import Plan
+from kvcompile.profile_io import Profile
+from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
+from kvcompile.yamlio import FlowList, rounded
+
+MEMORY_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def memory_table(plan: Plan, arch: ArchSpec, bytes_per_value: int, extra: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Predicted KV bytes next to the uncompressed size at several context lengths."""
+    contexts = sorted({c for c in (*MEMORY_CONTEXTS, *extra) if c <= arch.max_context} | set(extra))
+    rows = []
+    for context in contexts:
+        kv = plan.kv_bytes(context, arch.head_dim, bytes_per_value)
+        full = arch.kv_bytes_uncompressed(context, bytes_per_value)
+        rows.append({"context": context, "kv_bytes": kv, "uncompressed_bytes": full,
+                     "ratio": rounded(kv / full, 4)})
+    return rows
+
+
+def head_records(stats: HeadStatistics, plan: Plan) -> list[dict[str, Any]]:
+    records = []
+    for layer, layer_plan in enumerate(plan.layers):
+        for head in range(stats.retrieval.shape[1]):
+            label = "sliding" if layer_plan.sliding else ("full" if head in layer_plan.full_heads else "budgeted")
+            record: dict[str, Any] = {"layer": layer, "head": head, "label": label}
+            for name in ("retrieval", "induction", "echo", "needle", "sink_mass", "local_mass", "entropy"):
+                record[name] = float(getattr(stats, name)[layer, head])
+            record["error"] = [float(e) for e in stats.error[layer, head]]
+            records.append(record)
+    return records
+
+
+def stats_from_profile(profile: Profile) -> HeadStatistics:
+    """Rebuild statistics from a saved profile, so refitting needs no model run."""
+    arch = profile.model["architecture"]
+    shape = (arch["layers"], arch["kv_heads"])
+
+    def grid_of(name: str) -> torch.Tensor:
+        values = torch.zeros(shape)
+        for head in profile.heads:
+            values[head["layer"], head["head"]] = float(head[name])
+        return values
+
+    error = torch.zeros((*shape, len(profile.profiling["capacity_grid"])))
+    for head in profile.heads:
+        error[head["layer"], head["head"]] = torch.tensor(head["error"], dtype=torch.float)
+    return HeadStatistics(
+        capacity_grid=tuple(profile.profiling["capacity_grid"]),
+        induction=grid_of("induction"), echo=grid_of("echo"), needle=grid_of("needle"),
+        sink_mass=grid_of("sink_mass"), local_mass=grid_of("local_mass"), entropy=grid_of("entropy"),
+        error=error,
+    )
+
+
+def calibration_summary(prompts: Sequence[CalibPrompt], config: CalibConfig, user_files: Sequence[Path]) -> dict[str, Any]:
+    files = []
+    for path in user_files:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        files.append({"path": Path(path).name, "sha256": digest,
+                      "prompts": sum(1 for p in prompts if p.kind == "user")})
+    return {
+        "seed": config.seed,
+        "prompts": len(prompts),
+        "tokens": sum(len(p.input_ids) for p in prompts),
+        "kinds": dict(sorted(Counter(p.kind for p in prompts).items())),
+        "settings": {k: v for k, v in asdict(config).items() if k != "seed"},
+        "user_files": files,
+    }
+
+
+def fit_summary(result: FitResult, request: FitRequest) -> dict[str, Any]:
+    return {
+        "policy": request.policy,
+        "kv_budget": request.kv_budget,
+        "at_context": request.at_context,
+        "full_heads": result.plan.n_full,
+        "full_heads_rule": result.full_rule,
+        "retrieval_threshold": request.retrieval_threshold,
+        "budget_slots": result.budget_slots,
+        "used_slots": result.used_slots,
+        "notes": list(result.notes),
+    }
+
+
+def run_profile(
+    loaded: LoadedModel,
+    calib: CalibConfig,
+    request: FitRequest,
+    user_files: Sequence[Path] = (),
+    settings: ProfileSettings = ProfileSettings(),
+    progress: Callable[[int, int, CalibPrompt], None] | None = None,
+    bytes_per_value: int = 4,
+) -> Profile:
+    arch = loaded.arch
+    if max(calib.text_length, calib.probe_length, calib.repeat_block * calib.repeat_times) > arch.max_context:
+        raise ContextLengthError(
+            f"calibration prompts longer than the model's maximum context ({arch.max_context} tokens); "
+            f"lower --calib-length"
+        )
+    prompts = build_calibration_set(loaded.tokenizer, calib, list(user_files))
+    model = loaded.build()
+    done = 0
+
+    def tick(prompt: CalibPrompt) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, len(prompts), prompt)
+
+    stats = profile_heads(model, prompts, settings, progress=tick)
+    result = fit(stats, arch, request)
+    return make_profile(loaded, stats, result, request, calibration_summary(prompts, calib, user_files),
+                        settings, bytes_per_value)
+
+
+def make_profile(
+    loaded: LoadedModel,
+    stats: HeadStatistics,
+    result: FitResult,
+    request: FitRequest,
+    calibration: dict[str, Any],
+    settings: ProfileSettings,
+    bytes_per_value: int = 4,
+) -> Profile:
+    arch = loaded.arch
+    return Profile(
+        model={"source": loaded.source, "name": loaded.name, "fingerprint": loaded.fingerprint,
+               "architecture": arch.describe()},
+        calibration=calibration,
+        profiling={"capacity_grid": FlowList(settings.capacity_grid), "sinks": settings.sinks,
+                   "last_queries": settings.last_queries, "repeat_queries": settings.repeat_queries,
+                   "local_window": settings.local_window, "score": "0.4 needle + 0.4 induction + 0.2 echo (each / max)"},
+        heads=head_records(stats, result.plan),
+        fit=fit_summary(result, request),
+        plan=result.plan,
+        memory=memory_table(result.plan, arch, bytes_per_value, extra=(request.at_context,)),
+    )

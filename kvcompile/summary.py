@@ -1,0 +1,60 @@
+"""Human-readable summaries printed at the end of a stage."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from kvcompile.plan import Plan
+from kvcompile.profile_io import Profile
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def plan_table(plan: Plan) -> Table:
+    table = Table(title="per-layer plan", show_lines=False)
+    for column in ("layer", "full heads", "budgeted heads", "sinks", "comp", "selected", "window", "C"):
+        table.add_column(column, justify="right")
+    for i, layer in enumerate(plan.layers):
+        layout = layer.layout
+        cells = [layout.sinks, layout.compensation, layout.selected, layout.window, layout.capacity] if layout else ["-"] * 5
+        name = f"{i}" + (" (sliding)" if layer.sliding else "")
+        table.add_row(name, ",".join(map(str, layer.full_heads)) or "-",
+                      ",".join(map(str, layer.budgeted_heads)) or "-", *map(str, cells))
+    return table
+
+
+def memory_rows_table(rows: list[dict[str, Any]], title: str = "KV memory (plan vs uncompressed)") -> Table:
+    table = Table(title=title)
+    for column in ("context", "kvcompile", "uncompressed", "ratio"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["context"]), _human_bytes(row["kv_bytes"]),
+                      _human_bytes(row["uncompressed_bytes"]), f"{row['ratio']:.4f}")
+    return table
+
+
+def print_profile_summary(console: Any, profile: Profile) -> None:
+    labels: dict[str, int] = {}
+    for head in profile.heads:
+        labels[head["label"]] = labels.get(head["label"], 0) + 1
+    fit = profile.fit
+    console.print(plan_table(profile.plan))
+    console.print(memory_rows_table(profile.memory))
+    console.print(
+        "heads: " + ", ".join(f"{n} {label}" for label, n in sorted(labels.items()))
+        + f" | full-head rule: {fit['full_heads_rule']}"
+    )
+    target = next(r for r in profile.memory if r["context"] == fit["at_context"])
+    console.print(
+        f"memory at {fit['at_context']} tokens: {target['ratio']:.4f} of uncompressed "
+        f"(target {fit['kv_budget']:g}; {fit['used_slots']} of {fit['budget_slots']} slots)"
+    )
+    for note in fit.get("notes", []):
+        console.print(f"note: {note}")

@@ -1,0 +1,391 @@
+"""Gate rules: parsing/validation of the rules file and evaluation on hand-built reports."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvcompile.gate import (
+    GateRulesError,
+    evaluate,
+    load_rules,
+    loads_rules,
+    parse_rules,
+    render_table,
+    run_gate,
+)
+from kvcompile.report import ReportError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+REPORT: dict[str, Any] = {
+    "format": "kvcompile-report/1",
+    "kvcompile_version": "0.1.0",
+    "created_with": {"python": "3.11.7", "torch": "2.13.0", "transformers": "5.23.0"},
+    "seed": 0,
+    "artifact": {
+        "path": "artifact",
+        "model_id": "default",
+        "fingerprint": "sha256:ab",
+        "policy": "profiled",
+    },
+    "kv_memory": {"context": 4096, "artifact_bytes": 123, "baseline_bytes": 984, "ratio": 0.125},
+    "wall_time_s": 12.0,
+    "tasks": [
+        {
+            "task": "passkey",
+            "length": 1024,
+            "n": 20,
+            "baseline": {"correct": 20, "accuracy": 1.0, "ci95": [0.8389, 1.0]},
+            "artifact": {"correct": 20, "accuracy": 1.0, "ci95": [0.8389, 1.0]},
+            "memory_ratio": 0.5,
+        },
+        {
+            "task": "passkey",
+            "length": 4096,
+            "n": 20,
+            "baseline": {"correct": 20, "accuracy": 1.0, "ci95": [0.8389, 1.0]},
+            "artifact": {"correct": 19, "accuracy": 0.95, "ci95": [0.7639, 0.9911]},
+            "memory_ratio": 0.125,
+        },
+        {
+            "task": "multikey",
+            "length": 4096,
+            "n": 20,
+            "baseline": {"correct": 16, "accuracy": 0.8, "ci95": [0.5840, 0.9193]},
+            "artifact": {"correct": 8, "accuracy": 0.4, "ci95": [0.2188, 0.6134]},
+            "memory_ratio": 0.125,
+        },
+        {
+            "task": "continuation",
+            "length": 4096,
+            "n": 4,
+            "tokens": 256,
+            "baseline": {"nll": 2.0},
+            "artifact": {"nll": 2.03},
+            "nll_increase": 0.015,
+            "kl": 0.021,
+            "kl_ci95": [0.015, 0.027],
+            "agreement": 0.93,
+            "agreement_n": 256,
+            "agreement_ci95": [0.89, 0.96],
+            "memory_ratio": 0.125,
+        },
+    ],
+}
+
+
+def report() -> dict[str, Any]:
+    return copy.deepcopy(REPORT)
+
+
+def gate(rules: list[dict[str, Any]], rep: dict[str, Any] | None = None):
+    return evaluate(
+        parse_rules({"format": "kvcompile-gates/1", "rules": rules}),
+        report() if rep is None else rep,
+    )
+
+
+def outcomes(rules: list[dict[str, Any]], rep: dict[str, Any] | None = None) -> list[bool]:
+    return [r.passed for r in gate(rules, rep).results]
+
+
+# ----------------------------------------------------------------------------- each kind
+
+
+def test_min_accuracy_per_length() -> None:
+    res = gate([{"task": "passkey", "min_accuracy": 0.96}]).results
+    assert [(r.length, r.passed) for r in res] == [(1024, True), (4096, False)]
+    assert res[1].value == pytest.approx(0.95)
+    assert res[1].threshold == 0.96
+    assert outcomes([{"task": "passkey", "min_accuracy": 0.95}]) == [True, True]
+
+
+def test_max_drop_point() -> None:
+    assert outcomes([{"task": "passkey", "length": 4096, "max_drop": 0.05}]) == [True]
+    res = gate([{"task": "passkey", "length": 4096, "max_drop": 0.04}])
+    assert not res.passed
+    assert res.results[0].value == pytest.approx(0.05)
+    # "by: point" is the default
+    assert outcomes([{"task": "passkey", "length": 4096, "max_drop": 0.04, "by": "point"}]) == [
+        False
+    ]
+
+
+def test_max_drop_tolerates_float_rounding() -> None:
+    rep = report()
+    rep["tasks"][1]["artifact"]["accuracy"] = 0.98  # 1.0 - 0.98 == 0.020000000000000018
+    assert outcomes([{"task": "passkey", "length": 4096, "max_drop": 0.02}], rep) == [True]
+
+
+def test_max_drop_interval_vs_point() -> None:
+    # passkey@4096: drop 0.05 > 0.02 by point, but the artifact's upper bound 0.9911 is
+    # above 1.0 - 0.02 = 0.98: the drop is not statistically established.
+    rule = {"task": "passkey", "length": 4096, "max_drop": 0.02}
+    assert outcomes([rule]) == [False]
+    res = gate([{**rule, "by": "interval"}]).results[0]
+    assert res.passed and "not established" in res.detail
+    # multikey@4096: 0.8 -> 0.4; upper bound 0.6134 < 0.8 - 0.1 = 0.7: established.
+    res = gate([{"task": "multikey", "max_drop": 0.1, "by": "interval"}]).results[0]
+    assert not res.passed and "established" in res.detail
+    assert res.value == pytest.approx(0.4)
+    # ... but not against a lenient threshold: 0.6134 >= 0.8 - 0.25
+    assert outcomes([{"task": "multikey", "max_drop": 0.25, "by": "interval"}]) == [True]
+
+
+def test_max_drop_interval_falls_back_to_wilson_from_counts() -> None:
+    rep = report()
+    del rep["tasks"][2]["artifact"]["ci95"]
+    del rep["tasks"][2]["artifact"]["accuracy"]  # 8/20 -> Wilson upper 0.6134
+    assert outcomes([{"task": "multikey", "max_drop": 0.1, "by": "interval"}], rep) == [False]
+    assert outcomes([{"task": "multikey", "max_drop": 0.19, "by": "interval"}], rep) == [True]
+
+
+def test_max_nll_increase() -> None:
+    res = gate([{"task": "continuation", "max_nll_increase": 0.02}]).results[0]
+    assert res.passed and res.value == pytest.approx(0.015)
+    assert outcomes([{"task": "continuation", "max_nll_increase": 0.01}]) == [False]
+
+
+def test_max_nll_increase_from_field_when_nlls_absent() -> None:
+    rep = report()
+    del rep["tasks"][3]["baseline"]["nll"]
+    assert outcomes([{"task": "continuation", "max_nll_increase": 0.01}], rep) == [False]
+    assert outcomes([{"task": "continuation", "max_nll_increase": 0.02}], rep) == [True]
+
+
+def test_max_kl_and_min_agreement() -> None:
+    assert outcomes([{"task": "continuation", "max_kl": 0.05}]) == [True]
+    assert outcomes([{"task": "continuation", "max_kl": 0.02}]) == [False]
+    assert outcomes([{"task": "continuation", "min_agreement": 0.9}]) == [True]
+    assert outcomes([{"task": "continuation", "min_agreement": 0.95}]) == [False]
+
+
+def test_max_memory_ratio_top_level_and_per_row() -> None:
+    res = gate([{"max_memory_ratio": 0.15}]).results
+    assert len(res) == 1 and res[0].passed and res[0].value == 0.125 and res[0].length == 4096
+    assert outcomes([{"max_memory_ratio": 0.1}]) == [False]
+    # With a filter it checks each matching row's memory_ratio.
+    assert outcomes([{"task": "passkey", "max_memory_ratio": 0.15}]) == [False, True]
+
+
+def test_rule_without_task_applies_to_rows_with_the_metric() -> None:
+    res = gate([{"min_accuracy": 0.5}]).results
+    assert [(r.task, r.length, r.passed) for r in res] == [
+        ("multikey", 4096, False),
+        ("passkey", 1024, True),
+        ("passkey", 4096, True),
+    ]
+    assert [r.task for r in gate([{"max_kl": 1.0}]).results] == ["continuation"]
+
+
+# ----------------------------------------------------------------------------- fail closed
+
+
+def test_unmatched_task_fails() -> None:
+    res = gate([{"task": "needle", "max_drop": 0.5}])
+    assert not res.passed
+    assert "no 'needle' rows" in res.results[0].detail
+    assert "passkey" in res.results[0].detail  # says what is there
+
+
+def test_unmatched_length_fails_but_matched_lengths_are_checked() -> None:
+    res = gate([{"task": "passkey", "length": [4096, 8192], "max_drop": 0.5}]).results
+    assert [(r.length, r.passed) for r in res] == [(4096, True), (8192, False)]
+    assert "length 8192" in res[1].detail and res[1].value is None
+
+
+def test_no_row_with_the_metric_fails() -> None:
+    rep = report()
+    rep["tasks"] = [t for t in rep["tasks"] if t["task"] != "continuation"]
+    res = gate([{"max_kl": 1.0}], rep)
+    assert not res.passed and "max_kl" in res.results[0].detail
+
+
+def test_row_missing_the_metric_fails() -> None:
+    assert outcomes([{"task": "passkey", "length": 1024, "max_kl": 1.0}]) == [False]
+    rep = report()
+    del rep["kv_memory"]
+    assert outcomes([{"max_memory_ratio": 1.0}], rep) == [False]
+    rep = report()
+    rep["tasks"][3]["baseline"]["nll"] = 0.0
+    res = gate([{"task": "continuation", "max_nll_increase": 1.0}], rep).results[0]
+    assert not res.passed and "undefined" in res.detail
+
+
+def test_empty_outcome_does_not_pass() -> None:
+    from kvcompile.gate import GateOutcome
+
+    assert not GateOutcome([]).passed
+
+
+def test_report_of_the_wrong_format_is_an_error() -> None:
+    rep = report()
+    rep["format"] = "something-else/1"
+    with pytest.raises(ReportError, match="format"):
+        gate([{"max_memory_ratio": 1.0}], rep)
+
+
+def test_overall_pass_requires_every_check() -> None:
+    rules = [{"task": "passkey", "max_drop": 0.1}, {"max_memory_ratio": 0.2}]
+    assert gate(rules).passed
+    assert not gate([*rules, {"task": "continuation", "max_kl": 0.001}]).passed
+
+
+# ----------------------------------------------------------------------------- rules file
+
+
+def bad(text: str) -> str:
+    with pytest.raises(GateRulesError) as info:
+        loads_rules(text)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_format() -> None:
+    assert bad("rules: [{max_memory_ratio: 0.1}]").startswith("format: missing")
+
+
+def test_wrong_format() -> None:
+    assert bad("format: kvcompile-gates/2\nrules: [{max_memory_ratio: 0.1}]").startswith("format:")
+
+
+def test_unknown_keys() -> None:
+    head = "format: kvcompile-gates/1\n"
+    assert bad(head + "rules: [{max_memory_ratio: 0.1}]\nextra: 1").startswith("extra: unknown key")
+    msg = bad(
+        head
+        + "rules:\n  - {max_memory_ratio: 0.1}\n  - {task: passkey, max_drop: 0.1, tolerance: 3}"
+    )
+    assert msg.startswith("rules[1].tolerance: unknown key")
+
+
+def test_wrong_type_names_the_path() -> None:
+    msg = bad(
+        "format: kvcompile-gates/1\nrules:\n  - {max_memory_ratio: 0.1}\n"
+        "  - {max_kl: 0.1}\n  - {task: passkey, max_drop: abc}"
+    )
+    assert msg == "rules[2].max_drop: expected a number in [0, 1], got 'abc'"
+    assert bad("format: kvcompile-gates/1\nrules: [{task: passkey, max_drop: true}]").startswith(
+        "rules[0].max_drop: expected a number"
+    )
+    assert bad("format: kvcompile-gates/1\nrules: [{task: 3, max_drop: 0.1}]").startswith(
+        "rules[0].task:"
+    )
+
+
+def test_negative_and_out_of_range_thresholds() -> None:
+    head = "format: kvcompile-gates/1\nrules:\n"
+    assert bad(head + "  - {task: continuation, max_kl: -0.1}").startswith(
+        "rules[0].max_kl: expected a number >= 0, got -0.1"
+    )
+    assert bad(head + "  - {task: passkey, min_accuracy: 1.5}").startswith("rules[0].min_accuracy:")
+    assert bad(head + "  - {max_memory_ratio: .nan}").startswith("rules[0].max_memory_ratio:")
+
+
+def test_rule_kind_count() -> None:
+    head = "format: kvcompile-gates/1\nrules:\n"
+    assert "got none" in bad(head + "  - {task: passkey}")
+    assert "got max_drop, max_kl" in bad(head + "  - {task: passkey, max_drop: 0.1, max_kl: 1}")
+
+
+def test_by_and_length_validation() -> None:
+    head = "format: kvcompile-gates/1\nrules:\n"
+    assert bad(head + "  - {task: passkey, max_drop: 0.1, by: median}").startswith("rules[0].by:")
+    assert bad(head + "  - {task: passkey, min_accuracy: 0.1, by: interval}").startswith(
+        "rules[0].by:"
+    )
+    assert bad(head + "  - {task: passkey, max_drop: 0.1, length: [1024, x]}").startswith(
+        "rules[0].length[1]:"
+    )
+    assert bad(head + "  - {task: passkey, max_drop: 0.1, length: 0}").startswith(
+        "rules[0].length:"
+    )
+    assert bad(head + "  - {task: passkey, max_drop: 0.1, length: []}").startswith(
+        "rules[0].length:"
+    )
+
+
+def test_empty_or_missing_rules() -> None:
+    assert bad("format: kvcompile-gates/1").startswith("rules: missing")
+    assert bad("format: kvcompile-gates/1\nrules: []").startswith(
+        "rules: expected a non-empty list"
+    )
+    assert bad("- 1\n- 2").startswith("<document>:")
+
+
+def test_duplicate_keys_and_invalid_yaml() -> None:
+    assert "duplicate key 'max_drop'" in bad(
+        "format: kvcompile-gates/1\nrules:\n  - task: passkey\n    max_drop: 0.1\n    max_drop: 0.5\n"
+    )
+    assert "invalid YAML" in bad("format: [unclosed\n")
+
+
+def test_exponent_floats_are_numbers() -> None:
+    rules = loads_rules("format: kvcompile-gates/1\nrules: [{task: continuation, max_kl: 1e-2}]")
+    assert rules.rules[0].threshold == 0.01
+
+
+def test_load_rules_prefixes_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gates.yaml"
+    path.write_text("format: kvcompile-gates/1\nrules: [{max_kl: -1}]\n")
+    with pytest.raises(GateRulesError) as info:
+        load_rules(path)
+    assert str(info.value).startswith(f"{path}: rules[0].max_kl:")
+    assert info.value.field_path == "rules[0].max_kl"
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(GateRulesError, match="cannot read"):
+        load_rules(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["gates.yaml", "gates-ci.yaml"])
+def test_example_rules_files_are_valid(name: str) -> None:
+    rules = load_rules(EXAMPLES / name)
+    assert rules.rules
+    assert evaluate(rules, report()).results
+
+
+def test_default_example_gate_on_the_sample_report() -> None:
+    out = evaluate(load_rules(EXAMPLES / "gates.yaml"), report())
+    failed = {(r.task, r.length) for r in out.failures}
+    # passkey@4096 drops 5 points, multikey 40: both fail the 2-point rule.
+    assert failed == {("passkey", 4096), ("multikey", 4096)}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def test_render_table_plain_text() -> None:
+    out = gate(
+        [{"task": "passkey", "max_drop": 0.02, "name": "drop [tight]"}, {"max_memory_ratio": 0.15}]
+    )
+    text = render_table(out)
+    assert "\x1b[" not in text  # no ANSI escapes for CI logs
+    assert "PASS" in text and "FAIL" in text and "drop [tight]" in text
+    assert text.rstrip().endswith("gate FAILED: 1 of 3 checks failed")
+    assert all(ord(c) < 128 for c in text)
+    ok = render_table(gate([{"max_memory_ratio": 0.15}]))
+    assert "gate PASSED: 1 checks" in ok
+
+
+def test_render_table_color() -> None:
+    assert "\x1b[" in render_table(gate([{"max_memory_ratio": 0.15}]), color=True)
+
+
+def test_outcome_to_dict_is_json() -> None:
+    data = gate([{"task": "passkey", "max_drop": 0.02}]).to_dict()
+    assert json.loads(json.dumps(data))["passed"] is False
+    assert data["results"][1]["length"] == 4096
+
+
+def test_run_gate_from_files(tmp_path: Path) -> None:
+    (tmp_path / "report.json").write_text(json.dumps(report()))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("format: kvcompile-gates/1\nrules: [{max_memory_ratio: 0.2}]\n")
+    assert run_gate(tmp_path / "report.json", rules).passed
+    assert run_gate(tmp_path / "report", rules).passed  # the stem works too
