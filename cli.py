@@ -147,6 +147,119 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
     console.print(f"profile written to {output} in {elapsed:.1f} s")
 
 
+
+@main.command()
+@MODEL_ARG
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path), required=True,
+              help="Profile YAML made by `kvcompile profile` for this same model.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Artifact directory to create (written to a temporary directory, then renamed).")
+@click.option("--max-context", type=int, default=None,
+              help="Tokens the full-head buffers hold (default: the model's maximum context).")
+@click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@friendly_errors
+def build(model: str, profile_path: Path, output: Path, max_context: int | None, force: bool) -> None:
+    """Compile MODEL with a profile into a static-budget artifact directory.
+
+    Applies the passes (head permutation: full heads first; budgeted-attention install),
+    checks parity (permuted logits equal the source's; the runtime equals the uncompressed
+    model while prompts fit the budgets), and writes weights, plan, profile, tokenizer,
+    manifest with per-file sha256, and build-report.json.
+    """
+    from kvcompile.artifact import build_artifact
+    from kvcompile.models import load_model
+    from kvcompile.profile_io import load_profile
+
+    console = _console()
+    profile_data = load_profile(profile_path)
+    if output.exists() and not force:
+        from kvcompile.errors import ArtifactError
+
+        raise ArtifactError(f"{output} already exists; pass --force to replace it")
+    with console.status(f"loading {model}"):
+        loaded = load_model(model)
+    if max_context is not None and not 0 < max_context <= loaded.arch.max_context:
+        from kvcompile.errors import ContextLengthError
+
+        raise ContextLengthError(f"--max-context must be in 1..{loaded.arch.max_context}, got {max_context}")
+    with console.status("compiling and checking parity"):
+        report = build_artifact(loaded, profile_data, output, force=force, max_context=max_context)
+    parity = report["parity"]
+    memory = report["memory"]
+    console.print(f"passes: {', '.join(report['passes'])}")
+    console.print(
+        f"parity: permuted vs source max |dlogit| = {parity['permuted_vs_source_max_abs_logit_diff']:.2e}; "
+        f"runtime vs uncompressed (within capacity) = "
+        f"{parity['runtime_vs_uncompressed_within_capacity_max_abs_logit_diff']:.2e}"
+    )
+    console.print(f"KV buffers at {memory['max_context']} tokens: allocated {memory['allocated_kv_bytes']} B, "
+                  f"plan predicts {memory['predicted_kv_bytes']} B")
+    console.print(f"artifact written to {output}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Stop after this many tokens.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (with --temperature > 0).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@friendly_errors
+def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_tokens: int,
+        temperature: float, top_p: float, seed: int, chat: bool) -> None:
+    """Generate from a built artifact with its static-budget KV cache (streams tokens)."""
+    from kvcompile.errors import KVCompileError
+    from kvcompile.runtime import load
+
+    if (prompt is None) == (prompt_file is None):
+        raise KVCompileError("pass exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise KVCompileError(f"prompt file {prompt_file} does not exist")
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KVCompileError(f"cannot read prompt file {prompt_file}: {exc}") from exc
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise KVCompileError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    engine = load(artifact)
+    started = time.perf_counter()
+    result = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, chat=chat, on_text=lambda text: click.echo(text, nl=False))
+    elapsed = time.perf_counter() - started
+    click.echo()
+    click.echo(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated, stop: "
+               f"{result.stop_reason}, KV buffers {result.kv_bytes} B, {elapsed:.2f} s]", err=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@friendly_errors
+def inspect(artifact: Path) -> None:
+    """Print an artifact's plan and its KV memory against the uncompressed model."""
+    from kvcompile.artifact import load_engine
+    from kvcompile.profiling import memory_table
+    from kvcompile.summary import memory_rows_table, plan_table
+
+    console = _console()
+    engine = load_engine(artifact)
+    manifest = engine.manifest
+    arch = engine.arch
+    source = manifest["source_model"]
+    console.print(f"artifact {artifact}: {source['name']} ({source['fingerprint'][:23]}…), "
+                  f"format {manifest['format']}, policy {engine.plan.policy}, selection {engine.plan.selection}")
+    console.print(plan_table(engine.plan))
+    bytes_per_value = engine.model.dtype.itemsize
+    console.print(memory_rows_table(memory_table(engine.plan, arch, bytes_per_value, extra=(engine.max_context,))))
+    cache = engine.allocate(1)
+    predicted = engine.plan.kv_bytes(engine.max_context, arch.head_dim, bytes_per_value)
+    console.print(f"allocated KV buffers at max_context={engine.max_context}: {cache.nbytes} B "
+                  f"(plan predicts {predicted} B{'' if cache.nbytes == predicted else ' — MISMATCH'}); "
+                  f"bias/counters overhead {cache.overhead_bytes} B")
+
+
 def _check_calib_file(path: Path) -> None:
     from kvcompile.errors import CalibrationError
 

@@ -93,7 +93,23 @@ def _load_transformers(location: str, gguf_file: str | None, local_only: bool) -
     return model.config, tokenizer, model
 
 
-def load_model(source: str) -> LoadedModel:
+_LOADED: dict[tuple[str, float], LoadedModel] = {}
+
+
+def load_model(source: str, reuse: bool = True) -> LoadedModel:
+    """Resolve and load ``source`` (memoised per process: stages never mutate it)."""
+    key_path = default_gguf_path() if source == DEFAULT_MODEL else Path(source)
+    key = (str(key_path.resolve()) if key_path.exists() else source,
+           key_path.stat().st_mtime if key_path.exists() else 0.0)
+    if reuse and key in _LOADED:
+        return _LOADED[key]
+    loaded = _load_model(source)
+    if reuse:
+        _LOADED[key] = loaded
+    return loaded
+
+
+def _load_model(source: str) -> LoadedModel:
     """Resolve ``source`` and load it on CPU in float32; errors are one clear line."""
     gguf_file = None
     if source == DEFAULT_MODEL:

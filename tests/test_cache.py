@@ -131,7 +131,7 @@ layouts = st.builds(BudgetLayout, st.integers(0, 3), st.integers(0, 1), st.integ
                     st.integers(1, 4))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     layout=layouts,
     n_full=st.integers(0, 1),
@@ -156,18 +156,18 @@ def test_layer_matches_history_reference(layout, n_full, n_budget, g, batch, pro
     assert layer.length == n_tok
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(layout=layouts, prompt_len=st.integers(1, 10), steps=st.integers(0, 10),
        seed=st.integers(0, 2**31 - 1))
 def test_within_token_slots_equals_full_attention(layout, prompt_len, steps, seed):
     """Nothing is ever evicted, so the budgeted heads are exact."""
-    steps = min(steps, layout.token_slots - prompt_len)
     prompt_len = min(prompt_len, layout.token_slots)
+    steps = min(steps, layout.token_slots - prompt_len)
     d, scale = 4, 0.5
-    n_tok = prompt_len + max(steps, 0)
+    n_tok = prompt_len + steps
     q, k, v = random_qkv(seed, 1, 2, 2, n_tok, d)
     layer = make_layer(0, 2, layout, 1, n_tok, d, 2)
-    got = run_layer(layer, q, k, v, prompt_len, [1] * max(steps, 0), scale, "key_norm", 4)
+    got = run_layer(layer, q, k, v, prompt_len, [1] * steps, scale, "key_norm", 4)
     torch.testing.assert_close(got, causal_reference(q, k, v, scale), atol=1e-10, rtol=1e-10)
 
 

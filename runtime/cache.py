@@ -1,0 +1,427 @@
+"""The static-budget KV cache (DESIGN.md, "Static-budget cache semantics").
+
+Every buffer is allocated once, up front, so that KV memory is exactly what the plan predicts
+and never grows while decoding: full heads get ``max_context`` slots and a length counter,
+budgeted heads ``C = s + c + h + w`` slots updated in place by
+``kvcompile::budgeted_cache_update``. All attention goes through
+``kvcompile::budgeted_attention``, so graphs see the same two custom ops as the ONNX export.
+
+Heads are expected in the permuted order (full KV heads first, then budgeted ones), and the
+query heads follow their KV head: the first ``n_full * g`` query heads belong to full heads.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvcompile.plan import SELECTIONS, BudgetLayout, LayerPlan, Plan
+
+from .ops import budgeted_attention, budgeted_cache_update
+
+__all__ = [
+    "BudgetedBuffer",
+    "ContextOverflowError",
+    "FullBuffer",
+    "LayerKV",
+    "StaticKVCache",
+    "compress_prefill",
+    "selection_scores",
+]
+
+
+
+def bias_dtype(kv_dtype: torch.dtype) -> torch.dtype:
+    """The slot bias is float32 for half/bf16/float32 KV (``ln n`` must not be rounded by bf16),
+    float64 for float64 KV."""
+    return torch.promote_types(kv_dtype, torch.float32)
+
+
+class ContextOverflowError(ValueError):
+    """More tokens than the full-head buffers were allocated for."""
+
+
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class BudgetedBuffer:
+    """Fixed-capacity KV of the budgeted heads of one layer, ``[B, H, C, D]``.
+
+    ``bias [B, H, C]`` (float32, float64 for float64 KV) is the per-slot logit bias (0 occupied, ln n compensation,
+    -inf empty); ``counters [B, 4]`` int64 = (sink_used, window_pushed, selected_used, comp_n).
+    """
+
+    k: Tensor
+    v: Tensor
+    bias: Tensor
+    counters: Tensor
+    layout: BudgetLayout
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, head_dim: int, layout: BudgetLayout,
+              dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> BudgetedBuffer:
+        """All slots empty. Zeros, not garbage: an empty slot's 0 weight must not meet a NaN."""
+        shape = (batch, heads, layout.capacity, head_dim)
+        return cls(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            bias=torch.full(shape[:3], float("-inf"), dtype=bias_dtype(dtype), device=device),
+            counters=torch.zeros(batch, 4, dtype=torch.int64, device=device),
+            layout=layout,
+        )
+
+    def reset(self) -> None:
+        """Forget every token in place (buffers keep their storage)."""
+        self.bias.fill_(float("-inf"))
+        self.counters.zero_()
+        self.k.zero_()
+        self.v.zero_()
+
+    def append(self, k_new: Tensor, v_new: Tensor) -> None:
+        """Add one token per row (``[B, H, 1, D]``) with the decode rule, in place."""
+        budgeted_cache_update(self.k, self.v, self.bias, self.counters, k_new, v_new, self.layout)
+
+    def attend(self, q: Tensor, scale: float | None = None) -> Tensor:
+        """Attention of ``q [B, g*H, T, D]`` over the occupied slots (bias masks the rest)."""
+        return budgeted_attention(q, self.k, self.v, self.bias, scale=scale)
+
+    @property
+    def nbytes(self) -> int:
+        """KV memory: keys and values only (what the plan and the reports count)."""
+        return _nbytes(self.k, self.v)
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Bias and counters, reported apart from KV memory."""
+        return _nbytes(self.bias, self.counters)
+
+
+def compress_prefill(k: Tensor, v: Tensor, scores: Tensor | None, layout: BudgetLayout,
+                     out: BudgetedBuffer | None = None) -> BudgetedBuffer:
+    """Compress a prompt's ``k, v [B, H, L, D]`` into a budgeted buffer.
+
+    Same state as appending the tokens one by one, except that the selected slots hold the
+    top-``h`` middle tokens by ``scores [B, H, L]`` (higher = keep; ties -> earlier; kept in
+    position order; ``None`` keeps the most recent middle tokens) and the other middle tokens
+    are folded into the compensation slot as a plain mean (dropped when ``c == 0``).
+    ``out`` (an empty buffer of the right shape) is filled in place, else a new one is made.
+    """
+    if k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"k/v must be [B, H, L, D] of the same shape, got {tuple(k.shape)} / "
+                         f"{tuple(v.shape)}")
+    b, nh, n_tok, d = k.shape
+    if scores is not None and tuple(scores.shape) != (b, nh, n_tok):
+        raise ValueError(f"scores must be [B, H, L] = {(b, nh, n_tok)}, got {tuple(scores.shape)}")
+    if out is None:
+        out = BudgetedBuffer.empty(b, nh, d, layout, k.dtype, k.device)
+    elif out.k.shape != (b, nh, layout.capacity, d) or out.layout != layout:
+        raise ValueError(f"output buffer {tuple(out.k.shape)} / {out.layout} does not fit "
+                         f"{(b, nh, layout.capacity, d)} / {layout}")
+    s, c, h, w = layout.sinks, layout.compensation, layout.selected, layout.window
+    out.reset()
+    n_sink = min(n_tok, s)
+    rest = n_tok - n_sink
+    n_win = min(rest, w)
+    n_mid = rest - n_win
+    n_sel = min(n_mid, h)
+    n_comp = n_mid - n_sel if c == 1 else 0
+
+    out.k[:, :, :n_sink] = k[:, :, :n_sink]
+    out.v[:, :, :n_sink] = v[:, :, :n_sink]
+    out.bias[:, :, :n_sink] = 0.0
+
+    ring = s + c + h
+    offsets = torch.arange(rest - n_win, rest, device=k.device)  # window tokens, after the sinks
+    slots = ring + offsets % w
+    out.k[:, :, slots] = k[:, :, s + offsets]
+    out.v[:, :, slots] = v[:, :, s + offsets]
+    out.bias[:, :, slots] = 0.0
+
+    if n_mid > 0 and h > 0:
+        mid_k, mid_v = k[:, :, s:s + n_mid], v[:, :, s:s + n_mid]
+        if n_mid <= h:
+            keep = torch.arange(n_mid, device=k.device).expand(b, nh, n_mid)
+        elif scores is None:
+            keep = torch.arange(n_mid - h, n_mid, device=k.device).expand(b, nh, h)
+        else:  # stable descending sort: equal scores keep the earlier position first
+            order = torch.sort(scores[:, :, s:s + n_mid], dim=-1, descending=True, stable=True)[1]
+            keep = order[:, :, :h].sort(dim=-1).values
+        idx = keep.unsqueeze(-1).expand(b, nh, n_sel, d)
+        out.k[:, :, c + s:c + s + n_sel] = mid_k.gather(2, idx)
+        out.v[:, :, c + s:c + s + n_sel] = mid_v.gather(2, idx)
+        out.bias[:, :, c + s:c + s + n_sel] = 0.0
+    else:
+        keep = None
+    if n_comp > 0:
+        folded = torch.ones(b, nh, n_mid, dtype=torch.bool, device=k.device)
+        if keep is not None:
+            folded.scatter_(2, keep, False)
+        weight = folded.unsqueeze(-1)
+        cdt = torch.promote_types(k.dtype, torch.float32)
+        for src, buf in ((k, out.k), (v, out.v)):
+            mid = src[:, :, s:s + n_mid].to(cdt)
+            buf[:, :, s] = ((mid * weight).sum(dim=2) / n_comp).to(buf.dtype)
+        out.bias[:, :, s] = math.log(n_comp)
+    out.counters[:, 0] = n_sink
+    out.counters[:, 1] = rest
+    out.counters[:, 2] = n_sel
+    out.counters[:, 3] = n_comp
+    return out
+
+
+def selection_scores(q: Tensor, k: Tensor, scale: float, selection: str,
+                     observation_window: int) -> Tensor:
+    """Per-key keep scores ``[B, Hkv, L]`` for :func:`compress_prefill` (higher = keep).
+
+    ``"attention"``: causal attention probability each key receives from the last
+    ``observation_window`` queries, summed over those queries and the group's query heads.
+    ``"key_norm"``: ``-||k||_2`` (low-norm keys are kept).
+    """
+    if selection == "key_norm":
+        return -torch.linalg.vector_norm(k.to(torch.promote_types(k.dtype, torch.float32)), dim=-1)
+    if selection != "attention":
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    b, hq, n_tok, d = q.shape
+    hkv = k.shape[1]
+    n_obs = max(1, min(observation_window, n_tok))
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    q_obs = q[:, :, n_tok - n_obs:].to(cdt).reshape(b, hkv, hq // hkv, n_obs, d) * scale
+    logits = torch.matmul(q_obs, k.to(cdt).unsqueeze(2).transpose(-1, -2))  # [B,Hkv,g,o,L]
+    qpos = torch.arange(n_tok - n_obs, n_tok, device=q.device).unsqueeze(1)
+    future = torch.arange(n_tok, device=q.device).unsqueeze(0) > qpos
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    return probs.sum(dim=(2, 3))
+
+
+@dataclass
+class FullBuffer:
+    """Preallocated ``[B, H, max_context, D]`` KV of the full heads plus a length counter."""
+
+    k: Tensor
+    v: Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, max_context: int, head_dim: int,
+              dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> FullBuffer:
+        shape = (batch, heads, max_context, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_context(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """Append ``T`` tokens (``[B, H, T, D]``); refuses to go past ``max_context``."""
+        n_new = k.shape[2]
+        if self.length + n_new > self.max_context:
+            raise ContextOverflowError(
+                f"context overflow: {self.length} + {n_new} tokens exceed max_context="
+                f"{self.max_context} of the full-head KV buffer; allocate the cache with a "
+                f"larger max_context or use a shorter prompt / fewer new tokens"
+            )
+        self.k[:, :, self.length:self.length + n_new] = k
+        self.v[:, :, self.length:self.length + n_new] = v
+        self.length += n_new
+
+    def attend(self, q: Tensor, scale: float | None = None, causal: bool = True) -> Tensor:
+        """Attention over the tokens written so far; ``causal``: q are the last T written."""
+        k, v = self.k[:, :, :self.length], self.v[:, :, :self.length]
+        return budgeted_attention(q, k, v, None, causal=causal, scale=scale)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.k, self.v)
+
+
+@dataclass
+class LayerKV:
+    """One layer's cache: full buffer for the first ``n_full`` KV heads, budgeted for the rest.
+
+    ``sliding_window`` > 0 marks a layer the source model runs as sliding-window attention:
+    its prefill attention uses that window (and it should have only budgeted heads).
+    """
+
+    full: FullBuffer | None
+    budgeted: BudgetedBuffer | None
+    group_size: int
+    sliding_window: int = 0
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, layer: LayerPlan, batch: int, max_context: int, head_dim: int,
+                 group_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> LayerKV:
+        """Buffers for one :class:`LayerPlan`; sliding layers take their window from the layout."""
+        if layer.sliding and layer.full_heads:
+            raise ValueError("a sliding-window layer keeps only budgeted heads (its window)")
+        full = None
+        if layer.full_heads:
+            full = FullBuffer.empty(batch, len(layer.full_heads), max_context, head_dim,
+                                    dtype, device)
+        budgeted = None
+        if layer.budgeted_heads:
+            assert layer.layout is not None
+            budgeted = BudgetedBuffer.empty(batch, len(layer.budgeted_heads), head_dim,
+                                            layer.layout, dtype, device)
+        window = layer.layout.window if layer.sliding and layer.layout is not None else 0
+        return cls(full, budgeted, group_size, sliding_window=window)
+
+    @property
+    def n_full(self) -> int:
+        return 0 if self.full is None else self.full.k.shape[1]
+
+    def _split_q(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        nq = self.n_full * self.group_size
+        return q[:, :nq], q[:, nq:]
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                selection: str = "attention", observation_window: int = 16) -> Tensor:
+        """Exact causal attention over the prompt for all heads, then store (and compress).
+
+        ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` (post-RoPE, permuted); returns
+        ``[B, Hq, L, D]``.
+        """
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        if self.length:
+            raise ValueError(f"prefill into a non-empty layer cache ({self.length} tokens); "
+                             f"reset() it first or use extend()")
+        out = budgeted_attention(q, k, v, None, causal=True, window=self.sliding_window,
+                                 scale=scale)
+        self.store(q, k, v, scale, selection, observation_window)
+        return out
+
+    def store(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+              selection: str = "attention", observation_window: int = 16) -> None:
+        """The storing half of :meth:`prefill`, for a second cache fed the same prompt.
+
+        Lets a caller keep several caches (e.g. the artifact's and the uncompressed
+        baseline's) from one exact prefill without recomputing the attention.
+        """
+        if self.length:
+            raise ValueError(f"prefill into a non-empty layer cache ({self.length} tokens); "
+                             f"reset() it first or use extend()")
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        nf = self.n_full
+        if self.full is not None:
+            self.full.write(k[:, :nf], v[:, :nf])
+        if self.budgeted is not None:
+            kb, vb = k[:, nf:], v[:, nf:]
+            lay = self.budgeted.layout
+            needs_scores = k.shape[2] - lay.sinks - lay.window > lay.selected > 0
+            scores = None
+            if needs_scores:
+                scores = selection_scores(self._split_q(q)[1], kb, scale, selection,
+                                          observation_window)
+            compress_prefill(kb, vb, scores, lay, out=self.budgeted)
+        self.length = k.shape[2]
+
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+        """Attention for ``T >= 1`` new tokens after the cached ones; returns ``[B, Hq, T, D]``.
+
+        Full heads: write all ``T`` then causal attention. Budgeted heads: token by token,
+        append then attend (the only way a fixed-size ring can serve several new tokens).
+        """
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        n_new = k.shape[2]
+        nf, nq = self.n_full, self.n_full * self.group_size
+        out = q.new_empty(q.shape)
+        q_full, q_budget = self._split_q(q)
+        if self.full is not None:  # first: it is the part that can refuse (overflow)
+            self.full.write(k[:, :nf], v[:, :nf])
+            out[:, :nq] = self.full.attend(q_full, scale, causal=True)
+        if self.budgeted is not None:
+            for t in range(n_new):
+                self.budgeted.append(k[:, nf:, t:t + 1], v[:, nf:, t:t + 1])
+                out[:, nq:, t:t + 1] = self.budgeted.attend(q_budget[:, :, t:t + 1], scale)
+        self.length += n_new
+        return out
+
+    def reset(self) -> None:
+        for buf in (self.full, self.budgeted):
+            if buf is not None:
+                buf.reset()
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.nbytes for buf in (self.full, self.budgeted) if buf is not None)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return 0 if self.budgeted is None else self.budgeted.overhead_bytes
+
+
+@dataclass
+class StaticKVCache:
+    """All layers' caches for one :class:`Plan`, allocated once (use :meth:`allocate`)."""
+
+    layers: list[LayerKV]
+    plan: Plan
+    batch: int
+    max_context: int
+    head_dim: int
+    group_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def allocate(cls, plan: Plan, batch: int, max_context: int, head_dim: int,
+                 group_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> StaticKVCache:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        layers = [LayerKV.allocate(lp, batch, max_context, head_dim, group_size, dtype, device)
+                  for lp in plan.layers]
+        return cls(layers, plan, batch, max_context, head_dim, group_size, dtype, device)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> LayerKV:
+        return self.layers[i]
+
+    def __iter__(self) -> Iterator[LayerKV]:
+        return iter(self.layers)
+
+    @property
+    def length(self) -> int:
+        """Tokens seen (prompt + generated), as counted by the first layer."""
+        return self.layers[0].length if self.layers else 0
+
+    def check_room(self, n_new: int) -> None:
+        """Raise before touching any layer if ``n_new`` more tokens would overflow a full head."""
+        if any(layer.full is not None for layer in self.layers) and \
+                self.length + n_new > self.max_context:
+            raise ContextOverflowError(
+                f"context overflow: {self.length} + {n_new} tokens exceed max_context="
+                f"{self.max_context} of the full-head KV buffers; allocate the cache with a "
+                f"larger max_context or use a shorter prompt / fewer new tokens"
+            )
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    @property
+    def nbytes(self) -> int:
+        """KV memory (keys + values), equal to ``plan.kv_bytes(max_context, d, itemsize) * B``."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Bias and counters of the budgeted heads, not counted as KV memory."""
+        return sum(layer.overhead_bytes for layer in self.layers)

@@ -1,0 +1,167 @@
+"""Generation with static-budget KV buffers: prefill once, then one token at a time.
+
+The engine owns the (head-permuted) compact model and the plan; caches are allocated per
+request with fixed sizes, so memory never grows with the number of generated tokens.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvcompile.errors import ContextLengthError
+from kvcompile.plan import Plan
+from kvcompile.runtime.cache import StaticKVCache
+from kvcompile.runtime.model import CompactLM
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    stop_reason: str  # "eos" | "max_tokens"
+    kv_bytes: int
+
+
+class Engine:
+    def __init__(self, model: CompactLM, plan: Plan, tokenizer: Any, max_context: int | None = None,
+                 eos_token_ids: Sequence[int] = ()) -> None:
+        self.model = model
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.arch = model.arch
+        self.max_context = max_context or self.arch.max_context
+        self.eos_token_ids = tuple(eos_token_ids) or _eos_ids(tokenizer)
+        self.manifest: dict[str, Any] | None = None  # set when loaded from an artifact
+
+    # -- caches ---------------------------------------------------------------------------
+    def allocate(self, batch: int = 1, max_context: int | None = None, plan: Plan | None = None) -> StaticKVCache:
+        return StaticKVCache.allocate(
+            plan or self.plan, batch, max_context or self.max_context, self.arch.head_dim,
+            self.arch.group_size, dtype=self.model.dtype,
+        )
+
+    def uncompressed_plan(self) -> Plan:
+        """Every head full (sliding layers keep the model's own window): the baseline."""
+        return Plan.uncompressed(self.arch.n_layers, self.arch.n_kv_heads, self.arch.sliding_windows)
+
+    # -- forward --------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, caches: Sequence[StaticKVCache]) -> torch.Tensor:
+        """Exact causal prefill into one or more caches (same math, different storage).
+
+        Returns the last position's logits [B, V]. Attention is computed once, by the first
+        cache; the others only store (and compress) the same keys and values.
+        """
+        length = input_ids.shape[1]
+        for cache in caches:
+            if length > cache.max_context:
+                raise ContextLengthError(
+                    f"the prompt has {length} tokens, more than the context of {cache.max_context}; "
+                    f"shorten it or allocate a larger context"
+                )
+            if cache.length:
+                raise ValueError("prefill needs empty caches; call reset() first")
+        plan = self.plan
+        scale = self.arch.attention_scale
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = caches[0][i].prefill(q, k, v, scale, plan.selection, plan.observation_window)
+            for other in caches[1:]:
+                other[i].store(q, k, v, scale, plan.selection, plan.observation_window)
+            return out
+
+        with torch.no_grad():
+            hidden = self.model.hidden_states(input_ids, torch.arange(length), attend)
+            return self.model.logits(hidden[:, -1])
+
+    def extend(self, input_ids: torch.Tensor, cache: StaticKVCache, all_logits: bool = False) -> torch.Tensor:
+        """Feed T new tokens through the static-budget cache; logits [B, T, V] or last [B, V]."""
+        n_new = input_ids.shape[1]
+        start = cache.length
+        if start + n_new > cache.max_context:
+            raise ContextLengthError(
+                f"{start} cached + {n_new} new tokens exceed the context of {cache.max_context}; "
+                f"generate fewer tokens or use a shorter prompt"
+            )
+        scale = self.arch.attention_scale
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return cache[i].extend(q, k, v, scale)
+
+        with torch.no_grad():
+            hidden = self.model.hidden_states(input_ids, torch.arange(start, start + n_new), attend)
+            return self.model.logits(hidden if all_logits else hidden[:, -1])
+
+    # -- generation -----------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Greedy when temperature is 0, else temperature + nucleus sampling (seeded)."""
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ContextLengthError("the prompt is empty")
+        if len(ids) + max_new_tokens > self.max_context:
+            raise ContextLengthError(
+                f"prompt ({len(ids)} tokens) + max new tokens ({max_new_tokens}) exceed the context "
+                f"of {self.max_context}; shorten the prompt or lower --max-new-tokens"
+            )
+        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        cache = self.allocate(1, max_context=len(ids) + max_new_tokens)
+        logits = self.prefill(torch.tensor([ids]), [cache])
+        generated: list[int] = []
+        printed = ""
+        reason = "max_tokens"
+        for _ in range(max_new_tokens):
+            token = sample(logits[0], temperature, top_p, generator)
+            if token in self.eos_token_ids:
+                reason = "eos"
+                break
+            generated.append(token)
+            if on_text is not None:
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if len(text) > len(printed) and not text.endswith("\ufffd"):
+                    on_text(text[len(printed):])
+                    printed = text
+            if len(generated) == max_new_tokens:
+                break
+            logits = self.extend(torch.tensor([[token]]), cache)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if on_text is not None and len(text) > len(printed):
+            on_text(text[len(printed):])
+        return Generation(len(ids), generated, text, reason, cache.nbytes)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
