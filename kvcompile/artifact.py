@@ -23,7 +23,7 @@ from kvcompile.errors import ArtifactError, ProfileError
 from kvcompile.models import LoadedModel, fingerprint_weights
 from kvcompile.passes import DEFAULT_PASSES, CompiledModel, run_passes
 from kvcompile.plan import Plan
-from kvcompile.profile_io import Profile, plan_from_dict, plan_to_dict, _Reader
+from kvcompile.profile_io import Profile, _Reader, plan_from_dict, plan_to_dict
 from kvcompile.profiling import memory_table
 from kvcompile.yamlio import _umask, atomic_write_text, dump_yaml
 

@@ -10,8 +10,6 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from kvcompile.arch import ArchSpec
 from kvcompile.errors import BudgetError
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
@@ -61,6 +59,12 @@ class FitResult:
 
 
 def _check_context(arch: ArchSpec, request: FitRequest) -> None:
+    smallest = request.sinks + request.compensation + 1
+    if request.at_context < smallest:
+        raise BudgetError(
+            f"--at-context {request.at_context} is smaller than the smallest budgeted layout "
+            f"({smallest} slots: sinks + compensation + 1); pass a longer reference context"
+        )
     if request.at_context > arch.max_context:
         raise BudgetError(
             f"--at-context {request.at_context} exceeds the model's maximum context "
@@ -113,7 +117,7 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
         )
     scores = stats.retrieval
     ranked = sorted(candidates, key=lambda lh: (-float(scores[lh]), lh))
-    best = float(scores.max()) if scores.numel() else 0.0
+    best = max((float(scores[lh]) for lh in candidates), default=0.0)  # sliding heads can't be full
     if request.full_heads is not None:
         wanted = ranked[: request.full_heads]
         rule = f"--full-heads {request.full_heads} (user override)"
@@ -130,7 +134,7 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
     if demoted:
         notes.append(
             f"{len(demoted)} heads above the retrieval threshold did not fit the budget and "
-            f"are budgeted: {', '.join(f'L{l}H{h}' for l, h in demoted)}"
+            f"are budgeted: {', '.join(f'L{layer}H{head}' for layer, head in demoted)}"
         )
     full_set = set(full)
     budgeted: dict[int, list[int]] = {}
@@ -146,7 +150,7 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
         if window:
             layers.append(LayerPlan((), tuple(range(arch.n_kv_heads)), BudgetLayout(0, 0, 0, window), True))
             continue
-        heads = tuple(sorted(h for l, h in full if l == layer))
+        heads = tuple(sorted(h for full_layer, h in full if full_layer == layer))
         rest = tuple(budgeted.get(layer, ()))
         layout = _layout(capacities[layer], request, request.selected_fraction) if rest else None
         used += len(rest) * (layout.capacity if layout else 0)
@@ -163,7 +167,8 @@ def _interp_error(stats: HeadStatistics, layer: int, heads: list[int], capacity:
     if capacity <= grid[0]:
         # below the grid: extrapolate flat (conservative: the smallest measured error)
         return values[0]
-    for (c0, e0), (c1, e1) in zip(zip(grid, values), zip(grid[1:], values[1:])):
+    points = list(zip(grid, values, strict=True))
+    for (c0, e0), (c1, e1) in zip(points, points[1:], strict=False):
         if capacity <= c1:
             return e0 + (e1 - e0) * (capacity - c0) / (c1 - c0)
     return 0.0
@@ -268,6 +273,3 @@ def error_at(stats: HeadStatistics, layer: int, head: int, capacity: int, ctx: i
 def kv_ratio(plan: Plan, arch: ArchSpec, context: int) -> float:
     return plan.kv_slots(context) / (arch.n_layers * arch.n_kv_heads * context)
 
-
-def retrieval_table(stats: HeadStatistics) -> torch.Tensor:
-    return stats.retrieval

@@ -93,14 +93,21 @@ def _load_transformers(location: str, gguf_file: str | None, local_only: bool) -
     return model.config, tokenizer, model
 
 
-_LOADED: dict[tuple[str, float], LoadedModel] = {}
+_LOADED: dict[tuple, LoadedModel] = {}
+
+
+def _memo_key(source: str) -> tuple:
+    """Path plus (name, mtime, size) of every file: a rewritten weight file is a new model."""
+    path = default_gguf_path() if source == DEFAULT_MODEL else Path(source)
+    if not path.exists():
+        return (source,)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return (str(path.resolve()), *((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
 
 
 def load_model(source: str, reuse: bool = True) -> LoadedModel:
     """Resolve and load ``source`` (memoised per process: stages never mutate it)."""
-    key_path = default_gguf_path() if source == DEFAULT_MODEL else Path(source)
-    key = (str(key_path.resolve()) if key_path.exists() else source,
-           key_path.stat().st_mtime if key_path.exists() else 0.0)
+    key = _memo_key(source)
     if reuse and key in _LOADED:
         return _LOADED[key]
     loaded = _load_model(source)

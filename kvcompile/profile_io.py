@@ -72,7 +72,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         "kvcompile_version": profile.kvcompile_version,
         "model": profile.model,
         "calibration": profile.calibration,
-        "profiling": profile.profiling,
+        "profiling": {**profile.profiling, "capacity_grid": FlowList(profile.profiling["capacity_grid"])},
         "fit": profile.fit,
         "plan": plan_to_dict(profile.plan),
         "memory": [FlowDict(row) for row in profile.memory],

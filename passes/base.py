@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import torch
 
 from kvcompile.arch import ArchSpec
+from kvcompile.errors import ProfileError
 from kvcompile.plan import Plan
 
 
@@ -35,3 +36,20 @@ def run_passes(model: CompiledModel, passes: Sequence[Pass]) -> CompiledModel:
         model = compiler_pass.apply(model)
         model.log.append(compiler_pass.name)
     return model
+
+
+def check_plan(model: CompiledModel) -> None:
+    """The plan must describe exactly this model's layers, heads and sliding layers."""
+    arch = model.arch
+    plan = model.plan
+    if len(plan.layers) != arch.n_layers:
+        raise ProfileError(f"the plan has {len(plan.layers)} layers, the model {arch.n_layers}")
+    for index, layer in enumerate(plan.layers):
+        if sorted(layer.permutation) != list(range(arch.n_kv_heads)):
+            raise ProfileError(f"plan layer {index} does not list each of the {arch.n_kv_heads} KV heads once")
+        window = arch.sliding_windows[index]
+        if bool(window) != layer.sliding:
+            raise ProfileError(f"plan layer {index}: sliding={layer.sliding} but the model's layer is "
+                               f"{'sliding-window' if window else 'full'} attention")
+        if window and layer.layout is not None and layer.layout.capacity > window:
+            raise ProfileError(f"plan layer {index} gives a sliding layer more than its window {window}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kvcompile.passes.base import CompiledModel
+from kvcompile.passes.base import CompiledModel, check_plan
 
 
 def _row_order(kv_order: tuple[int, ...], heads_per_kv: int, head_dim: int) -> torch.Tensor:
@@ -30,6 +30,7 @@ class PermuteHeads:
     def apply(self, model: CompiledModel) -> CompiledModel:
         if model.heads_permuted:
             return model
+        check_plan(model)  # before touching weights: a bad plan must fail with a clear message
         arch = model.arch
         state = dict(model.state)
         for index, layer in enumerate(model.plan.layers):

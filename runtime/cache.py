@@ -339,8 +339,20 @@ class LayerKV:
             scale = 1.0 / math.sqrt(q.shape[-1])
         n_new = k.shape[2]
         nf, nq = self.n_full, self.n_full * self.group_size
-        out = q.new_empty(q.shape)
         q_full, q_budget = self._split_q(q)
+        if n_new == 1:  # decode: no output buffer to fill, no per-token slicing
+            parts = []
+            if self.full is not None:
+                self.full.write(k[:, :nf], v[:, :nf])
+                parts.append(self.full.attend(q_full, scale, causal=True))
+            if self.budgeted is not None:
+                self.budgeted.append(k[:, nf:], v[:, nf:])
+                parts.append(self.budgeted.attend(q_budget, scale))
+            self.length += 1
+            if len(parts) == 1:
+                return parts[0]
+            return torch.cat(parts, dim=1) if parts else q.new_empty(q.shape)
+        out = q.new_empty(q.shape)
         if self.full is not None:  # first: it is the part that can refuse (overflow)
             self.full.write(k[:, :nf], v[:, :nf])
             out[:, :nq] = self.full.attend(q_full, scale, causal=True)

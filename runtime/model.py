@@ -173,7 +173,30 @@ class CompactLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """cos/sin per layer for ``positions`` [T]; layers sharing a RoPE share the tables."""
+        """cos/sin per layer for ``positions`` [T]; layers sharing a RoPE share the tables.
+
+        Rows are gathered from per-RoPE tables over ``0..max(positions)``, computed once and
+        grown geometrically (the values are elementwise in the position, so a row of the table
+        equals computing that position alone; decoding then costs one gather, not a recompute).
+        """
+        if (positions.is_floating_point() or type(positions) is not torch.Tensor
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or (positions.numel() and int(positions.min()) < 0)):
+            return self._rope_tables_direct(positions)  # no data-dependent table size
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        tables = []
+        for inv_freq, scaling in self._rope:
+            key = id(inv_freq)
+            if key not in shared:
+                cos, sin = self._rope_rows(inv_freq, scaling, needed)
+                idx = positions.to(cos.device)
+                shared[key] = (cos.index_select(0, idx), sin.index_select(0, idx))
+            tables.append(shared[key])
+        return tables
+
+    def _rope_tables_direct(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same tables computed for ``positions`` alone (tracing, float positions)."""
         cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         tables = []
         for inv_freq, scaling in self._rope:
@@ -187,6 +210,23 @@ class CompactLM(nn.Module):
                 )
             tables.append(cache[key])
         return tables
+
+    def _rope_rows(self, inv_freq: torch.Tensor, scaling: float,
+                   needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached ``[N, D]`` cos/sin table of one RoPE, with ``N >= needed`` rows."""
+        cache = self.__dict__.setdefault("_rope_cache", {})
+        key = id(inv_freq)
+        entry = cache.get(key)
+        if entry is None or entry[0] is not inv_freq or entry[1] != self.dtype or \
+                entry[2].shape[0] < needed:
+            rows = max(needed, 256, 2 * entry[2].shape[0] if entry is not None and
+                       entry[0] is inv_freq and entry[1] == self.dtype else 0)
+            freqs = torch.arange(rows, device=inv_freq.device).float()[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            entry = (inv_freq, self.dtype, (emb.cos() * scaling).to(self.dtype),
+                     (emb.sin() * scaling).to(self.dtype))
+            cache[key] = entry
+        return entry[2], entry[3]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)

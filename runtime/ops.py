@@ -4,7 +4,10 @@ Both are registered with ``torch.library.custom_op`` so that graphs (export, ONN
 see one opaque node per operation, with a fake (meta) implementation for shape propagation.
 The implementations here are the plain-torch references: they run on any device and dtype
 and define the semantics the Triton kernels and the ONNX function bodies must reproduce
-(DESIGN.md, "Static-budget cache semantics").
+(DESIGN.md, "Static-budget cache semantics"). On CPU the cache update takes a bit-identical
+scalar fast path when every batch row is in the same state, and in plain eager CPU mode the
+public wrappers call the implementations without the dispatcher round trip (see
+``_plain_eager_cpu``); anything that traces or compiles still sees the registered ops.
 
 Conventions shared with :mod:`kvcompile.runtime.cache`:
 
@@ -16,6 +19,7 @@ Conventions shared with :mod:`kvcompile.runtime.cache`:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,6 +39,29 @@ _MAX_SCORES = 1 << 25
 when batch x heads x keys is large."""
 
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def _plain_eager_cpu(*tensors: Tensor | None) -> bool:
+    """True when calling an op's implementation directly cannot differ from dispatching the op.
+
+    The public wrappers below go through the registered ``torch.library`` op whenever anything
+    might observe it: tracing / compile / export (dynamo, ``jit.trace``, fake or proxy tensors,
+    any dispatch or function mode), functorch transforms, tensor subclasses, autograd, or a
+    non-CPU device (where a registered kernel, e.g. Triton on CUDA, may replace the reference).
+    Otherwise, plain eager CPU, they call the implementation the op itself would run and skip
+    the dispatcher round trip (~10-60 us per call, x layers x tokens when decoding).
+    """
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()  # first: dynamo folds these
+            or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return True
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -173,6 +200,8 @@ def budgeted_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if _plain_eager_cpu(q, k, v, bias):
+        return _budgeted_attention_ref(q, k, v, bias, bool(causal), int(window), float(scale))
     return _budgeted_attention_op(q, k, v, bias, bool(causal), int(window), float(scale))
 
 
@@ -233,14 +262,92 @@ def _budgeted_cache_update_ref(k_buf: Tensor, v_buf: Tensor, bias: Tensor, count
     counters.add_(torch.stack([in_sink, ~in_sink, to_sel, to_comp], dim=1).to(counters.dtype))
 
 
+def _budgeted_cache_update_uniform(k_buf: Tensor, v_buf: Tensor, bias: Tensor,
+                                   counters: Tensor, state: list[int], k_new: Tensor,
+                                   v_new: Tensor, sinks: int, compensation: int, selected: int,
+                                   window: int) -> None:
+    """The decode rule when every batch row has the same ``counters`` row ``state``.
+
+    Bit-for-bit the arithmetic of :func:`_budgeted_cache_update_ref` (fold
+    ``(n x + x_old) / (n + 1)`` in the compute dtype, first fold copies ``x_old``, bias
+    ``torch.log(n)`` in the bias dtype), but the slots are known Python ints: a few slice copies
+    instead of gathers, scatters and ``where`` over the whole batch.
+    """
+    s, c, h, w = sinks, compensation, selected, window
+    sink_used, pushed, sel_used, comp_n = state
+    if sink_used < s:
+        slot = sink_used
+        sink_used += 1
+    else:
+        slot = s + c + h + pushed % w  # oldest window token, then the new token's slot
+        if pushed >= w:
+            if sel_used < h:  # the evicted token moves into the next selected slot
+                dst = s + c + sel_used
+                k_buf.select(2, dst).copy_(k_buf.select(2, slot))
+                v_buf.select(2, dst).copy_(v_buf.select(2, slot))
+                bias.select(2, dst).fill_(0.0)
+                sel_used += 1
+            elif c == 1:  # fold into the running mean
+                for buf in (k_buf, v_buf):
+                    old, cur = buf.select(2, slot), buf.select(2, s)
+                    if comp_n == 0:
+                        cur.copy_(old)
+                    else:
+                        cdt = _compute_dtype(buf.dtype)
+                        n, n1 = _scalar(comp_n, cdt), _scalar(comp_n + 1, cdt)
+                        if cdt == buf.dtype:  # in place: same roundings as the reference
+                            cur.mul_(n).add_(old).div_(n1)
+                        else:
+                            cur.copy_(torch.mul(cur.to(cdt), n).add_(old.to(cdt)).div_(n1))
+                comp_n += 1
+                bias.select(2, s).fill_(_log_count(comp_n, _compute_dtype(bias.dtype)))
+        pushed += 1
+    k_buf.narrow(2, slot, 1).copy_(k_new)
+    v_buf.narrow(2, slot, 1).copy_(v_new)
+    bias.select(2, slot).fill_(0.0)
+    counters.copy_(torch.tensor([sink_used, pushed, sel_used, comp_n], dtype=counters.dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _scalar(value: int, dtype: torch.dtype) -> Tensor:
+    """A 1-element CPU tensor (not 0-d: kept a broadcast operand like the reference's ``n``).
+    Cached across calls, so never an inference tensor."""
+    with torch.inference_mode(False):
+        return torch.tensor([value], dtype=dtype)
+
+
+@functools.lru_cache(maxsize=65536)
+def _log_count(n: int, dtype: torch.dtype) -> float:
+    """``torch.log(n)`` evaluated in ``dtype``, exactly as the reference computes the bias."""
+    return float(torch.log(torch.tensor(n, dtype=dtype)))
+
+
+def _budgeted_cache_update_impl(k_buf: Tensor, v_buf: Tensor, bias: Tensor, counters: Tensor,
+                                k_new: Tensor, v_new: Tensor, sinks: int, compensation: int,
+                                selected: int, window: int) -> None:
+    """CPU with identical counters in every row (B == 1, or a batch decoded in lockstep): the
+    scalar fast path; otherwise (rows out of step, or another device: no host sync) the
+    vectorised reference."""
+    if counters.device.type == "cpu":
+        _check_update_args(k_buf, v_buf, bias, counters, k_new, v_new,
+                           sinks + compensation + selected + window, window)
+        rows = counters.tolist()
+        if all(row == rows[0] for row in rows[1:]):
+            _budgeted_cache_update_uniform(k_buf, v_buf, bias, counters, rows[0], k_new, v_new,
+                                           sinks, compensation, selected, window)
+            return
+    _budgeted_cache_update_ref(k_buf, v_buf, bias, counters, k_new, v_new,
+                               sinks, compensation, selected, window)
+
+
 @torch.library.custom_op(
     "kvcompile::budgeted_cache_update", mutates_args=("k_buf", "v_buf", "bias", "counters")
 )
 def _budgeted_cache_update_op(k_buf: Tensor, v_buf: Tensor, bias: Tensor, counters: Tensor,
                               k_new: Tensor, v_new: Tensor, sinks: int, compensation: int,
                               selected: int, window: int) -> None:
-    _budgeted_cache_update_ref(k_buf, v_buf, bias, counters, k_new, v_new,
-                               sinks, compensation, selected, window)
+    _budgeted_cache_update_impl(k_buf, v_buf, bias, counters, k_new, v_new,
+                                sinks, compensation, selected, window)
 
 
 @_budgeted_cache_update_op.register_fake
@@ -260,5 +367,9 @@ def budgeted_cache_update(k_buf: Tensor, v_buf: Tensor, bias: Tensor, counters: 
     When the ring is full its oldest token moves to a free selected slot, else is folded into
     the compensation mean (``c == 1``), else dropped; the new token takes its ring slot.
     """
-    _budgeted_cache_update_op(k_buf, v_buf, bias, counters, k_new, v_new,
-                              layout.sinks, layout.compensation, layout.selected, layout.window)
+    args = (k_buf, v_buf, bias, counters, k_new, v_new,
+            layout.sinks, layout.compensation, layout.selected, layout.window)
+    if _plain_eager_cpu(k_buf, v_buf, bias, counters, k_new, v_new):
+        _budgeted_cache_update_impl(*args)
+    else:
+        _budgeted_cache_update_op(*args)

@@ -1,9 +1,13 @@
 """Shared fixtures: the real SmolLM2 model is loaded once per test session."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from kvcompile.models import LoadedModel, load_model
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see cli.py
+
+import pytest  # noqa: E402
+
+from kvcompile.models import LoadedModel, load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime.cache import (
     BudgetedBuffer,
     ContextOverflowError,
@@ -20,8 +22,6 @@ from kvcompile.runtime.cache import (
     StaticKVCache,
     compress_prefill,
 )
-
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 
 F64 = torch.float64
 

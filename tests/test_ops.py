@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvcompile.runtime import ops
-from kvcompile.runtime.ops import budgeted_attention, budgeted_cache_update
 
 from kvcompile.plan import BudgetLayout
+from kvcompile.runtime import ops
+from kvcompile.runtime.ops import budgeted_attention, budgeted_cache_update
 
 NEG_INF = float("-inf")
 

@@ -1,0 +1,271 @@
+"""Decode speed and KV memory: a kvcompile artifact vs the uncompressed model (a benchmark, not a test).
+
+For each context length ``L`` a seeded random prompt of ``L`` token ids is prefilled, then
+``--steps`` greedy single-token decode steps are timed (after one untimed warm-up step) for
+
+* ``transformers``  — the source model in transformers with its own ``DynamicCache``
+  (``use_cache=True``, ``past_key_values=``), the reference the goal is measured against;
+* ``kvcompile full`` — the kvcompile runtime with every head full (``engine.uncompressed_plan()``);
+* ``artifact``       — the kvcompile runtime with the artifact's static-budget plan.
+
+The three systems are timed in interleaved rounds (``--rounds``) so that load from other
+processes on a shared machine hits them alike; the reported time is the median step.
+KV bytes: keys + values only (transformers: the cache tensors' ``nbytes``; kvcompile:
+``StaticKVCache.nbytes``, allocated for ``L + steps + 1`` tokens).
+
+    python bench/decode.py --artifact /tmp/bench/artifact --contexts 2048 8192 --markdown
+"""
+from __future__ import annotations
+
+import os
+
+# Spinning OpenMP workers turn a busy shared machine (other processes on the same cores) into
+# multi-second decode steps: each of the hundreds of small ops per token waits for a descheduled
+# thread. Sleep-waiting workers keep the measurement meaningful; export OMP_WAIT_POLICY=ACTIVE
+# to measure with spinning. Must be set before torch (and its OpenMP runtime) loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Result:
+    context: int
+    system: str
+    step_ms: list[float]
+    kv_bytes: int
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.step_ms)
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.step_ms)
+
+
+class Decoder:
+    """One system at one context: ``prefill()`` once, then ``step()`` per decoded token."""
+
+    name: str
+    prefill_logits: torch.Tensor | None = None  # last prompt position, [1, V]
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def kv_bytes(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TransformersDecoder(Decoder):
+    name = "transformers (DynamicCache)"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.cache = None
+        self.token: torch.Tensor | None = None
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.prefill_logits = out.logits[:, -1]
+        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step(self) -> None:
+        out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def kv_bytes(self) -> int:
+        total = 0
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class RuntimeDecoder(Decoder):
+    """The kvcompile Engine with a StaticKVCache for ``plan``."""
+
+    def __init__(self, name: str, engine, plan, max_context: int) -> None:
+        self.name = name
+        self.engine = engine
+        self.cache = engine.allocate(1, max_context=max_context, plan=plan)
+        self.token: torch.Tensor | None = None
+
+    def set_logits(self, logits: torch.Tensor) -> None:
+        self.token = logits.argmax(-1, keepdim=True)
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        self.set_logits(self.engine.prefill(ids, [self.cache]))
+
+    def step(self) -> None:
+        self.set_logits(self.engine.extend(self.token, self.cache))
+
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes
+
+    def close(self) -> None:
+        self.cache = None
+
+
+def load_transformers_model(loaded) -> torch.nn.Module:
+    """The source model as a transformers model, from the weights kvcompile already loaded."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32,
+                                             attn_implementation="sdpa")
+    missing, unexpected = model.load_state_dict(loaded.state, strict=False)
+    missing = [m for m in missing if not (loaded.arch.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise SystemExit(f"transformers model does not match the loaded weights: "
+                         f"missing {missing}, unexpected {unexpected}")
+    if loaded.arch.tie_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def time_interleaved(decoders: list[Decoder], steps: int, rounds: int) -> dict[str, list[float]]:
+    """One warm-up step each, then ``steps`` timed steps each, in ``rounds`` interleaved rounds."""
+    for dec in decoders:
+        dec.step()
+    times: dict[str, list[float]] = {dec.name: [] for dec in decoders}
+    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    for n in per_round:
+        for dec in decoders:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                dec.step()
+                times[dec.name].append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: int) -> list[Result]:
+    gen = torch.Generator().manual_seed(args.seed + length)
+    ids = torch.randint(0, vocab, (1, length), generator=gen)
+    max_context = length + args.steps + 1
+    decoders: list[Decoder] = []
+    if hf_model is not None:
+        decoders.append(TransformersDecoder(hf_model))
+    full = RuntimeDecoder("kvcompile, all heads full", engine, engine.uncompressed_plan(), max_context)
+    art = RuntimeDecoder("kvcompile artifact", engine, engine.plan, max_context)
+    decoders += [full, art]
+    t0 = time.perf_counter()
+    if hf_model is not None:
+        decoders[0].prefill(ids)
+    # one exact prefill feeds both kvcompile caches (same keys and values, stored twice)
+    logits = engine.prefill(ids, [full.cache, art.cache])
+    for dec in (full, art):
+        dec.prefill_logits = logits
+        dec.set_logits(logits)
+    print(f"[L={length}] prefill done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if hf_model is not None:  # same weights, same function: the baselines must agree
+        diff = float((decoders[0].prefill_logits - full.prefill_logits).abs().max())
+        print(f"[L={length}] last-position logits, transformers vs kvcompile full: "
+              f"max |diff| = {diff:.2e}", file=sys.stderr)
+        if diff > 1e-2:
+            raise SystemExit("transformers and the kvcompile runtime disagree: not the same model")
+    times = time_interleaved(decoders, args.steps, args.rounds)
+    results = [Result(length, dec.name, times[dec.name], dec.kv_bytes()) for dec in decoders]
+    for dec in decoders:
+        dec.close()
+    gc.collect()
+    return results
+
+
+def format_table(results: list[Result], markdown: bool) -> str:
+    header = ["context", "system", "decode ms/token (median)", "mean", "KV MiB",
+              "time vs transformers", "KV vs transformers"]
+    rows = []
+    for res in results:
+        ref = next((r for r in results if r.context == res.context and r.system.startswith("transformers")),
+                   None)
+        time_ratio = f"{res.median_ms / ref.median_ms:.2f}x" if ref else "-"
+        kv_ratio = f"{res.kv_bytes / ref.kv_bytes:.3f}x" if ref and ref.kv_bytes else "-"
+        rows.append([str(res.context), res.system, f"{res.median_ms:.1f}", f"{res.mean_ms:.1f}",
+                     f"{res.kv_bytes / MIB:.1f}", time_ratio, kv_ratio])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---:" if i != 1 else "---" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 1 else c.rjust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact", required=True, type=Path,
+                        help="artifact directory built by `kvcompile build`")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192],
+                        help="prompt lengths in tokens (default: 2048 8192)")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per system (default: 32)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="interleave the systems' timed steps in this many rounds (default: 4)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="skip the transformers baseline (kvcompile systems only)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be >= 1")
+    args.rounds = min(args.rounds, args.steps)
+
+    torch.set_num_threads(args.threads)
+    from kvcompile.artifact import load_engine
+    from kvcompile.models import load_model
+
+    engine = load_engine(args.artifact)
+    manifest = engine.manifest or {}
+    hf_model = None
+    if not args.no_transformers:
+        source = manifest.get("source_model", {})
+        loaded = load_model(source.get("source", "default"))
+        if source.get("fingerprint") and loaded.fingerprint != source["fingerprint"]:
+            raise SystemExit(f"the artifact was built from {source.get('name')} ({source['fingerprint'][:19]}…), "
+                             f"but {source.get('source')!r} now loads a different model")
+        hf_model = load_transformers_model(loaded)
+    vocab = engine.arch.vocab_size
+
+    import transformers
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"artifact {args.artifact} ({engine.plan.n_full} full KV heads), "
+          f"steps {args.steps}, rounds {args.rounds}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    results: list[Result] = []
+    with torch.inference_mode():
+        for length in args.contexts:
+            results += run_context(length, args, engine, hf_model, vocab)
+    print(format_table(results, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

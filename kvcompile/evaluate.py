@@ -1,0 +1,235 @@
+"""Run the evaluation suite: systems and the uncompressed baseline, same cases, same process.
+
+Protocol (DESIGN.md): the context is prefilled once, exactly, and stored into every
+system's cache (the artifact's static budgets, the all-full baseline, other plans when
+comparing policies); then the question is fed through each cache separately, so a
+compression never sees the question.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvcompile import __version__
+from kvcompile.errors import ContextLengthError, KVCompileError
+from kvcompile.plan import Plan
+from kvcompile.runtime.engine import Engine
+from kvcompile.runtime.head_order import ReorderedCache
+from kvcompile.stats import mean_ci, proportion_ci, wilson_interval
+from kvcompile.tasks import TASKS, EvalCase, build_cases, score_answer
+
+ANSWER_TOKENS = 8  # greedy tokens generated for an answer (5-digit numbers need 5-6)
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[str, ...] = TASKS
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    samples: int = 10
+    seed: int = 0
+    agreement_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise KVCompileError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        if self.samples < 1:
+            raise KVCompileError(f"--samples must be >= 1, got {self.samples}")
+        if not self.lengths or min(self.lengths) < 64:
+            raise KVCompileError("--lengths must list context lengths of at least 64 tokens")
+
+
+@dataclass
+class _Tally:
+    """One system's results for one task and length."""
+
+    correct: int = 0
+    n: int = 0
+    seconds: float = 0.0
+    nll: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    agree: int = 0
+    agree_total: int = 0
+
+
+def _greedy(engine: Engine, cache: Any, logits: torch.Tensor, steps: int) -> list[int]:
+    tokens: list[int] = []
+    for step in range(steps):
+        token = int(logits[0].argmax())
+        if token in engine.eos_token_ids:
+            break
+        tokens.append(token)
+        if step + 1 < steps:
+            logits = engine.extend(torch.tensor([[token]]), cache)
+    return tokens
+
+
+def _prefill(engine: Engine, case: EvalCase, caches: Mapping[str, Any]) -> tuple[torch.Tensor, float]:
+    for cache in caches.values():
+        cache.reset()
+    started = time.perf_counter()
+    logits = engine.prefill(torch.tensor([case.context_ids]), list(caches.values()))
+    return logits, time.perf_counter() - started
+
+
+def _answer(engine: Engine, case: EvalCase, caches: Mapping[str, Any], tallies: Mapping[str, _Tally]) -> None:
+    _, prefill_s = _prefill(engine, case, caches)
+    for name, cache in caches.items():
+        started = time.perf_counter()
+        logits = engine.extend(torch.tensor([case.question_ids]), cache)
+        text = engine.tokenizer.decode(_greedy(engine, cache, logits, ANSWER_TOKENS), skip_special_tokens=True)
+        tally = tallies[name]
+        tally.correct += int(score_answer(text, case))
+        tally.n += 1
+        tally.seconds += prefill_s + time.perf_counter() - started
+
+
+def _continue(engine: Engine, case: EvalCase, caches: Mapping[str, Any], tallies: Mapping[str, _Tally],
+              agreement_tokens: int) -> None:
+    """NLL of the held-out continuation, KL(baseline || system), greedy agreement."""
+    last, prefill_s = _prefill(engine, case, caches)
+    target = torch.tensor(case.continuation_ids)
+    logps: dict[str, torch.Tensor] = {}
+    for name, cache in caches.items():
+        started = time.perf_counter()
+        rest = engine.extend(torch.tensor([case.continuation_ids[:-1]]), cache, all_logits=True)[0]
+        logp = torch.log_softmax(torch.cat([last, rest], dim=0).float(), dim=-1)  # row t predicts target[t]
+        logps[name] = logp
+        tallies[name].nll.append(float(-logp.gather(1, target[:, None]).mean()))
+        tallies[name].seconds += prefill_s + time.perf_counter() - started
+        tallies[name].n += 1
+    base = logps[BASELINE]
+    for name, logp in logps.items():
+        tallies[name].kl.extend((base.exp() * (base - logp)).sum(-1).clamp_min(0).tolist())
+    # agreement: the baseline generates greedily, every system is teacher-forced on its tokens
+    heads = {name: logp[-1] for name, logp in logps.items()}
+    for _ in range(agreement_tokens):
+        token = int(heads[BASELINE].argmax())
+        for name in caches:
+            tallies[name].agree += int(int(heads[name].argmax()) == token)
+            tallies[name].agree_total += 1
+        step = torch.tensor([[token]])
+        heads = {name: engine.extend(step, cache)[0] for name, cache in caches.items()}
+
+
+def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConfig, reorder: bool = False,
+                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """One report per plan, each against the shared uncompressed baseline.
+
+    ``reorder``: the engine's weights are unpermuted, so each plan's full heads are moved
+    first at attention time (same function as baking the order into the weights).
+    """
+    arch = engine.arch
+    room = max(config.lengths) + 64 + config.agreement_tokens
+    if max(config.lengths) + 64 > engine.max_context:
+        raise ContextLengthError(
+            f"context length {max(config.lengths)} leaves no room for the question within the max "
+            f"context {engine.max_context}; use --lengths up to {engine.max_context - 64}"
+        )
+    baseline_plan = engine.uncompressed_plan()
+    all_plans = {BASELINE: baseline_plan, **plans}
+    cases = {task: build_cases(engine.tokenizer, task, list(config.lengths), config.samples, config.seed)
+             for task in config.tasks}
+    total = sum(len(c) for c in cases.values())
+    done = 0
+    started_all = time.perf_counter()
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in plans}
+    for task in config.tasks:
+        for length in config.lengths:
+            group = [case for case in cases[task] if case.length == length]
+            context = min(engine.max_context, room)
+            caches = {}
+            for name, plan in all_plans.items():
+                cache = engine.allocate(1, max_context=context, plan=plan)
+                caches[name] = ReorderedCache(cache, plan, arch.group_size) if reorder else cache
+            tallies = {name: _Tally() for name in all_plans}
+            for case in group:
+                if task == "continuation":
+                    _continue(engine, case, caches, tallies, config.agreement_tokens)
+                else:
+                    _answer(engine, case, caches, tallies)
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{task}@{length}")
+            for name, plan in plans.items():
+                ratio = plan.kv_slots(length) / baseline_plan.kv_slots(length)
+                row_of = _continuation_row if task == "continuation" else _accuracy_row
+                rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratio, group))
+    wall = round(time.perf_counter() - started_all, 2)
+    reference = max(config.lengths)
+    itemsize = engine.model.dtype.itemsize
+    return {
+        name: {
+            "format": "kvcompile-report/1",
+            "kvcompile_version": __version__,
+            "created_with": {"python": platform.python_version(), "torch": torch.__version__,
+                             "transformers": _version("transformers")},
+            "seed": config.seed,
+            "settings": {"tasks": list(config.tasks), "lengths": list(config.lengths),
+                         "samples": config.samples, "answer_tokens": ANSWER_TOKENS,
+                         "agreement_tokens": config.agreement_tokens, "systems_in_run": list(all_plans)},
+            "kv_memory": {
+                "context": reference,
+                "artifact_bytes": plan.kv_bytes(reference, arch.head_dim, itemsize),
+                "baseline_bytes": baseline_plan.kv_bytes(reference, arch.head_dim, itemsize),
+                "ratio": round(plan.kv_slots(reference) / baseline_plan.kv_slots(reference), 6),
+            },
+            "wall_time_s": wall,
+            "tasks": rows[name],
+        }
+        for name, plan in plans.items()
+    }
+
+
+def evaluate(engine: Engine, config: EvalConfig, artifact_info: dict[str, Any] | None = None,
+             progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """The artifact's report: its own plan (weights already permuted) against the baseline."""
+    report = evaluate_systems(engine, {"artifact": engine.plan}, config, progress=progress)["artifact"]
+    report["artifact"] = artifact_info or {}
+    return report
+
+
+def _accuracy_row(task: str, length: int, base: _Tally, system: _Tally, ratio: float,
+                  group: list[EvalCase]) -> dict[str, Any]:
+    def side(tally: _Tally) -> dict[str, Any]:
+        lo, hi = wilson_interval(tally.correct, tally.n)
+        return {"correct": tally.correct, "accuracy": round(tally.correct / tally.n, 6),
+                "ci95": [round(lo, 6), round(hi, 6)], "wall_time_s": round(tally.seconds, 3)}
+
+    return {"task": task, "length": length, "n": len(group), "baseline": side(base), "artifact": side(system),
+            "memory_ratio": round(ratio, 6)}
+
+
+def _continuation_row(task: str, length: int, base: _Tally, system: _Tally, ratio: float,
+                      group: list[EvalCase]) -> dict[str, Any]:
+    base_nll = sum(base.nll) / len(base.nll)
+    art_nll = sum(system.nll) / len(system.nll)
+    kl_mean, kl_lo, kl_hi = mean_ci(system.kl)
+    row: dict[str, Any] = {
+        "task": task, "length": length, "n": len(group), "tokens": len(group[0].continuation_ids),
+        "baseline": {"nll": round(base_nll, 6), "wall_time_s": round(base.seconds, 3)},
+        "artifact": {"nll": round(art_nll, 6), "wall_time_s": round(system.seconds, 3)},
+        "nll_increase": round(art_nll / base_nll - 1, 6),
+        "kl": round(kl_mean, 6), "kl_ci95": [round(kl_lo, 6), round(kl_hi, 6)],
+        "memory_ratio": round(ratio, 6),
+    }
+    if system.agree_total:
+        p, lo, hi = proportion_ci(system.agree, system.agree_total)
+        row.update({"agreement": round(p, 6), "agreement_n": system.agree_total,
+                    "agreement_ci95": [round(lo, 6), round(hi, 6)]})
+    return row
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"

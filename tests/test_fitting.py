@@ -1,0 +1,330 @@
+"""Fitting a plan to a memory target from (synthetic) head statistics.
+
+Budgets are counted in KV slots (one token of one KV head) at the reference context, so every
+check below recomputes the slot count from the plan by hand rather than trusting ``used_slots``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from kvcompile.arch import ArchSpec, arch_from_config
+from kvcompile.errors import BudgetError
+from kvcompile.fitting import POLICIES, FitRequest, fit, kv_ratio
+from kvcompile.plan import BudgetLayout, Plan
+from kvcompile.profiler import DEFAULT_GRID, HeadStatistics
+from tests.tiny import tiny_config
+
+CTX = 2048
+
+
+def llama_arch(n_layers: int = 6, n_kv: int = 4, max_context: int = 4096) -> ArchSpec:
+    return arch_from_config(tiny_config("llama", num_hidden_layers=n_layers, num_key_value_heads=n_kv,
+                                        max_position_embeddings=max_context))
+
+
+def gemma_arch(window: int = 128) -> ArchSpec:
+    arch = arch_from_config(tiny_config("gemma3_text", sliding_window=window, max_position_embeddings=4096))
+    assert arch.sliding_windows == (window, None, window, None)
+    return arch
+
+
+def make_stats(scores: torch.Tensor, error: torch.Tensor | None = None,
+               grid: tuple[int, ...] = DEFAULT_GRID, seed: int = 0) -> HeadStatistics:
+    """Statistics whose retrieval score is exactly ``scores / scores.max()``; random
+    non-increasing error curves unless ``error`` is given."""
+    if error is None:
+        gen = torch.Generator().manual_seed(seed)
+        steps = torch.rand(*scores.shape, len(grid), generator=gen)
+        error = steps.flip(-1).cumsum(-1).flip(-1)  # positive, non-increasing in capacity
+    zeros = torch.zeros_like(scores)
+    return HeadStatistics(capacity_grid=grid, induction=scores, echo=scores, needle=scores,
+                          sink_mass=zeros, local_mass=zeros, entropy=zeros, error=error)
+
+
+def random_scores(arch: ArchSpec, seed: int) -> torch.Tensor:
+    return torch.rand(arch.n_layers, arch.n_kv_heads, generator=torch.Generator().manual_seed(seed))
+
+
+def slots_by_hand(plan: Plan, context: int) -> int:
+    total = 0
+    for layer in plan.layers:
+        total += len(layer.full_heads) * context
+        if layer.budgeted_heads:
+            lay = layer.layout
+            total += len(layer.budgeted_heads) * (lay.sinks + lay.compensation + lay.selected + lay.window)
+    return total
+
+
+def budget_slots(arch: ArchSpec, kv_budget: float, context: int) -> int:
+    return math.floor(kv_budget * arch.n_layers * arch.n_kv_heads * context)
+
+
+def full_set(plan: Plan) -> set[tuple[int, int]]:
+    return {(i, h) for i, layer in enumerate(plan.layers) for h in layer.full_heads}
+
+
+def check_plan_shape(plan: Plan, arch: ArchSpec) -> None:
+    assert len(plan.layers) == arch.n_layers
+    for layer in plan.layers:
+        assert sorted(layer.full_heads + layer.budgeted_heads) == list(range(arch.n_kv_heads))
+
+
+# ------------------------------------------------------------------- budget accounting
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("kv_budget", [0.05, 0.125, 0.25, 0.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fit_meets_the_budget(policy: str, kv_budget: float, seed: int) -> None:
+    """Never above the budget; below it only by the policy's granularity:
+
+    * profiled: capacities move one slot per budgeted head of a layer, so less than
+      ``n_kv_heads`` slots stay unused;
+    * uniform: one capacity for every head of every layer, so less than one slot per head
+      (``n_layers * n_kv_heads``);
+    * pyramid: the uniform average, then one integer rounding per layer of the linear
+      schedule: less than two slots per head (``2 * n_layers * n_kv_heads``).
+    """
+    arch = llama_arch()
+    result = fit(make_stats(random_scores(arch, seed), seed=seed), arch,
+                 FitRequest(kv_budget=kv_budget, at_context=CTX, policy=policy))
+    budget = budget_slots(arch, kv_budget, CTX)
+    used = slots_by_hand(result.plan, CTX)
+    check_plan_shape(result.plan, arch)
+    assert result.budget_slots == budget
+    assert result.used_slots == used == result.plan.kv_slots(CTX)
+    assert used <= budget
+    slack = {"profiled": arch.n_kv_heads, "uniform": arch.n_kv_total, "pyramid": 2 * arch.n_kv_total}
+    assert budget - used < slack[policy]
+    assert kv_ratio(result.plan, arch, CTX) <= kv_budget
+    assert result.plan.policy == policy
+    for layer in result.plan.layers:
+        if layer.layout is not None:
+            assert 1 <= layer.layout.capacity <= CTX
+
+
+def test_profiled_layouts_use_request_settings() -> None:
+    arch = llama_arch()
+    request = FitRequest(kv_budget=0.125, at_context=CTX, sinks=2, compensation=1,
+                         selected_fraction=0.5, min_window=8)
+    result = fit(make_stats(random_scores(arch, 0)), arch, request)
+    for layer in result.plan.layers:
+        if layer.budgeted_heads:
+            lay = layer.layout
+            assert (lay.sinks, lay.compensation) == (2, 1)
+            assert lay.capacity >= 2 + 1 + 8
+            free = lay.capacity - 3
+            assert lay.selected == round(0.5 * free) and lay.window == free - lay.selected
+
+
+def test_pyramid_schedule_falls_with_depth() -> None:
+    arch = llama_arch(n_layers=8)
+    plan = fit(None, arch, FitRequest(kv_budget=0.125, at_context=CTX, policy="pyramid")).plan
+    caps = [layer.layout.capacity for layer in plan.layers]
+    assert all(a >= b for a, b in itertools.pairwise(caps)) and caps[0] > caps[-1]
+    uniform = fit(None, arch, FitRequest(kv_budget=0.125, at_context=CTX, policy="uniform")).plan
+    assert len({layer.layout.capacity for layer in uniform.layers}) == 1
+    assert all(not layer.full_heads for layer in plan.layers + uniform.layers)
+
+
+# ------------------------------------------------------------------- full heads
+
+
+def test_full_heads_are_the_top_retrieval_heads_above_threshold() -> None:
+    arch = llama_arch()
+    scores = random_scores(arch, 3) * 0.4  # all below half of the best ...
+    scores[1, 2], scores[4, 0], scores[5, 3] = 1.0, 0.8, 0.55  # ... except three
+    result = fit(make_stats(scores), arch, FitRequest(kv_budget=0.25, at_context=CTX))
+    assert full_set(result.plan) == {(1, 2), (4, 0), (5, 3)}
+    assert result.demoted == [] and result.notes == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_full_heads_outrank_budgeted_heads(seed: int) -> None:
+    arch = llama_arch()
+    scores = random_scores(arch, seed)
+    plan = fit(make_stats(scores), arch, FitRequest(kv_budget=0.25, at_context=CTX)).plan
+    full = full_set(plan)
+    assert full
+    budgeted = {(i, h) for i in range(arch.n_layers) for h in range(arch.n_kv_heads)} - full
+    assert min(float(scores[lh]) for lh in full) > max(float(scores[lh]) for lh in budgeted)
+
+
+@pytest.mark.parametrize("count", [0, 1, 5])
+def test_full_heads_override(count: int) -> None:
+    arch = llama_arch()
+    scores = random_scores(arch, 5)
+    result = fit(make_stats(scores), arch, FitRequest(kv_budget=0.25, at_context=CTX, full_heads=count))
+    ranked = sorted(((float(scores[i, h]), (i, h)) for i in range(arch.n_layers)
+                     for h in range(arch.n_kv_heads)), reverse=True)
+    assert full_set(result.plan) == {lh for _, lh in ranked[:count]}
+    assert "--full-heads" in result.full_rule
+
+
+def test_full_heads_that_do_not_fit_are_demoted_and_reported() -> None:
+    arch = llama_arch()
+    scores = 0.9 + 0.1 * random_scores(arch, 7)  # every head above the threshold
+    request = FitRequest(kv_budget=0.25, at_context=CTX)
+    result = fit(make_stats(scores), arch, request)
+    budget = budget_slots(arch, 0.25, CTX)
+    cmin = request.sinks + request.compensation + request.min_window
+    # each full head costs CTX - cmin more than the minimum layout every head must have
+    affordable = (budget - arch.n_kv_total * cmin) // (CTX - cmin)
+    ranked = sorted(((i, h) for i in range(arch.n_layers) for h in range(arch.n_kv_heads)),
+                    key=lambda lh: -float(scores[lh]))
+    assert full_set(result.plan) == set(ranked[:affordable])
+    assert result.demoted == ranked[affordable:]
+    assert len(result.notes) == 1
+    note = result.notes[0]
+    assert f"{len(ranked) - affordable} heads" in note
+    assert all(f"L{i}H{h}" in note for i, h in result.demoted)
+    assert result.used_slots <= budget
+
+
+# ------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_impossible_target_raises_one_line_budget_error(policy: str) -> None:
+    arch = llama_arch()
+    with pytest.raises(BudgetError, match="kv-budget") as info:
+        fit(make_stats(random_scores(arch, 0)), arch, FitRequest(kv_budget=0.001, at_context=CTX, policy=policy))
+    assert "\n" not in str(info.value)
+
+
+def test_minimum_layout_boundary() -> None:
+    """Exactly the minimum layout fits; one slot less does not."""
+    arch = llama_arch(n_layers=2, n_kv=2)
+    cmin = 4 + 1 + 16
+    context = 1024  # fractions below are exact in binary
+    stats = make_stats(torch.zeros(2, 2))
+    exact = cmin * 4 / (4 * context)
+    result = fit(stats, arch, FitRequest(kv_budget=exact, at_context=context))
+    assert result.used_slots == 4 * cmin == result.budget_slots
+    below = (cmin * 4 - 1) / (4 * context)
+    with pytest.raises(BudgetError):
+        fit(stats, arch, FitRequest(kv_budget=below, at_context=context))
+
+
+@pytest.mark.parametrize("kv_budget", [0.0, -0.25, 1.5])
+def test_budget_outside_unit_interval_is_rejected(kv_budget: float) -> None:
+    with pytest.raises(BudgetError, match="kv-budget"):
+        FitRequest(kv_budget=kv_budget)
+
+
+def test_whole_budget_is_accepted() -> None:
+    arch = llama_arch(n_layers=2)
+    result = fit(make_stats(random_scores(arch, 0)), arch, FitRequest(kv_budget=1.0, at_context=CTX))
+    assert result.used_slots <= result.budget_slots == arch.n_kv_total * CTX
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_context_beyond_model_maximum_is_rejected(policy: str) -> None:
+    arch = llama_arch(max_context=4096)
+    with pytest.raises(BudgetError, match="4096"):
+        fit(make_stats(random_scores(arch, 0)), arch, FitRequest(at_context=4097, policy=policy))
+
+
+@pytest.mark.parametrize("context", [4, 5, 8])
+def test_tiny_reference_context_gives_a_plan_or_budget_error(context: int) -> None:
+    """Whatever the context, the fit answers with a valid plan or a BudgetError, never a crash."""
+    arch = llama_arch(n_layers=2)
+    try:
+        result = fit(make_stats(random_scores(arch, 0)), arch, FitRequest(kv_budget=1.0, at_context=context))
+    except BudgetError:
+        return
+    assert result.used_slots == slots_by_hand(result.plan, context) <= result.budget_slots
+
+
+def test_profiled_policy_needs_statistics() -> None:
+    with pytest.raises(BudgetError):
+        fit(None, llama_arch(), FitRequest(at_context=CTX))
+
+
+# ------------------------------------------------------------------- sliding-window layers
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_sliding_layers_keep_the_model_window_and_no_full_heads(policy: str) -> None:
+    arch = gemma_arch(window=128)
+    scores = torch.full((4, 4), 0.1)
+    scores[0] = 1.0  # the sliding layers hold the best retrieval scores ...
+    scores[2] = 0.9
+    scores[1, 3] = 0.8  # ... and one full-attention head is close
+    result = fit(make_stats(scores), arch, FitRequest(kv_budget=0.25, at_context=CTX, policy=policy))
+    for i in (0, 2):
+        layer = result.plan.layers[i]
+        assert layer.sliding and layer.full_heads == ()
+        assert layer.budgeted_heads == (0, 1, 2, 3)
+        assert layer.layout == BudgetLayout(0, 0, 0, 128)
+    for i in (1, 3):
+        assert not result.plan.layers[i].sliding
+    assert result.used_slots == slots_by_hand(result.plan, CTX) <= result.budget_slots
+
+
+def test_sliding_layers_never_full_even_when_forced() -> None:
+    arch = gemma_arch()
+    scores = torch.ones(4, 4)
+    result = fit(make_stats(scores), arch, FitRequest(kv_budget=0.5, at_context=CTX, full_heads=16))
+    assert all(i in (1, 3) for i, _ in full_set(result.plan))
+
+
+# ------------------------------------------------------------------- greedy allocation
+
+
+def interp(grid: tuple[int, ...], values: list[float], capacity: float, ctx: int) -> float:
+    """Independent piecewise-linear error: flat below the grid, 0 at the context."""
+    points = [(c, v) for c, v in zip(grid, values, strict=True) if c < ctx] + [(ctx, 0.0)]
+    if capacity <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if capacity <= x1:
+            return y0 + (y1 - y0) * (capacity - x0) / (x1 - x0)
+    return 0.0
+
+
+def test_greedy_prefers_the_layer_with_larger_error_reduction() -> None:
+    arch = llama_arch(n_layers=2, n_kv=2)
+    grid = (16, 32, 64, 128, 256)
+    error = torch.zeros(2, 2, len(grid))
+    error[0] = torch.tensor([0.8, 0.5, 0.3, 0.15, 0.05])  # steep
+    error[1] = torch.tensor([0.08, 0.05, 0.03, 0.015, 0.005])  # ten times flatter
+    request = FitRequest(kv_budget=0.1, at_context=512)
+    plan = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request).plan
+    cap0, cap1 = plan.layers[0].layout.capacity, plan.layers[1].layout.capacity
+    assert cap0 > cap1
+    swapped = fit(make_stats(torch.zeros(2, 2), error.flip(0), grid), arch, request).plan
+    assert swapped.layers[1].layout.capacity == cap0 and swapped.layers[0].layout.capacity == cap1
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kv_budget", [0.08, 0.2, 0.4])
+def test_greedy_matches_brute_force_on_convex_curves(seed: int, kv_budget: float) -> None:
+    """With convex decreasing curves, greedy marginal gain is optimal: compare it with an
+    exhaustive search over every split of the budget between two layers."""
+    arch = llama_arch(n_layers=2, n_kv=2)
+    ctx = 512
+    grid = (16, 32, 64, 128, 256)
+    gen = torch.Generator().manual_seed(seed)
+    error = torch.zeros(2, 2, len(grid))
+    for layer in range(2):
+        for head in range(2):
+            a, p = 0.5 + torch.rand(1, generator=gen).item(), 1 + 2 * torch.rand(1, generator=gen).item()
+            error[layer, head] = torch.tensor([a * (1 - c / ctx) ** p for c in grid])
+    request = FitRequest(kv_budget=kv_budget, at_context=ctx)
+    result = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request)
+    caps = [layer.layout.capacity for layer in result.plan.layers]
+    curves = [[float(error[layer, :, i].sum()) for i in range(len(grid))] for layer in range(2)]
+
+    def total(c0: int, c1: int) -> float:
+        return interp(grid, curves[0], c0, ctx) + interp(grid, curves[1], c1, ctx)
+
+    cmin = request.sinks + request.compensation + request.min_window
+    per_head = result.budget_slots // 2  # two heads per layer, every head budgeted
+    best = min(total(c0, min(ctx, per_head - c0)) for c0 in range(cmin, min(ctx, per_head - cmin) + 1))
+    assert total(*caps) <= best + 1e-9
+    assert sum(caps) * 2 <= result.budget_slots

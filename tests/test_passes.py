@@ -1,0 +1,186 @@
+"""Torch passes: head permutation (same function, full heads first) and the attention swap."""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from kvcompile.arch import ArchSpec, arch_from_config
+from kvcompile.errors import ProfileError
+from kvcompile.passes import (
+    DEFAULT_PASSES,
+    CompiledModel,
+    InstallBudgetedAttention,
+    PermuteHeads,
+    run_passes,
+)
+from kvcompile.passes.attention import ATTENTION_NAME
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.runtime.model import CompactLM
+from tests.tiny import VOCAB, compact_logits, state_of, tiny_hf_model
+
+LAYOUT = BudgetLayout(sinks=2, compensation=1, selected=1, window=4)
+
+
+def random_plan(n_layers: int, n_kv: int, seed: int) -> Plan:
+    """Random full heads per layer (possibly none or all), budgeted in a random order too."""
+    rng = random.Random(seed)
+    layers = []
+    for _ in range(n_layers):
+        heads = list(range(n_kv))
+        rng.shuffle(heads)
+        n_full = rng.randint(0, n_kv)
+        full, budgeted = tuple(heads[:n_full]), tuple(heads[n_full:])
+        layers.append(LayerPlan(full, budgeted, LAYOUT if budgeted else None))
+    return Plan(tuple(layers))
+
+
+def _double_model(family: str, seed: int) -> tuple[Any, ArchSpec, dict[str, torch.Tensor]]:
+    hf = tiny_hf_model(family, seed=seed)
+    state = {k: v.double() for k, v in state_of(hf).items()}
+    return hf.config, arch_from_config(hf.config), state
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_permuted_model_computes_the_same_logits(family: str, seed: int) -> None:
+    config, arch, state = _double_model(family, seed)
+    plan = random_plan(arch.n_layers, arch.n_kv_heads, seed=100 + seed)
+    assert any(layer.permutation != tuple(range(arch.n_kv_heads)) for layer in plan.layers)
+    compiled = PermuteHeads().apply(CompiledModel(arch, config, state, plan))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+    original = compact_logits(CompactLM.from_state_dict(arch, config, state), ids)
+    permuted = compact_logits(CompactLM.from_state_dict(arch, config, compiled.state), ids)
+    assert permuted.dtype == torch.float64
+    torch.testing.assert_close(permuted, original, atol=1e-5, rtol=1e-5)
+
+
+def test_permutation_is_not_a_no_op_guard() -> None:
+    """Guard: permuting only k/v rows (not q/o) must break the function, so the test above can fail."""
+    config, arch, state = _double_model("qwen2", 0)
+    plan = Plan(tuple(LayerPlan((3, 1), (0, 2), LAYOUT) for _ in range(arch.n_layers)))
+    compiled = PermuteHeads().apply(CompiledModel(arch, config, state, plan))
+    broken = dict(compiled.state)
+    for i in range(arch.n_layers):
+        for key in ("q_proj.weight", "q_proj.bias", "o_proj.weight"):
+            name = f"model.layers.{i}.self_attn.{key}"
+            broken[name] = state[name]
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    original = compact_logits(CompactLM.from_state_dict(arch, config, state), ids)
+    wrong = compact_logits(CompactLM.from_state_dict(arch, config, broken), ids)
+    assert (wrong - original).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_full_heads_rows_come_first(family: str) -> None:
+    config, arch, state = _double_model(family, 3)
+    plan = random_plan(arch.n_layers, arch.n_kv_heads, seed=7)
+    new = PermuteHeads().apply(CompiledModel(arch, config, state, plan)).state
+    d, g = arch.head_dim, arch.group_size
+    for i, layer in enumerate(plan.layers):
+        prefix = f"model.layers.{i}.self_attn."
+        order = layer.full_heads + layer.budgeted_heads
+        for slot, head in enumerate(order):
+            for proj in ("k_proj", "v_proj"):
+                for kind in ("weight", "bias") if arch.attention_bias else ("weight",):
+                    after = new[f"{prefix}{proj}.{kind}"][slot * d:(slot + 1) * d]
+                    before = state[f"{prefix}{proj}.{kind}"][head * d:(head + 1) * d]
+                    assert torch.equal(after, before), (i, slot, head, proj, kind)
+            # the KV head's query group moves with it: q rows and o_proj columns
+            q_after = new[f"{prefix}q_proj.weight"][slot * g * d:(slot + 1) * g * d]
+            q_before = state[f"{prefix}q_proj.weight"][head * g * d:(head + 1) * g * d]
+            assert torch.equal(q_after, q_before)
+            o_after = new[f"{prefix}o_proj.weight"][:, slot * g * d:(slot + 1) * g * d]
+            o_before = state[f"{prefix}o_proj.weight"][:, head * g * d:(head + 1) * g * d]
+            assert torch.equal(o_after, o_before)
+    untouched = [k for k in state if "self_attn" not in k or "norm" in k]
+    assert all(torch.equal(new[k], state[k]) for k in untouched)
+
+
+def test_permute_does_not_mutate_its_input_and_is_idempotent() -> None:
+    config, arch, state = _double_model("llama", 0)
+    before = {k: v.clone() for k, v in state.items()}
+    plan = Plan(tuple(LayerPlan((2,), (0, 1, 3), LAYOUT) for _ in range(arch.n_layers)))
+    once = PermuteHeads().apply(CompiledModel(arch, config, state, plan))
+    assert all(torch.equal(state[k], before[k]) for k in state)
+    assert once.heads_permuted
+    twice = PermuteHeads().apply(once)
+    assert all(torch.equal(twice.state[k], once.state[k]) for k in state)
+
+
+def test_default_passes_permute_install_and_log() -> None:
+    config, arch, state = _double_model("llama", 0)
+    plan = random_plan(arch.n_layers, arch.n_kv_heads, seed=1)
+    compiled = run_passes(CompiledModel(arch, config, state, plan), DEFAULT_PASSES)
+    assert compiled.heads_permuted and compiled.attention == ATTENTION_NAME
+    assert compiled.log == [p.name for p in DEFAULT_PASSES]
+
+
+# ----------------------------------------------------------------- install refuses mismatches
+
+
+def _permuted(plan: Plan, family: str = "llama", **overrides) -> CompiledModel:
+    hf = tiny_hf_model(family, seed=0, **overrides)
+    arch = arch_from_config(hf.config)
+    return CompiledModel(arch, hf.config, state_of(hf), plan, heads_permuted=True)
+
+
+def _good_plan(n_layers: int = 2, n_kv: int = 4) -> Plan:
+    """Last KV head full, the others budgeted: a real (non-identity) permutation."""
+    return Plan(tuple(LayerPlan((n_kv - 1,), tuple(range(n_kv - 1)), LAYOUT) for _ in range(n_layers)))
+
+
+def test_install_refuses_unpermuted_model() -> None:
+    model = replace(_permuted(_good_plan()), heads_permuted=False)
+    with pytest.raises(ProfileError, match="permute-heads"):
+        InstallBudgetedAttention().apply(model)
+
+
+def test_install_accepts_matching_plan() -> None:
+    out = InstallBudgetedAttention().apply(_permuted(_good_plan()))
+    assert out.attention == ATTENTION_NAME
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        (_good_plan(n_layers=3), "3 layers"),
+        (_good_plan(n_kv=3), "each of the 4 KV heads"),
+        (Plan(tuple(LayerPlan((0,), (1, 2, 2), LAYOUT) for _ in range(2))), "each of the 4 KV heads"),
+        (Plan(tuple(LayerPlan((0,), (1, 2, 3), LAYOUT, sliding=True) for _ in range(2))), "sliding"),
+    ],
+    ids=["layer-count", "head-count", "duplicate-head", "sliding-flag"],
+)
+def test_install_refuses_mismatched_plan(plan: Plan, message: str) -> None:
+    with pytest.raises(ProfileError, match=message) as info:
+        InstallBudgetedAttention().apply(_permuted(plan))
+    assert "\n" not in str(info.value)
+
+
+def test_install_refuses_plan_without_sliding_flag_on_sliding_model() -> None:
+    plan = Plan(tuple(LayerPlan((), (0, 1, 2, 3), BudgetLayout(0, 0, 0, 6)) for _ in range(2)))
+    with pytest.raises(ProfileError, match="sliding"):
+        InstallBudgetedAttention().apply(_permuted(plan, family="mistral"))
+
+
+def test_install_refuses_sliding_layer_larger_than_its_window() -> None:
+    wide = BudgetLayout(0, 0, 0, 7)
+    plan = Plan(tuple(LayerPlan((), (0, 1, 2, 3), wide, sliding=True) for _ in range(2)))
+    with pytest.raises(ProfileError, match="window 6"):
+        InstallBudgetedAttention().apply(_permuted(plan, family="mistral"))
+    exact = Plan(tuple(LayerPlan((), (0, 1, 2, 3), BudgetLayout(0, 0, 0, 6), sliding=True)
+                       for _ in range(2)))
+    assert InstallBudgetedAttention().apply(_permuted(exact, family="mistral")).attention == ATTENTION_NAME
+
+
+@pytest.mark.parametrize("n_layers,n_kv", [(3, 4), (2, 5)], ids=["extra-layer", "extra-head"])
+def test_default_passes_reject_mismatched_plan_with_profile_error(n_layers: int, n_kv: int) -> None:
+    """Through the default pipeline (permute first), a mismatched plan is still a ProfileError."""
+    hf = tiny_hf_model("llama", seed=0)
+    arch = arch_from_config(hf.config)
+    plan = _good_plan(n_layers=n_layers, n_kv=n_kv)
+    with pytest.raises(ProfileError):
+        run_passes(CompiledModel(arch, hf.config, state_of(hf), plan), DEFAULT_PASSES)

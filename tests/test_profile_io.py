@@ -1,0 +1,286 @@
+"""The profile file: round trip, byte-identical output, schema errors naming the bad path."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from kvcompile.calibration import CalibConfig, CalibPrompt
+from kvcompile.errors import ProfileError
+from kvcompile.fitting import FitRequest, fit
+from kvcompile.models import LoadedModel
+from kvcompile.profile_io import (
+    PROFILE_FORMAT,
+    Profile,
+    load_profile,
+    profile_to_dict,
+    save_profile,
+)
+from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
+from kvcompile.profiling import make_profile, run_profile, stats_from_profile
+from tests.tiny import VOCAB, tiny_loaded
+
+SETTINGS = ProfileSettings(capacity_grid=(8, 16, 32), sinks=2, last_queries=8, repeat_queries=16)
+REQUEST = FitRequest(kv_budget=0.3, at_context=128, min_window=4)
+Edit = Callable[[Any], None]
+STAT_FIELDS = ("induction", "echo", "needle", "sink_mass", "local_mass", "entropy", "error", "retrieval")
+
+
+def tiny_prompts() -> list[CalibPrompt]:
+    gen = torch.Generator().manual_seed(0)
+    text = tuple(torch.randint(0, VOCAB, (48,), generator=gen).tolist())
+    block = tuple(torch.randperm(VOCAB - 1, generator=gen)[:12].add(1).tolist())
+    return [
+        CalibPrompt("text-0", "text", text),
+        CalibPrompt("repeat-0", "repeat", (0, *block * 3), repeat_period=12, repeat_start=1),
+        CalibPrompt("passkey-0", "passkey", text[:40], answer_positions=(37, 38), needle_spans=((10, 14),)),
+    ]
+
+
+def build_profile(loaded: LoadedModel) -> tuple[Profile, HeadStatistics]:
+    """The profile stage on a tiny model, every step real (profile_heads, fit, make_profile)."""
+    stats = profile_heads(loaded.build(), tiny_prompts(), SETTINGS)
+    result = fit(stats, loaded.arch, REQUEST)
+    calibration = {"seed": 0, "prompts": 3, "tokens": 48 + 37 + 40}
+    return make_profile(loaded, stats, result, REQUEST, calibration, SETTINGS), stats
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return tiny_loaded("qwen2", seed=6)
+
+
+@pytest.fixture(scope="module")
+def profile_and_stats(loaded: LoadedModel) -> tuple[Profile, HeadStatistics]:
+    return build_profile(loaded)
+
+
+@pytest.fixture
+def saved(tmp_path: Path, profile_and_stats: tuple[Profile, HeadStatistics]) -> Path:
+    path = tmp_path / "profile.yaml"
+    save_profile(profile_and_stats[0], path)
+    return path
+
+
+# ------------------------------------------------------------------- round trip
+
+
+def test_round_trip_equals(saved: Path, profile_and_stats: tuple[Profile, HeadStatistics]) -> None:
+    profile = profile_and_stats[0]
+    back = load_profile(saved)
+    assert back.plan == profile.plan
+    assert back.fingerprint == profile.fingerprint
+    assert back.memory == profile.memory
+    assert back.fit == profile.fit
+    assert back.model == profile.model
+    assert profile_to_dict(back) == profile_to_dict(profile)
+    labels = {(h["layer"], h["head"]): h["label"] for h in back.heads}
+    for i, layer in enumerate(profile.plan.layers):
+        for head in layer.full_heads:
+            assert labels[(i, head)] == "full"
+        for head in layer.budgeted_heads:
+            assert labels[(i, head)] == "budgeted"
+
+
+def test_round_trip_statistics_and_refit(saved: Path, profile_and_stats: tuple[Profile, HeadStatistics],
+                                         loaded: LoadedModel) -> None:
+    profile, stats = profile_and_stats
+    back = stats_from_profile(load_profile(saved))
+    assert back.capacity_grid == stats.capacity_grid
+    for name in STAT_FIELDS:  # values are written with 6 significant digits
+        torch.testing.assert_close(getattr(back, name), getattr(stats, name), rtol=1e-5, atol=1e-7)
+    assert fit(back, loaded.arch, REQUEST).plan == profile.plan
+
+
+def test_save_load_save_is_byte_identical(saved: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.yaml"
+    save_profile(load_profile(saved), again)
+    assert again.read_bytes() == saved.read_bytes()
+
+
+def test_same_inputs_give_byte_identical_files(tmp_path: Path, saved: Path) -> None:
+    """A fresh model object, a fresh profiling run, a fresh fit: the same bytes."""
+    fresh, _ = build_profile(tiny_loaded("qwen2", seed=6))
+    path = tmp_path / "fresh.yaml"
+    save_profile(fresh, path)
+    assert path.read_bytes() == saved.read_bytes()
+    other, _ = build_profile(tiny_loaded("qwen2", seed=7))  # guard: different weights differ
+    save_profile(other, tmp_path / "other.yaml")
+    assert (tmp_path / "other.yaml").read_bytes() != saved.read_bytes()
+
+
+def test_file_is_plain_safe_yaml(saved: Path, loaded: LoadedModel) -> None:
+    data = yaml.safe_load(saved.read_text())
+    assert data["format"] == PROFILE_FORMAT
+    assert data["model"]["fingerprint"] == loaded.fingerprint
+    arch = loaded.arch
+    assert len(data["heads"]) == arch.n_layers * arch.n_kv_heads
+    assert all(len(h["error"]) == len(SETTINGS.capacity_grid) for h in data["heads"])
+
+
+# ------------------------------------------------------------------- schema errors
+
+
+def edited(saved: Path, tmp_path: Path, edit: Edit) -> Path:
+    data = yaml.safe_load(saved.read_text())
+    edit(data)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _set(path: tuple[Any, ...], value: Any) -> Edit:
+    def edit(data: Any) -> None:
+        for key in path[:-1]:
+            data = data[key]
+        data[path[-1]] = value
+
+    return edit
+
+
+def _delete(key: str) -> Edit:
+    return lambda data: data.pop(key)
+
+
+def _also_full(data: Any) -> None:
+    layer = data["plan"]["layers"][0]
+    layer["full"] = layer["full"] + layer["budgeted"][:1]
+
+
+CASES = {
+    "wrong-format": (_set(("format",), "kvcompile-profile/0"), "format"),
+    "missing-plan": (_delete("plan"), "plan: missing"),
+    "string-retrieval": (_set(("heads", 3, "retrieval"), "high"), "heads[3].retrieval"),
+    "bool-entropy": (_set(("heads", 1, "entropy"), True), "heads[1].entropy"),
+    "bad-label": (_set(("heads", 0, "label"), "maybe"), "heads[0].label"),
+    "short-error": (_set(("heads", 2, "error"), [0.1, 0.05]), "heads[2].error"),
+    "head-twice-budgeted": (_set(("plan", "layers", 1, "budgeted"), [0, 0]), "plan.layers[1]"),
+    "head-full-and-budgeted": (_also_full, "plan.layers[0]"),
+    "negative-head": (_set(("plan", "layers", 0, "full"), [-1]), "plan.layers[0].full[0]"),
+    "layer-out-of-order": (_set(("plan", "layers", 1, "layer"), 0), "plan.layers[1].layer"),
+    "window-zero": (_set(("plan", "layers", 0, "window"), 0), "plan.layers[0]"),
+    "bad-selection": (_set(("plan", "selection"), "magic"), "plan"),
+    "missing-fingerprint": (lambda d: d["model"].pop("fingerprint"), "model.fingerprint"),
+    "grid-not-list": (_set(("profiling", "capacity_grid"), "16,32"), "profiling.capacity_grid"),
+    "heads-count": (lambda d: d["heads"].pop(), "heads"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_schema_errors_name_the_path(case: str, saved: Path, tmp_path: Path) -> None:
+    edit, where = CASES[case]
+    path = edited(saved, tmp_path, edit)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {where}"), message
+    assert "\n" not in message
+
+
+def test_plan_layer_count_must_match_model(saved: Path, tmp_path: Path) -> None:
+    path = edited(saved, tmp_path, lambda d: d["plan"]["layers"].pop())
+    with pytest.raises(ProfileError, match=r"plan\.layers: has 1 layers, the model has 2"):
+        load_profile(path)
+
+
+def test_unedited_dump_loads(saved: Path, tmp_path: Path) -> None:
+    """Guard for the cases above: the re-dumped, unedited file is valid."""
+    path = edited(saved, tmp_path, lambda data: None)
+    assert load_profile(path).plan == load_profile(saved).plan
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"format: [unclosed\n  - x: y", "not valid YAML"),
+        (b"\xff\xfe\x00garbage\x80", "not valid YAML"),
+        (b"- just\n- a list\n", "(top level)"),
+        (b"", "(top level)"),
+    ],
+    ids=["syntax", "binary", "list", "empty"],
+)
+def test_non_profile_files(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="does not exist"):
+        load_profile(tmp_path / "absent.yaml")
+
+
+def test_directory_is_not_a_profile(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError):
+        load_profile(tmp_path)
+
+
+def test_extra_top_level_keys_survive(saved: Path, tmp_path: Path) -> None:
+    path = edited(saved, tmp_path, _set(("notes",), {"reviewed_by": "ci"}))
+    back = load_profile(path)
+    assert back.extra == {"notes": {"reviewed_by": "ci"}}
+    out = tmp_path / "out.yaml"
+    save_profile(dataclasses.replace(back), out)
+    assert yaml.safe_load(out.read_text())["notes"] == {"reviewed_by": "ci"}
+
+
+# ------------------------------------------------------------------- real SmolLM2 (slow)
+
+# every prompt kind, kept short: the whole suite must stay fast on 2 shared CPU cores
+SMALL_CALIB = CalibConfig(n_text=1, text_length=160, n_passkey=1, n_multikey=1, probe_length=160,
+                          repeat_block=48, repeat_times=3)
+SMOL_REQUEST = FitRequest(kv_budget=0.25, at_context=2048)
+
+
+@pytest.fixture(scope="module")
+def smol_run(smollm2: LoadedModel) -> tuple[Profile, list[tuple[int, int, str]]]:
+    ticks: list[tuple[int, int, str]] = []
+    profile = run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST,
+                          progress=lambda done, total, prompt: ticks.append((done, total, prompt.kind)))
+    return profile, ticks
+
+
+@pytest.mark.slow
+def test_smollm2_profile_labels_heads_and_meets_budget(
+    smol_run: tuple[Profile, list[tuple[int, int, str]]], smollm2: LoadedModel
+) -> None:
+    profile, ticks = smol_run
+    assert [t[:2] for t in ticks] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert sorted(t[2] for t in ticks) == ["multikey", "passkey", "repeat", "text"]
+    assert profile.fingerprint == smollm2.fingerprint
+    heads = profile.heads
+    assert len(heads) == 30 * 3
+    for head in heads:
+        layer = profile.plan.layers[head["layer"]]
+        expected = "full" if head["head"] in layer.full_heads else "budgeted"
+        assert head["label"] == expected
+    full = [h["retrieval"] for h in heads if h["label"] == "full"]
+    budgeted = [h["retrieval"] for h in heads if h["label"] == "budgeted"]
+    assert full and min(full) > max(budgeted)
+    # SmolLM2 has induction heads: the repeated random block must reveal at least one
+    assert max(h["induction"] for h in heads) > 0.5
+    # the plan meets the budget (KV slots at 2048 tokens), up to one slot per KV head of a layer
+    budget = math.floor(0.25 * 90 * 2048)
+    used = profile.plan.kv_slots(2048)
+    assert profile.fit["budget_slots"] == budget and profile.fit["used_slots"] == used
+    assert budget - 3 < used <= budget
+    row = next(r for r in profile.memory if r["context"] == 2048)
+    assert row["kv_bytes"] == used * 2 * 64 * 4
+    assert row["uncompressed_bytes"] == 30 * 3 * 2048 * 2 * 64 * 4
+
+
+@pytest.mark.slow
+def test_smollm2_profile_is_deterministic(
+    smol_run: tuple[Profile, list[tuple[int, int, str]]], smollm2: LoadedModel, tmp_path: Path
+) -> None:
+    save_profile(smol_run[0], tmp_path / "first.yaml")
+    save_profile(run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST), tmp_path / "second.yaml")
+    assert (tmp_path / "first.yaml").read_bytes() == (tmp_path / "second.yaml").read_bytes()
