@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OUT ?= demo-out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint profiles bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,21 @@ demo: $(STAMP)
 	$(BIN)/kvcompile inspect $(OUT)/artifact
 	$(BIN)/kvcompile run $(OUT)/artifact --chat --max-new-tokens 48 \
 		--prompt "In one sentence, what does a key-value cache store in a transformer?"
+	$(BIN)/kvcompile eval $(OUT)/artifact --lengths 1024,2048 --samples 4 -o $(OUT)/report.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# regenerate the shipped profile (and its plots) with the tool's defaults
+profiles: $(STAMP)
+	$(BIN)/kvcompile profile default -o profiles/smollm2-135m-instruct.yaml --plot
+
+bench: $(STAMP)
+	$(BIN)/python bench/decode.py --artifact $(OUT)/artifact --contexts 2048 8192 --markdown
+	$(BIN)/python bench/policies.py --samples 10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

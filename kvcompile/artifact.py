@@ -95,21 +95,24 @@ def parity_checks(loaded: LoadedModel, compiled: CompiledModel, engine: Any) -> 
     }
 
 
-def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: bool = False,
-                   max_context: int | None = None) -> dict[str, Any]:
-    """Compile ``loaded`` with ``profile`` into ``out_dir``; returns the build report."""
+def compile_engine(loaded: LoadedModel, plan: Plan, max_context: int | None = None):
+    """Run the passes and return (compiled model, Engine) without writing anything."""
     from kvcompile.runtime.engine import Engine
     from kvcompile.runtime.model import CompactLM
 
+    compiled = run_passes(CompiledModel(loaded.arch, loaded.config, loaded.state, plan), DEFAULT_PASSES)
+    model = CompactLM.from_state_dict(loaded.arch, loaded.config, compiled.state)
+    return compiled, Engine(model, compiled.plan, loaded.tokenizer, max_context=max_context)
+
+
+def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: bool = False,
+                   max_context: int | None = None) -> dict[str, Any]:
+    """Compile ``loaded`` with ``profile`` into ``out_dir``; returns the build report."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; pass --force to replace it")
     check_profile_matches(profile, loaded)
-    compiled = run_passes(
-        CompiledModel(loaded.arch, loaded.config, loaded.state, profile.plan), DEFAULT_PASSES
-    )
-    model = CompactLM.from_state_dict(loaded.arch, loaded.config, compiled.state)
-    engine = Engine(model, compiled.plan, loaded.tokenizer, max_context=max_context)
+    compiled, engine = compile_engine(loaded, profile.plan, max_context)
     parity = parity_checks(loaded, compiled, engine)
     if not parity["passed"]:
         raise ArtifactError(f"parity checks failed, nothing written: {parity}")

@@ -60,17 +60,21 @@ class CalibPrompt:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Sizes of the built-in set; defaults total ~7k tokens (a 135M model on 2 CPU cores)."""
+    """Sizes of the built-in set; defaults total ~14k tokens (~2 min for 135M on 2 CPU cores).
+
+    Prompts of 2048 tokens let the error curves see capacities up to 2048 and the probes
+    find heads that retrieve over a long range, not just the last few hundred tokens.
+    """
 
     n_text: int = 2
-    text_length: int = 1024
+    text_length: int = 2048
     n_passkey: int = 2
     n_multikey: int = 2
-    probe_length: int = 1024
-    repeat_block: int = 256
+    probe_length: int = 2048
+    repeat_block: int = 512
     repeat_times: int = 4
     seed: int = 0
-    user_max_length: int = 1024  # user prompts are truncated to this many tokens
+    user_max_length: int = 2048  # user prompts are truncated to this many tokens
 
 
 # --------------------------------------------------------------------------- probes

@@ -170,7 +170,7 @@ def test_builtin_set_on_the_real_tokenizer(tokenizer):
     prompts = build_calibration_set(tokenizer, config)
     kinds = [p.kind for p in prompts]
     assert kinds == ["text"] * 2 + ["passkey"] * 2 + ["multikey"] * 2 + ["repeat"]
-    assert all(len(p.input_ids) == 1024 for p in prompts)
+    assert all(len(p.input_ids) == config.probe_length == config.text_length for p in prompts)
     assert all(p.input_ids[0] != tokenizer.bos_token_id for p in prompts)  # SmolLM2 adds no BOS
     _check_probes(tokenizer, prompts, config.probe_length)
     for prompt in prompts:  # one token per passkey digit on SmolLM2
