@@ -130,13 +130,6 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
     started = time.perf_counter()
     with console.status(f"loading {model}"):
         loaded = load_model(model)
-    if at_context > loaded.arch.max_context:
-        from kvcompile.errors import ContextLengthError
-
-        raise ContextLengthError(
-            f"--at-context {at_context} is longer than the model's maximum context "
-            f"{loaded.arch.max_context}; pass --at-context {loaded.arch.max_context} or less"
-        )
     result = _with_progress(console, "calibrating", lambda tick: run_profile(
         loaded, calib, request, list(calib_files), progress=tick))
     save_profile(result, output)

@@ -25,7 +25,7 @@ from kvcompile.passes import DEFAULT_PASSES, CompiledModel, run_passes
 from kvcompile.plan import Plan
 from kvcompile.profile_io import Profile, _Reader, plan_from_dict, plan_to_dict
 from kvcompile.profiling import memory_table
-from kvcompile.yamlio import _umask, atomic_write_text, dump_yaml
+from kvcompile.yamlio import atomic_write_text, current_umask, dump_yaml
 
 ARTIFACT_FORMAT = "kvcompile-artifact/1"
 MANIFEST = "manifest.yaml"
@@ -137,7 +137,7 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         _write_files(tmp, loaded, profile, compiled, report, context)
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

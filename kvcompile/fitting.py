@@ -58,7 +58,8 @@ class FitResult:
         return self.used_slots / self.budget_slots
 
 
-def _check_context(arch: ArchSpec, request: FitRequest) -> None:
+def check_request(arch: ArchSpec, request: FitRequest) -> None:
+    """Checks that need the model: run before calibrating so a bad target fails in seconds."""
     smallest = request.sinks + request.compensation + 1
     if request.at_context < smallest:
         raise BudgetError(
@@ -74,7 +75,7 @@ def _check_context(arch: ArchSpec, request: FitRequest) -> None:
 
 def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitRequest) -> FitResult:
     """Fit a plan with the requested policy; the baselines need no statistics."""
-    _check_context(arch, request)
+    check_request(arch, request)
     if request.policy == "profiled":
         if stats is None:
             raise BudgetError("the profiled policy needs head statistics")

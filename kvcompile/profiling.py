@@ -13,7 +13,7 @@ import torch
 from kvcompile.arch import ArchSpec
 from kvcompile.calibration import CalibConfig, CalibPrompt, build_calibration_set
 from kvcompile.errors import ContextLengthError
-from kvcompile.fitting import FitRequest, FitResult, fit
+from kvcompile.fitting import FitRequest, FitResult, check_request, fit
 from kvcompile.models import LoadedModel
 from kvcompile.plan import Plan
 from kvcompile.profile_io import Profile
@@ -21,6 +21,7 @@ from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
 from kvcompile.yamlio import FlowList, rounded
 
 MEMORY_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
+VALIDATION_LENGTH = 2048  # held-out prompt for the plan's KL check (fitting step 3)
 
 
 def memory_table(plan: Plan, arch: ArchSpec, bytes_per_value: int, extra: Sequence[int] = ()) -> list[dict[str, Any]]:
@@ -108,8 +109,10 @@ def run_profile(
     settings: ProfileSettings = ProfileSettings(),
     progress: Callable[[int, int, CalibPrompt], None] | None = None,
     bytes_per_value: int = 4,
+    validate: bool = True,
 ) -> Profile:
     arch = loaded.arch
+    check_request(arch, request)
     if max(calib.text_length, calib.probe_length, calib.repeat_block * calib.repeat_times) > arch.max_context:
         raise ContextLengthError(
             f"calibration prompts longer than the model's maximum context ({arch.max_context} tokens); "
@@ -127,8 +130,14 @@ def run_profile(
 
     stats = profile_heads(model, prompts, settings, progress=tick)
     result = fit(stats, arch, request)
-    return make_profile(loaded, stats, result, request, calibration_summary(prompts, calib, user_files),
-                        settings, bytes_per_value)
+    profile = make_profile(loaded, stats, result, request, calibration_summary(prompts, calib, user_files),
+                           settings, bytes_per_value)
+    if validate:
+        from kvcompile.validation import validate_plan
+
+        profile.fit["validation"] = validate_plan(
+            model, result.plan, loaded.tokenizer, min(request.at_context, VALIDATION_LENGTH), calib.seed)
+    return profile
 
 
 def make_profile(
@@ -139,6 +148,7 @@ def make_profile(
     calibration: dict[str, Any],
     settings: ProfileSettings,
     bytes_per_value: int = 4,
+    validate: bool = True,
 ) -> Profile:
     arch = loaded.arch
     return Profile(

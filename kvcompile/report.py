@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from kvcompile.errors import KVCompileError
 from kvcompile.stats import wilson_interval
+from kvcompile.yamlio import atomic_write_bytes
 
 REPORT_FORMAT = "kvcompile-report/1"
 ACCURACY_TASKS = ("passkey", "multikey")
@@ -89,31 +89,6 @@ def report_to_json(report: Mapping[str, Any]) -> str:
     return json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + ``os.replace``: never a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600; reports are meant to be shared
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_report(report: Mapping[str, Any], out_path: str | os.PathLike[str]) -> ReportPaths:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png``; return their paths.
 
@@ -126,9 +101,9 @@ def write_report(report: Mapping[str, Any], out_path: str | os.PathLike[str]) ->
     png = io.BytesIO()
     plot_accuracy(report, png)
     paths.json.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths.json, json_bytes)
-    _atomic_write(paths.markdown, md_bytes)
-    _atomic_write(paths.png, png.getvalue())
+    atomic_write_bytes(paths.json, json_bytes)
+    atomic_write_bytes(paths.markdown, md_bytes)
+    atomic_write_bytes(paths.png, png.getvalue())
     return paths
 
 

@@ -56,5 +56,11 @@ def print_profile_summary(console: Any, profile: Profile) -> None:
         f"memory at {fit['at_context']} tokens: {target['ratio']:.4f} of uncompressed "
         f"(target {fit['kv_budget']:g}; {fit['used_slots']} of {fit['budget_slots']} slots)"
     )
+    validation = fit.get("validation")
+    if validation:
+        console.print(
+            f"validation on {validation['context_tokens']} + {validation['scored_tokens']} held-out tokens: "
+            f"KL {validation['kl']:.4f} nats/token, NLL {validation['nll_increase']:+.2%} vs uncompressed"
+        )
     for note in fit.get("notes", []):
         console.print(f"note: {note}")
