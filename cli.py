@@ -124,8 +124,10 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
         calib = replace(calib, text_length=calib_length, probe_length=calib_length)
     if calib_prompts is not None:
         calib = replace(calib, n_text=calib_prompts, n_passkey=calib_prompts, n_multikey=calib_prompts)
-    for path in calib_files:
-        _check_calib_file(path)
+    from kvcompile.calibration import read_user_prompts
+
+    for path in calib_files:  # parse before loading the model: a bad file fails in a second
+        read_user_prompts(path)
     console = _console()
     started = time.perf_counter()
     with console.status(f"loading {model}"):
@@ -322,13 +324,6 @@ def _split(text: str, kind: type, option: str) -> tuple[Any, ...]:
     if not values:
         raise KVCompileError(f"{option} is empty")
     return values
-
-
-def _check_calib_file(path: Path) -> None:
-    from kvcompile.errors import CalibrationError
-
-    if not path.is_file():
-        raise CalibrationError(f"calibration file {path} does not exist")
 
 
 def _with_progress(console: Any, label: str, work: Callable[[Callable[[int, int, Any], None]], Any]) -> Any:

@@ -29,6 +29,7 @@ class FitRequest:
     compensation: int = 1
     selected_fraction: float = 0.25  # share of a budgeted head's free slots picked by score
     min_window: int = 16
+    min_budgeted_capacity: int = 128  # full heads may not push budgeted heads below this on average
     selection: str = "attention"
 
     def __post_init__(self) -> None:
@@ -127,23 +128,24 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
         wanted = [lh for lh in ranked if best > 0 and float(scores[lh]) >= threshold]
         rule = (f"retrieval score >= {request.retrieval_threshold:g} x best ({threshold:.4f}): "
                 f"{len(wanted)} heads")
-    # each full head costs (ctx - cmin) more than its minimum budgeted layout
-    affordable = (budget - floor_cost) // max(1, ctx - cmin) if ctx > cmin else len(wanted)
+    # a full head costs (ctx - floor) more than a budgeted head kept at the floor capacity; the
+    # floor keeps local heads useful (an average window of ~128 tokens), so retrieval heads
+    # cannot starve everything else at small budgets
+    floor = min(max(cmin, request.min_budgeted_capacity), ctx)
+    spare = budget - fixed - n_candidates * floor
+    affordable = max(0, spare // max(1, ctx - floor)) if ctx > floor else len(wanted)
+    if request.full_heads is not None:  # the user's count: only the hard minimum layout limits it
+        affordable = (budget - floor_cost) // max(1, ctx - cmin) if ctx > cmin else len(wanted)
     full = wanted[:affordable]
     demoted = wanted[affordable:]
     notes = []
     if demoted:
         notes.append(
-            f"{len(demoted)} heads above the retrieval threshold did not fit the budget and "
-            f"are budgeted: {', '.join(f'L{layer}H{head}' for layer, head in demoted)}"
+            f"{len(demoted)} heads above the retrieval threshold would leave the budgeted heads fewer "
+            f"than {floor} slots on average and are budgeted: "
+            f"{', '.join(f'L{layer}H{head}' for layer, head in demoted)}"
         )
-    full_set = set(full)
-    budgeted: dict[int, list[int]] = {}
-    for layer, head in candidates:
-        if (layer, head) not in full_set:
-            budgeted.setdefault(layer, []).append(head)
-    remaining = budget - fixed - len(full) * ctx
-    capacities = _greedy_capacities(stats, budgeted, remaining, cmin, ctx)
+    budgeted, capacities, _ = _allocation(stats, candidates, full, budget - fixed, cmin, ctx)
     layers = []
     used = fixed + len(full) * ctx
     for layer in range(arch.n_layers):
@@ -158,6 +160,20 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
         layers.append(LayerPlan(heads, rest, layout))
     plan = Plan(tuple(layers), policy="profiled", selection=request.selection)
     return FitResult(plan, budget, used, rule, demoted, notes)
+
+
+def _allocation(stats: HeadStatistics, candidates: list[tuple[int, int]], full: list[tuple[int, int]],
+                slots: int, cmin: int, ctx: int,
+                ) -> tuple[dict[int, list[int]], dict[int, int], float]:
+    """Greedy capacities for everything not in ``full``; returns (budgeted, capacities, error)."""
+    full_set = set(full)
+    budgeted: dict[int, list[int]] = {}
+    for layer, head in candidates:
+        if (layer, head) not in full_set:
+            budgeted.setdefault(layer, []).append(head)
+    capacities = _greedy_capacities(stats, budgeted, slots - len(full) * ctx, cmin, ctx)
+    error = sum(_interp_error(stats, layer, heads, capacities[layer], ctx) for layer, heads in budgeted.items())
+    return budgeted, capacities, error
 
 
 def _interp_error(stats: HeadStatistics, layer: int, heads: list[int], capacity: float, ctx: int) -> float:

@@ -5,7 +5,9 @@ own compact decoder from them. Nothing is downloaded unless KVCOMPILE_ALLOW_DOWN
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -85,11 +87,14 @@ def _load_transformers(location: str, gguf_file: str | None, local_only: bool) -
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # stderr carries only our own one-line errors
     kwargs: dict[str, Any] = {"local_files_only": local_only}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    # transformers' GGUF conversion draws its own tqdm bar on stderr; keep stderr for errors
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     return model.config, tokenizer, model
 
 

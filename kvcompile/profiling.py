@@ -95,6 +95,7 @@ def fit_summary(result: FitResult, request: FitRequest) -> dict[str, Any]:
         "full_heads": result.plan.n_full,
         "full_heads_rule": result.full_rule,
         "retrieval_threshold": request.retrieval_threshold,
+        "min_budgeted_capacity": request.min_budgeted_capacity,
         "budget_slots": result.budget_slots,
         "used_slots": result.used_slots,
         "notes": list(result.notes),

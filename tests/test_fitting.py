@@ -171,9 +171,10 @@ def test_full_heads_that_do_not_fit_are_demoted_and_reported() -> None:
     request = FitRequest(kv_budget=0.25, at_context=CTX)
     result = fit(make_stats(scores), arch, request)
     budget = budget_slots(arch, 0.25, CTX)
-    cmin = request.sinks + request.compensation + request.min_window
-    # each full head costs CTX - cmin more than the minimum layout every head must have
-    affordable = (budget - arch.n_kv_total * cmin) // (CTX - cmin)
+    floor = min(max(request.sinks + request.compensation + request.min_window,
+                    request.min_budgeted_capacity), CTX)
+    # each full head costs CTX - floor more than the floor capacity every budgeted head keeps
+    affordable = (budget - arch.n_kv_total * floor) // (CTX - floor)
     ranked = sorted(((i, h) for i in range(arch.n_layers) for h in range(arch.n_kv_heads)),
                     key=lambda lh: -float(scores[lh]))
     assert full_set(result.plan) == set(ranked[:affordable])
