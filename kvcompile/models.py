@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import importlib.util
+import io
 import json
 import os
 from dataclasses import dataclass
