@@ -270,3 +270,22 @@ def test_cache_update_first_fold_sets_compensation_bias():
     torch.testing.assert_close(k_buf[0, 0], torch.tensor([[1.0, 1.0], [3.0, 3.0]]))
     torch.testing.assert_close(v_buf[0, 0], torch.tensor([[10.0, 10.0], [30.0, 30.0]]))
     torch.testing.assert_close(bias[0, 0], torch.tensor([math.log(3), 0.0]))
+
+
+def test_uniform_fast_path_equals_vectorised_reference():
+    """Batch-1 decode takes the slice-copy path; it must stay bit-identical to the reference."""
+    gen = torch.Generator().manual_seed(11)
+    for layout in (BudgetLayout(2, 1, 3, 4), BudgetLayout(0, 1, 0, 3), BudgetLayout(3, 0, 2, 2)):
+        shape = (1, 2, layout.capacity, 4)
+        fast = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)]
+        fast.append(torch.full((1, 2, layout.capacity), float("-inf")))
+        fast.append(torch.zeros(1, 4, dtype=torch.long))
+        ref = [t.clone() for t in fast]
+        for _ in range(30):
+            k_new = torch.randn(1, 2, 1, 4, generator=gen)
+            v_new = torch.randn(1, 2, 1, 4, generator=gen)
+            args = (layout.sinks, layout.compensation, layout.selected, layout.window)
+            ops._budgeted_cache_update_uniform(*fast, fast[3][0].tolist(), k_new, v_new, *args)
+            ops._budgeted_cache_update_ref(*ref, k_new, v_new, *args)
+            for a, b in zip(fast, ref, strict=True):
+                assert torch.equal(a, b)
