@@ -296,8 +296,8 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: int, seed: i
             "fingerprint": manifest.get("source_model", {}).get("fingerprint"), "policy": engine.plan.policy}
     report = _with_progress(console, "evaluating", lambda tick: evaluate(engine, config, info, progress=tick))
     paths = write_report(report, output)
-    console.print(render_markdown(report))
-    console.print(f"report: {paths.json}, {paths.markdown}, {paths.png}")
+    click.echo(render_markdown(report))  # plain: rich would re-wrap the Markdown table rows
+    click.echo(f"report: {paths.json}, {paths.markdown}, {paths.png}")
 
 
 @main.command()

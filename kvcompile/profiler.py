@@ -6,7 +6,6 @@ positions of probes, a sample of the repeated block), so a layer never holds mor
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -292,7 +291,3 @@ def _finish(acc: HeadAccumulator, settings: ProfileSettings) -> HeadStatistics:
         error=error,
     )
 
-
-def nats_to_tokens(entropy: float) -> float:
-    """Entropy H is like a uniform spread over e^H tokens (for reports)."""
-    return math.exp(entropy)
