@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcompile.calibration import CalibPrompt
-from kvcompile.runtime.model import CompactLM
-from kvcompile.runtime.ops import budgeted_attention
+from kvcompile.runtime.model import CompactLM, exact_attention
 
 DEFAULT_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -256,9 +255,7 @@ def profile_heads(
     arch = model.arch
     acc = HeadAccumulator(arch.n_layers, arch.n_kv_heads, len(settings.capacity_grid))
 
-    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        window = arch.sliding_windows[layer] or 0
-        return budgeted_attention(q, k, v, None, causal=True, window=window, scale=arch.attention_scale)
+    attend = exact_attention(arch)
 
     with torch.no_grad():
         for prompt in prompts:

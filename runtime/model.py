@@ -31,6 +31,17 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def exact_attention(arch: ArchSpec) -> AttendFn:
+    """Uncompressed causal attention with the model's own sliding windows (no cache)."""
+    from kvcompile.runtime.ops import budgeted_attention
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        window = arch.sliding_windows[layer] or 0
+        return budgeted_attention(q, k, v, None, causal=True, window=window, scale=arch.attention_scale)
+
+    return attend
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, offset: bool) -> None:
         super().__init__()

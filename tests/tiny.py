@@ -12,8 +12,7 @@ import torch
 
 from kvcompile.arch import ArchSpec, arch_from_config
 from kvcompile.models import LoadedModel
-from kvcompile.runtime.model import AttendFn, CompactLM
-from kvcompile.runtime.ops import budgeted_attention
+from kvcompile.runtime.model import AttendFn, CompactLM, exact_attention
 
 VOCAB = 96
 
@@ -91,12 +90,7 @@ def state_of(hf_model: Any) -> dict[str, torch.Tensor]:
 
 def exact_attend(arch: ArchSpec) -> AttendFn:
     """Plain causal attention with the model's own sliding windows, via the kvcompile op."""
-
-    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        window = arch.sliding_windows[layer] or 0
-        return budgeted_attention(q, k, v, None, causal=True, window=window, scale=arch.attention_scale)
-
-    return attend
+    return exact_attention(arch)
 
 
 def compact_logits(model: CompactLM, ids: torch.Tensor) -> torch.Tensor:
