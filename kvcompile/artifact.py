@@ -207,6 +207,17 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST} (corrupt or modified); rebuild the artifact")
 
 
+def _check_source_fingerprint(directory: Path, manifest: dict[str, Any]) -> None:
+    """The manifest and the bundled profile must name the same source model."""
+    profile = yaml.safe_load((Path(directory) / "profile.yaml").read_text(encoding="utf-8"))
+    expected = (manifest.get("source_model") or {}).get("fingerprint")
+    found = (profile.get("model") or {}).get("fingerprint") if isinstance(profile, dict) else None
+    if expected is None or expected != found:
+        raise ArtifactError(
+            f"{directory}: the manifest's source fingerprint does not match profile.yaml's; rebuild the artifact"
+        )
+
+
 def artifact_plan(manifest: dict[str, Any], source: str) -> Plan:
     return plan_from_dict(manifest.get("plan"), _Reader(source))
 
@@ -225,15 +236,14 @@ def load_engine(directory: Path, verify: bool = True, max_context: int | None = 
     manifest = read_manifest(directory)
     if verify:
         verify_files(directory, manifest)
+        _check_source_fingerprint(directory, manifest)
     try:
         plan = artifact_plan(manifest, str(directory / MANIFEST))
     except ProfileError as exc:
         raise ArtifactError(str(exc)) from exc
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    state = load_file(str(directory / WEIGHTS))
-    if verify and fingerprint_weights(config, state) != manifest.get("weights_fingerprint"):
-        raise ArtifactError(f"{directory}: weights do not match the manifest fingerprint; rebuild the artifact")
+    state = load_file(str(directory / WEIGHTS))  # its bytes were checked by sha256 above
     arch = arch_from_config(config)
     model = CompactLM.from_state_dict(arch, config, state)
     context = max_context or int(manifest.get("max_context") or arch.max_context)

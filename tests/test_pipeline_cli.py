@@ -258,3 +258,15 @@ def test_profile_cli_small_run_is_deterministic(tmp_path: Path) -> None:
     profile = load_profile(first)
     assert profile.plan.kv_slots(1024) <= 0.25 * 30 * 3 * 1024
     assert "memory at 1024 tokens" in result.stdout
+
+
+def test_manifest_naming_another_source_model_is_refused(artifact: Path) -> None:
+    path = artifact / MANIFEST
+    original = path.read_text()
+    data = yaml.safe_load(original)
+    data["source_model"]["fingerprint"] = "sha256:" + "f" * 64
+    try:
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        assert "source fingerprint" in one_line_error(invoke("inspect", artifact))
+    finally:
+        path.write_text(original)
