@@ -4,6 +4,12 @@ The context is prefilled and compressed; the question is fed afterwards through 
 static-budget cache, so a compression cannot peek at the question. Passkeys and
 multi-key values come from disjoint number ranges, so cases of different tasks never
 share a needle.
+
+The question ends with the answer's leading whitespace token when the tokenizer splits
+one off (SmolLM2 writes " 28324" as " " + digits): "... The pass key is " + the number.
+Without it a small model often continues "The pass key is" with " a special method ..."
+although it would have copied the right digits after the space: the case would measure
+the choice to write a number, which compression does not touch, instead of retrieval.
 """
 from __future__ import annotations
 
@@ -76,7 +82,9 @@ def _needle_case(
     else:
         spec = multikey_spec(rng, depth, MULTIKEY_KEYS, MULTIKEY_RANGE)
     probe = build_probe(tokenizer, paragraphs, spec, length, f"{key}:filler")
-    return EvalCase(task, length, depth, probe.context_ids, probe.question_ids, probe.answer)
+    lead = probe.answer_offsets[0] if probe.answer_offsets else 0  # whitespace-only answer tokens
+    question = probe.question_ids + probe.answer_ids[:lead]
+    return EvalCase(task, length, depth, probe.context_ids, question, probe.answer)
 
 
 def _continuation_case(tokenizer: Any, paragraphs: list[str], length: int, key: str) -> EvalCase:

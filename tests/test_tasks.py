@@ -11,7 +11,7 @@ from kvcompile.tasks import (
     depth_grid,
     score_answer,
 )
-from kvcompile.textsource import calibration_paragraphs, evaluation_paragraphs
+from kvcompile.textsource import calibration_paragraphs, encode_text, evaluation_paragraphs
 from tests.test_calibration import BosCharTokenizer, CharTokenizer
 
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
@@ -84,7 +84,7 @@ def test_passkey_case_text():
     text = tok.decode(case.context_ids)
     assert text.startswith("There is an important pass key hidden inside a lot of irrelevant text.")
     assert f"The pass key is {case.answer}. Remember it. {case.answer} is the pass key." in text
-    assert tok.decode(case.question_ids) == PASSKEY_QUESTION
+    assert tok.decode(case.question_ids) == PASSKEY_QUESTION + " "  # the answer's leading space
     assert len(case.answer) == 5 and case.answer.isdigit()
     needle_at = text.index("The pass key is") / len(text)
     assert 0.3 < needle_at < 0.65  # depth 0.5 after the instruction, snapped to a sentence end
@@ -97,7 +97,7 @@ def test_multikey_case_asks_one_of_several_needles():
         assert text.count("The secret code for ") == 4
         question = tok.decode(case.question_ids)
         key = question.split("secret code for ")[1].split("?")[0]
-        assert question == f"\nWhat is the secret code for {key}? The secret code for {key} is"
+        assert question == f"\nWhat is the secret code for {key}? The secret code for {key} is "
         assert f"The secret code for {key} is {case.answer}." in text
 
 
@@ -157,6 +157,8 @@ def test_cases_on_the_real_tokenizer(tokenizer, task: str):
         assert text.startswith("There ")
         assert f" is {case.answer}." in text
         question = tokenizer.decode(list(case.question_ids))
-        assert question.endswith(" is") and "\n" in question
+        assert question.endswith(" is ") and "\n" in question  # SmolLM2 splits " " off a number
+        # the question ends with the very token the answer " <number>" starts with
+        assert encode_text(tokenizer, " " + case.answer)[0] == case.question_ids[-1]
     if task == "passkey":
-        assert tokenizer.decode(list(cases[0].question_ids)) == PASSKEY_QUESTION
+        assert tokenizer.decode(list(cases[0].question_ids)) == PASSKEY_QUESTION + " "
