@@ -5,7 +5,7 @@ Refits the profile's statistics at each KV budget (fractions of the uncompressed
 in one run (one exact prefill per case, shared by all plans). Prints a Markdown table and,
 with --write-docs, replaces the "Policies at equal memory" section of docs/BENCHMARKS.md.
 
-    python bench/policies.py --profile profiles/smollm2-135m-instruct.yaml --samples 10
+    python bench/policies.py --profile profiles/smollm2-135m-instruct.yaml --samples 20
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--at-context", type=int, default=4096)
     parser.add_argument("--lengths", default="4096")
     parser.add_argument("--tasks", default="passkey,multikey,continuation")
-    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw reports here")
