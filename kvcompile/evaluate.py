@@ -126,7 +126,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
     first at attention time (same function as baking the order into the weights).
     """
     arch = engine.arch
-    room = max(config.lengths) + 64 + config.agreement_tokens
+    context = min(engine.max_context, max(config.lengths) + 64 + config.agreement_tokens)
     if max(config.lengths) + 64 > engine.max_context:
         raise ContextLengthError(
             f"context length {max(config.lengths)} leaves no room for the question within the max "
@@ -143,7 +143,6 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
     for task in config.tasks:
         for length in config.lengths:
             group = [case for case in cases[task] if case.length == length]
-            context = min(engine.max_context, room)
             caches = {}
             for name, plan in all_plans.items():
                 cache = engine.allocate(1, max_context=context, plan=plan)
