@@ -2,7 +2,10 @@
 
 Memory is counted in KV slots (one token of one KV head) at the reference context; the
 target is a fraction of the uncompressed slots. Full heads are paid first, the rest goes
-to budgeted heads' layers by greedy marginal gain on their error curves.
+to budgeted heads' layers by greedy marginal gain on their error curves, shrunk toward an
+equal split: the curves are a local proxy (each layer's error relative to its own
+residual norm) that over-ranks the first layer and starves the top ones, and the
+half-and-half mix measured lower NLL and KL on held-out text than either extreme.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class FitRequest:
     selected_fraction: float = 0.25  # share of a budgeted head's free slots picked by score
     min_window: int = 16
     min_budgeted_capacity: int = 128  # full heads may not push budgeted heads below this on average
+    equal_weight: float = 0.5  # budgeted capacities: (1 - w) x greedy on the error curves + w x equal split
     selection: str = "attention"
 
     def __post_init__(self) -> None:
@@ -43,6 +47,8 @@ class FitRequest:
             raise BudgetError(f"--full-heads must be >= 0, got {self.full_heads}")
         if not 0 <= self.selected_fraction < 1:
             raise BudgetError(f"selected fraction must be in [0, 1), got {self.selected_fraction}")
+        if not 0 <= self.equal_weight <= 1:
+            raise BudgetError(f"equal weight must be in [0, 1], got {self.equal_weight}")
 
 
 @dataclass
@@ -145,7 +151,8 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
             f"than {floor} slots on average and are budgeted: "
             f"{', '.join(f'L{layer}H{head}' for layer, head in demoted)}"
         )
-    budgeted, capacities, _ = _allocation(stats, candidates, full, budget - fixed, cmin, ctx)
+    budgeted, capacities, _ = _allocation(stats, candidates, full, budget - fixed, cmin, ctx,
+                                          request.equal_weight)
     layers = []
     used = fixed + len(full) * ctx
     for layer in range(arch.n_layers):
@@ -163,17 +170,39 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
 
 
 def _allocation(stats: HeadStatistics, candidates: list[tuple[int, int]], full: list[tuple[int, int]],
-                slots: int, cmin: int, ctx: int,
+                slots: int, cmin: int, ctx: int, equal_weight: float = 0.0,
                 ) -> tuple[dict[int, list[int]], dict[int, int], float]:
-    """Greedy capacities for everything not in ``full``; returns (budgeted, capacities, error)."""
+    """Capacities for everything not in ``full``; returns (budgeted, capacities, error)."""
     full_set = set(full)
     budgeted: dict[int, list[int]] = {}
     for layer, head in candidates:
         if (layer, head) not in full_set:
             budgeted.setdefault(layer, []).append(head)
-    capacities = _greedy_capacities(stats, budgeted, slots - len(full) * ctx, cmin, ctx)
+    remaining = slots - len(full) * ctx
+    capacities = _greedy_capacities(stats, budgeted, remaining, cmin, ctx)
+    if equal_weight > 0 and budgeted:
+        capacities = _mix_with_equal(capacities, budgeted, remaining, cmin, ctx, equal_weight)
     error = sum(_interp_error(stats, layer, heads, capacities[layer], ctx) for layer, heads in budgeted.items())
     return budgeted, capacities, error
+
+
+def _mix_with_equal(capacities: dict[int, int], budgeted: dict[int, list[int]], remaining: int,
+                    cmin: int, ctx: int, weight: float) -> dict[int, int]:
+    """``(1 - weight) x capacities + weight x equal split``, rounded without exceeding the budget.
+
+    Both allocations fit the budget and lie in [cmin, ctx], so their mix does too; the
+    slots lost by rounding down go back one per head to the layers rounded down most.
+    """
+    n_budgeted = sum(len(heads) for heads in budgeted.values())
+    equal = min(ctx, max(cmin, remaining // n_budgeted))
+    exact = {layer: (1 - weight) * cap + weight * equal for layer, cap in capacities.items()}
+    mixed = {layer: math.floor(value) for layer, value in exact.items()}
+    left = remaining - sum(mixed[layer] * len(heads) for layer, heads in budgeted.items())
+    for layer in sorted(mixed, key=lambda layer: (mixed[layer] - exact[layer], layer)):
+        if len(budgeted[layer]) <= left and mixed[layer] < ctx:
+            mixed[layer] += 1
+            left -= len(budgeted[layer])
+    return mixed
 
 
 def _interp_error(stats: HeadStatistics, layer: int, heads: list[int], capacity: float, ctx: int) -> float:

@@ -96,6 +96,7 @@ def fit_summary(result: FitResult, request: FitRequest) -> dict[str, Any]:
         "full_heads_rule": result.full_rule,
         "retrieval_threshold": request.retrieval_threshold,
         "min_budgeted_capacity": request.min_budgeted_capacity,
+        "equal_weight": request.equal_weight,
         "budget_slots": result.budget_slots,
         "used_slots": result.used_slots,
         "notes": list(result.notes),

@@ -294,7 +294,7 @@ def test_greedy_prefers_the_layer_with_larger_error_reduction() -> None:
     error = torch.zeros(2, 2, len(grid))
     error[0] = torch.tensor([0.8, 0.5, 0.3, 0.15, 0.05])  # steep
     error[1] = torch.tensor([0.08, 0.05, 0.03, 0.015, 0.005])  # ten times flatter
-    request = FitRequest(kv_budget=0.1, at_context=512)
+    request = FitRequest(kv_budget=0.1, at_context=512, equal_weight=0.0)
     plan = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request).plan
     cap0, cap1 = plan.layers[0].layout.capacity, plan.layers[1].layout.capacity
     assert cap0 > cap1
@@ -316,7 +316,7 @@ def test_greedy_matches_brute_force_on_convex_curves(seed: int, kv_budget: float
         for head in range(2):
             a, p = 0.5 + torch.rand(1, generator=gen).item(), 1 + 2 * torch.rand(1, generator=gen).item()
             error[layer, head] = torch.tensor([a * (1 - c / ctx) ** p for c in grid])
-    request = FitRequest(kv_budget=kv_budget, at_context=ctx)
+    request = FitRequest(kv_budget=kv_budget, at_context=ctx, equal_weight=0.0)
     result = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request)
     caps = [layer.layout.capacity for layer in result.plan.layers]
     curves = [[float(error[layer, :, i].sum()) for i in range(len(grid))] for layer in range(2)]
@@ -329,3 +329,34 @@ def test_greedy_matches_brute_force_on_convex_curves(seed: int, kv_budget: float
     best = min(total(c0, min(ctx, per_head - c0)) for c0 in range(cmin, min(ctx, per_head - cmin) + 1))
     assert total(*caps) <= best + 1e-9
     assert sum(caps) * 2 <= result.budget_slots
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.5, 1.0])
+def test_equal_weight_mixes_greedy_and_equal_split(weight: float) -> None:
+    """Capacities are (1 - w) x the pure greedy ones + w x the equal split, rounded down and
+    topped up one slot per head while the budget allows; w = 1 gives every layer the same."""
+    arch = llama_arch(n_layers=2, n_kv=2)
+    grid = (16, 32, 64, 128, 256)
+    error = torch.zeros(2, 2, len(grid))
+    error[0] = torch.tensor([0.8, 0.5, 0.3, 0.15, 0.05])
+    error[1] = torch.tensor([0.08, 0.05, 0.03, 0.015, 0.005])
+    stats = make_stats(torch.zeros(2, 2), error, grid)
+    greedy = fit(stats, arch, FitRequest(kv_budget=0.1, at_context=512, equal_weight=0.0))
+    mixed = fit(stats, arch, FitRequest(kv_budget=0.1, at_context=512, equal_weight=weight))
+    g = [layer.layout.capacity for layer in greedy.plan.layers]
+    m = [layer.layout.capacity for layer in mixed.plan.layers]
+    assert g[0] > g[1]  # the steep layer gets more under pure greedy
+    equal = mixed.budget_slots // 4  # four budgeted heads, no full ones
+    exact = [(1 - weight) * c + weight * equal for c in g]
+    assert all(math.floor(x) <= c <= math.floor(x) + 1 for x, c in zip(exact, m, strict=True))
+    assert mixed.used_slots <= mixed.budget_slots
+    assert mixed.budget_slots - mixed.used_slots < 2 * 2  # at most one round of two heads left
+    if weight == 1.0:
+        assert m[0] == m[1] == equal
+    else:
+        assert g[0] > m[0] >= m[1] > g[1]
+
+
+def test_equal_weight_out_of_range_is_a_budget_error() -> None:
+    with pytest.raises(BudgetError, match="equal weight"):
+        FitRequest(equal_weight=1.5)
