@@ -48,7 +48,7 @@ class FitRequest:
         if not 0 <= self.selected_fraction < 1:
             raise BudgetError(f"selected fraction must be in [0, 1), got {self.selected_fraction}")
         if not 0 <= self.equal_weight <= 1:
-            raise BudgetError(f"equal weight must be in [0, 1], got {self.equal_weight}")
+            raise BudgetError(f"--equal-weight must be in [0, 1], got {self.equal_weight}")
 
 
 @dataclass

@@ -358,5 +358,5 @@ def test_equal_weight_mixes_greedy_and_equal_split(weight: float) -> None:
 
 
 def test_equal_weight_out_of_range_is_a_budget_error() -> None:
-    with pytest.raises(BudgetError, match="equal weight"):
+    with pytest.raises(BudgetError, match="--equal-weight"):
         FitRequest(equal_weight=1.5)
