@@ -76,7 +76,7 @@ MODEL_ARG = click.argument("model", metavar="MODEL")
 @click.option("--at-context", type=int, default=8192, show_default=True,
               help="Reference context length (tokens) at which --kv-budget is measured.")
 @click.option("--policy", type=click.Choice(["profiled", "uniform", "pyramid"]), default="profiled",
-              show_default=True, help="profiled: learned full heads + greedy capacities; uniform: "
+              show_default=True, help="profiled: learned full heads + fitted capacities; uniform: "
               "StreamingLLM everywhere; pyramid: PyramidKV's linear schedule. Same memory for all.")
 @click.option("--full-heads", type=int, default=None,
               help="Override the fitted number of full (retrieval) KV heads; the top-N by retrieval score.")
@@ -84,6 +84,9 @@ MODEL_ARG = click.argument("model", metavar="MODEL")
               help="Full heads are those scoring at least THRESHOLD x the best retrieval score.")
 @click.option("--selected-fraction", type=float, default=None,
               help="Share of a budgeted head's free slots filled by score-selected tokens (rest: window).")
+@click.option("--equal-weight", type=float, default=None,
+              help="Budgeted capacities: (1 - W) x greedy on the error curves + W x equal split, "
+              "W in [0, 1] (default 0.5).")
 @click.option("--calib", "calib_files", type=click.Path(path_type=Path), multiple=True,
               help="Extra calibration prompts: .txt (blank-line-separated blocks) or .jsonl with a "
               "`text` field. Repeatable.")
@@ -96,7 +99,7 @@ MODEL_ARG = click.argument("model", metavar="MODEL")
 @friendly_errors
 def profile(model: str, output: Path, kv_budget: float, at_context: int, policy: str,
             full_heads: int | None, threshold: float | None, selected_fraction: float | None,
-            calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
+            equal_weight: float | None, calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
             seed: int, plot: bool) -> None:
     """Learn which KV heads need the whole context and fit per-layer KV budgets.
 
@@ -117,6 +120,8 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
         overrides["retrieval_threshold"] = threshold
     if selected_fraction is not None:
         overrides["selected_fraction"] = selected_fraction
+    if equal_weight is not None:
+        overrides["equal_weight"] = equal_weight
     request = FitRequest(kv_budget=kv_budget, at_context=at_context, policy=policy,
                          full_heads=full_heads, **overrides)
     calib = CalibConfig(seed=seed)
