@@ -88,7 +88,7 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
         f"--write-docs`.\n\n{markdown}\n"
     )
     pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(body.rstrip("\n"), text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    text = pattern.sub(body.rstrip("\n") + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
     path.write_text(text)
 
 

@@ -4,8 +4,8 @@ Memory is counted in KV slots (one token of one KV head) at the reference contex
 target is a fraction of the uncompressed slots. Full heads are paid first, the rest goes
 to budgeted heads' layers by greedy marginal gain on their error curves, shrunk toward an
 equal split: the curves are a local proxy (each layer's error relative to its own
-residual norm) that over-ranks the first layer and starves the top ones, and the
-half-and-half mix measured lower NLL and KL on held-out text than either extreme.
+residual norm) that over-ranks the first layer and starves the top ones; the half-and-half
+mix measured lower NLL and KL than either extreme (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
