@@ -4,7 +4,7 @@ Twenty cases per task leave 95% intervals about 40 points wide; runs with other 
 new needles, depths and texts, so their counts add up. Accuracy is pooled by summing the
 correct answers (Wilson interval on the total); NLL, KL and greedy agreement by weighting
 each run's mean by its number of cases (tokens for agreement). Only systems present in
-every run are pooled.
+every run are pooled; the table is the one `bench/policies.py` prints.
 
     python bench/policies.py --budgets 0.125 --seed 1 --json seed1.json
     python bench/pool.py seed0.json seed1.json
@@ -15,59 +15,41 @@ import argparse
 import json
 from pathlib import Path
 
+from policies import table  # bench/ is on sys.path when this script runs
+
 from kvcompile.stats import wilson_interval
 
 
-def pooled_rows(reports: list[dict]) -> dict[tuple[str, int], dict]:
-    """Per (task, length): summed counts for both sides, or n-weighted continuation means."""
-    rows: dict[tuple[str, int], dict] = {}
-    for report in reports:
-        for row in report["tasks"]:
-            key = (row["task"], row["length"])
-            acc = rows.setdefault(key, {"n": 0, "base": 0.0, "art": 0.0, "kl": 0.0, "agree": 0.0, "agree_n": 0})
-            n = row["n"]
-            acc["n"] += n
-            if row["task"] == "continuation":
-                acc["base"] += n * row["baseline"]["nll"]
-                acc["art"] += n * row["artifact"]["nll"]
-                acc["kl"] += n * row["kl"]
-                acc["agree"] += row["agreement_n"] * row["agreement"]
-                acc["agree_n"] += row["agreement_n"]
-            else:
-                acc["base"] += row["baseline"]["correct"]
-                acc["art"] += row["artifact"]["correct"]
-    return rows
+def _accuracy(correct: int, n: int) -> dict:
+    return {"correct": correct, "accuracy": correct / n, "ci95": list(wilson_interval(correct, n))}
 
 
-def fmt_count(correct: int, n: int) -> str:
-    lo, hi = wilson_interval(correct, n)
-    return f"{100 * correct / n:.0f}% ({correct}/{n}) [{100 * lo:.0f}, {100 * hi:.0f}]"
+def _pooled_task(rows: list[dict]) -> dict:
+    """One task row of the report format from the same task's rows of several runs."""
+    n = sum(row["n"] for row in rows)
+    pooled = {"task": rows[0]["task"], "length": rows[0]["length"], "n": n}
+    if rows[0]["task"] != "continuation":
+        for side in ("baseline", "artifact"):
+            pooled[side] = _accuracy(sum(row[side]["correct"] for row in rows), n)
+        return pooled
+    base = sum(row["n"] * row["baseline"]["nll"] for row in rows) / n
+    art = sum(row["n"] * row["artifact"]["nll"] for row in rows) / n
+    tokens = sum(row["agreement_n"] for row in rows)
+    pooled.update(
+        baseline={"nll": base}, artifact={"nll": art}, nll_increase=art / base - 1,
+        kl=sum(row["n"] * row["kl"] for row in rows) / n,
+        agreement=sum(row["agreement_n"] * row["agreement"] for row in rows) / tokens, agreement_n=tokens,
+    )
+    return pooled
 
 
-def table(runs: list[dict[str, dict]], names: list[str]) -> str:
-    pooled = {name: pooled_rows([run[name] for run in runs]) for name in names}
-    keys = list(pooled[names[0]])
-    header = ["KV budget", "policy", "full heads"]
-    for task, length in keys:
-        header += [f"{task}@{length} NLL Δ", "KL", "agreement"] if task == "continuation" else [f"{task}@{length}"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base = ["1", "uncompressed", "all"]
-    for key in keys:
-        row = pooled[names[0]][key]
-        base += ["—"] * 3 if key[0] == "continuation" else [fmt_count(int(row["base"]), row["n"])]
-    lines.append("| " + " | ".join(base) + " |")
-    for name in names:
-        budget, policy = name.split(":")
-        cells = [budget, policy, str(runs[0][name].get("full_heads", "?"))]
-        for key in keys:
-            row = pooled[name][key]
-            if key[0] == "continuation":
-                cells += [f"{100 * (row['art'] / row['base'] - 1):+.2f}%", f"{row['kl'] / row['n']:.3f}",
-                          f"{100 * row['agree'] / max(1, row['agree_n']):.0f}%"]
-            else:
-                cells.append(fmt_count(int(row["art"]), row["n"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def pooled_report(reports: list[dict]) -> dict:
+    """The reports of one system over several runs, merged task by task."""
+    keys = [(row["task"], row["length"]) for row in reports[0]["tasks"]]
+    by_key = {key: [row for report in reports for row in report["tasks"]
+                    if (row["task"], row["length"]) == key] for key in keys}
+    return {**reports[0], "seed": [report["seed"] for report in reports],
+            "tasks": [_pooled_task(rows) for rows in by_key.values()]}
 
 
 def main() -> None:
@@ -86,8 +68,10 @@ def main() -> None:
     names = [name for name in runs[0] if all(name in run for run in runs)]
     if not names:
         parser.error("no system is present in every run; pool runs of the same budgets and policies")
-    print(f"seeds {', '.join(map(str, seeds))}\n")
-    print(table(runs, names))
+    pooled = {name: pooled_report([run[name] for run in runs]) for name in names}
+    context = pooled[names[0]]["kv_memory"]["context"]
+    print(f"seeds {', '.join(map(str, seeds))}; n per task and length is the sum over runs\n")
+    print(table(pooled, names, context))
 
 
 if __name__ == "__main__":
