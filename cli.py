@@ -87,6 +87,9 @@ MODEL_ARG = click.argument("model", metavar="MODEL")
 @click.option("--equal-weight", type=float, default=None,
               help="Budgeted capacities: (1 - W) x greedy on the error curves + W x equal split, "
               "W in [0, 1] (default 0.5).")
+@click.option("--answer-weight", type=float, default=None,
+              help="Share in [0, 1] of the measured end-to-end answer loss (vs the local error curves) "
+              "in what the capacity fit minimises (default 0.5; 0: local curves only).")
 @click.option("--calib", "calib_files", type=click.Path(path_type=Path), multiple=True,
               help="Extra calibration prompts: .txt (blank-line-separated blocks) or .jsonl with a "
               "`text` field. Repeatable.")
@@ -99,7 +102,7 @@ MODEL_ARG = click.argument("model", metavar="MODEL")
 @friendly_errors
 def profile(model: str, output: Path, kv_budget: float, at_context: int, policy: str,
             full_heads: int | None, threshold: float | None, selected_fraction: float | None,
-            equal_weight: float | None, calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
+            equal_weight: float | None, answer_weight: float | None, calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
             seed: int, plot: bool) -> None:
     """Learn which KV heads need the whole context and fit per-layer KV budgets.
 
@@ -122,6 +125,8 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
         overrides["selected_fraction"] = selected_fraction
     if equal_weight is not None:
         overrides["equal_weight"] = equal_weight
+    if answer_weight is not None:
+        overrides["answer_weight"] = answer_weight
     request = FitRequest(kv_budget=kv_budget, at_context=at_context, policy=policy,
                          full_heads=full_heads, **overrides)
     calib = CalibConfig(seed=seed)

@@ -56,6 +56,7 @@ class CalibPrompt:
     needle_spans: tuple[tuple[int, int], ...] = ()
     repeat_period: int = 0
     repeat_start: int = 0
+    context_length: int = 0  # probes: tokens before the question (the part that gets compressed)
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,8 @@ def _probe_prompt(name: str, kind: str, probe: Probe) -> CalibPrompt:
     ids = probe.context_ids + probe.question_ids + probe.answer_ids
     start = len(probe.context_ids) + len(probe.question_ids)
     positions = tuple(start + k - 1 for k in probe.answer_offsets)
-    return CalibPrompt(name, kind, ids, answer_positions=positions, needle_spans=probe.needle_spans)
+    return CalibPrompt(name, kind, ids, answer_positions=positions, needle_spans=probe.needle_spans,
+                       context_length=len(probe.context_ids))
 
 
 def _text_prompts(tokenizer: Any, config: CalibConfig, paragraphs: list[str]) -> list[CalibPrompt]:

@@ -34,6 +34,7 @@ class FitRequest:
     min_window: int = 16
     min_budgeted_capacity: int = 128  # full heads may not push budgeted heads below this on average
     equal_weight: float = 0.5  # budgeted capacities: (1 - w) x greedy on the error curves + w x equal split
+    answer_weight: float = 0.5  # share of the end-to-end answer-loss curves in the greedy's objective
     selection: str = "attention"
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class FitRequest:
             raise BudgetError(f"selected fraction must be in [0, 1), got {self.selected_fraction}")
         if not 0 <= self.equal_weight <= 1:
             raise BudgetError(f"--equal-weight must be in [0, 1], got {self.equal_weight}")
+        if not 0 <= self.answer_weight <= 1:
+            raise BudgetError(f"--answer-weight must be in [0, 1], got {self.answer_weight}")
 
 
 @dataclass
@@ -151,8 +154,8 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
             f"than {floor} slots on average and are budgeted: "
             f"{', '.join(f'L{layer}H{head}' for layer, head in demoted)}"
         )
-    budgeted, capacities, _ = _allocation(stats, candidates, full, budget - fixed, cmin, ctx,
-                                          request.equal_weight)
+    budgeted, capacities = _allocation(stats, candidates, full, budget - fixed, cmin, ctx,
+                                       request.equal_weight, request.answer_weight)
     layers = []
     used = fixed + len(full) * ctx
     for layer in range(arch.n_layers):
@@ -170,20 +173,20 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
 
 
 def _allocation(stats: HeadStatistics, candidates: list[tuple[int, int]], full: list[tuple[int, int]],
-                slots: int, cmin: int, ctx: int, equal_weight: float = 0.0,
-                ) -> tuple[dict[int, list[int]], dict[int, int], float]:
-    """Capacities for everything not in ``full``; returns (budgeted, capacities, error)."""
+                slots: int, cmin: int, ctx: int, equal_weight: float = 0.0, answer_weight: float = 0.0,
+                ) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Capacities for everything not in ``full``; returns (budgeted, capacities)."""
     full_set = set(full)
     budgeted: dict[int, list[int]] = {}
     for layer, head in candidates:
         if (layer, head) not in full_set:
             budgeted.setdefault(layer, []).append(head)
     remaining = slots - len(full) * ctx
-    capacities = _greedy_capacities(stats, budgeted, remaining, cmin, ctx)
+    curves = _layer_curves(stats, budgeted, answer_weight)
+    capacities = _greedy_capacities(curves, stats.capacity_grid, budgeted, remaining, cmin, ctx)
     if equal_weight > 0 and budgeted:
         capacities = _mix_with_equal(capacities, budgeted, remaining, cmin, ctx, equal_weight)
-    error = sum(_interp_error(stats, layer, heads, capacities[layer], ctx) for layer, heads in budgeted.items())
-    return budgeted, capacities, error
+    return budgeted, capacities
 
 
 def _mix_with_equal(capacities: dict[int, int], budgeted: dict[int, list[int]], remaining: int,
@@ -205,38 +208,79 @@ def _mix_with_equal(capacities: dict[int, int], budgeted: dict[int, list[int]], 
     return mixed
 
 
-def _interp_error(stats: HeadStatistics, layer: int, heads: list[int], capacity: float, ctx: int) -> float:
-    """Summed error of ``heads`` at ``capacity`` (piecewise linear; zero at the context)."""
-    grid = [c for c in stats.capacity_grid if c < ctx] + [ctx]
-    values = [float(stats.error[layer, heads, i].sum()) for i, c in enumerate(stats.capacity_grid) if c < ctx]
-    values.append(0.0)
-    if capacity <= grid[0]:
+def _interp(curve: list[float], grid: tuple[int, ...], capacity: float, ctx: int) -> float:
+    """``curve`` (one value per grid capacity) at ``capacity``: piecewise linear, zero at the context."""
+    points = [(c, e) for c, e in zip(grid, curve, strict=True) if c < ctx] + [(ctx, 0.0)]
+    if capacity <= points[0][0]:
         # below the grid: extrapolate flat (conservative: the smallest measured error)
-        return values[0]
-    points = list(zip(grid, values, strict=True))
+        return points[0][1]
     for (c0, e0), (c1, e1) in zip(points, points[1:], strict=False):
         if capacity <= c1:
             return e0 + (e1 - e0) * (capacity - c0) / (c1 - c0)
     return 0.0
 
 
+def _layer_curves(stats: HeadStatistics, budgeted: dict[int, list[int]], answer_weight: float,
+                  ) -> dict[int, list[float]]:
+    """What the greedy minimises per budgeted layer, one value per grid capacity.
+
+    The local error curves summed over the layer's budgeted heads, blended with the layer's
+    end-to-end answer-loss curve when the profile has one. Each part is divided by its total
+    over the budgeted layers at the smallest capacity, so ``answer_weight`` is a share.
+    """
+    local = {layer: stats.error[layer, heads].sum(0).double() for layer, heads in budgeted.items()}
+    loss = stats.layer_loss
+    if loss is None or answer_weight == 0:
+        return {layer: curve.tolist() for layer, curve in local.items()}
+    answer = {layer: loss[layer].double() for layer in budgeted}
+    local_total = sum(float(curve[0]) for curve in local.values())
+    answer_total = sum(float(curve[0]) for curve in answer.values())
+    if answer_total <= 0:  # no layer's compression changed the answers: nothing to blend
+        return {layer: curve.tolist() for layer, curve in local.items()}
+    local_weight = (1 - answer_weight) / local_total if local_total > 0 else 0.0
+    return {layer: (local_weight * local[layer] + answer_weight / answer_total * answer[layer]).tolist()
+            for layer in budgeted}
+
+
+def _lower_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Lower convex hull of (capacity, error) points sorted by capacity.
+
+    An error curve can be flat and then drop (a needle 600 tokens back is lost until the
+    window reaches it); a greedy walking the raw segments would stop at the flat part
+    and never buy the drop. On the hull every step has a diminishing gain per slot.
+    """
+    hull: list[tuple[int, float]] = []
+    for c, e in points:
+        while len(hull) >= 2:
+            (c0, e0), (c1, e1) = hull[-2], hull[-1]
+            if (e1 - e0) * (c - c0) >= (e - e0) * (c1 - c0):  # hull[-1] lies on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append((c, e))
+    return hull
+
+
 def _greedy_capacities(
-    stats: HeadStatistics, budgeted: dict[int, list[int]], remaining: int, cmin: int, ctx: int
+    curves: dict[int, list[float]], grid: tuple[int, ...], budgeted: dict[int, list[int]],
+    remaining: int, cmin: int, ctx: int,
 ) -> dict[int, int]:
-    """Largest error reduction per slot first, in segments between grid points."""
+    """Largest error reduction per slot first, along each layer's lower convex hull."""
     capacities = {layer: cmin for layer in budgeted}
     remaining -= sum(cmin * len(heads) for heads in budgeted.values())
-    breakpoints = sorted({c for c in stats.capacity_grid if cmin < c < ctx} | {ctx})
+    capacity_points = sorted({c for c in grid if cmin < c < ctx} | {cmin, ctx})
+    hulls = {layer: _lower_hull([(c, _interp(curve, grid, c, ctx)) for c in capacity_points])
+             for layer, curve in curves.items()}
 
     def next_segment(layer: int) -> tuple[float, int, int] | None:
         current = capacities[layer]
-        upper = next((b for b in breakpoints if b > current), None)
-        if upper is None:
+        hull = hulls[layer]
+        index = next((i for i, (c, _) in enumerate(hull) if c > current), None)
+        if index is None:
             return None
-        heads = budgeted[layer]
-        gain = _interp_error(stats, layer, heads, current, ctx) - _interp_error(stats, layer, heads, upper, ctx)
-        cost = (upper - current) * len(heads)
-        return (-gain / cost, layer, upper)
+        (c0, e0), (c1, e1) = hull[index - 1], hull[index]
+        slope = (e0 - e1) / (c1 - c0)  # error removed per capacity step on this hull segment
+        return (-slope / len(budgeted[layer]), layer, c1)
 
     heap = [seg for layer in budgeted if (seg := next_segment(layer)) is not None]
     heapq.heapify(heap)
@@ -313,7 +357,7 @@ def _pyramid_schedule(
 
 def error_at(stats: HeadStatistics, layer: int, head: int, capacity: int, ctx: int) -> float:
     """Interpolated error of one head, for reports and plots."""
-    return _interp_error(stats, layer, [head], capacity, ctx)
+    return _interp(stats.error[layer, head].tolist(), stats.capacity_grid, capacity, ctx)
 
 
 def kv_ratio(plan: Plan, arch: ArchSpec, context: int) -> float:

@@ -30,6 +30,8 @@ class Profile:
     plan: Plan
     memory: list[dict[str, Any]]
     kvcompile_version: str = __version__
+    # end-to-end answer loss per layer (``sensitivity``): settings + one curve per layer
+    sensitivity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,6 +80,11 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         "memory": [FlowDict(row) for row in profile.memory],
         "heads": heads,
     }
+    if profile.sensitivity is not None:
+        sensitivity = dict(profile.sensitivity)
+        sensitivity["reference_full_heads"] = [FlowList(lh) for lh in sensitivity["reference_full_heads"]]
+        sensitivity["answer_loss"] = [FlowList(rounded(x) for x in row) for row in sensitivity["answer_loss"]]
+        data["sensitivity"] = sensitivity
     data.update(profile.extra)
     return data
 
@@ -188,10 +195,37 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
         error = reader.get(head, "error", p, list)
         if len(error) != len(grid):
             raise reader.fail(f"{p}.error", f"expected {len(grid)} values (one per capacity), got {len(error)}")
-    known = {"format", "kvcompile_version", "model", "calibration", "profiling", "fit", "plan", "memory", "heads"}
+    sensitivity = None
+    if "sensitivity" in data:
+        sensitivity = _sensitivity_from_dict(reader, data["sensitivity"], n_layers, n_kv, len(grid))
+    known = {"format", "kvcompile_version", "model", "calibration", "profiling", "fit", "plan", "memory", "heads",
+             "sensitivity"}
     extra = {k: v for k, v in data.items() if k not in known}
     return Profile(model, calibration, profiling, heads, fit, plan, memory,
-                   kvcompile_version=str(data.get("kvcompile_version", "?")), extra=extra)
+                   kvcompile_version=str(data.get("kvcompile_version", "?")), sensitivity=sensitivity, extra=extra)
+
+
+def _sensitivity_from_dict(reader: _Reader, data: Any, n_layers: int, n_kv: int, n_grid: int) -> dict[str, Any]:
+    path = "sensitivity"
+    data = reader.mapping(data, path)
+    reference = reader.get(data, "reference_capacity", path, int)
+    if reference < 1:
+        raise reader.fail(f"{path}.reference_capacity", f"must be positive, got {reference}")
+    reader.get(data, "probes", path, int)
+    for i, pair in enumerate(reader.get(data, "reference_full_heads", path, list)):
+        if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, int) for x in pair)
+                or not (0 <= pair[0] < n_layers and 0 <= pair[1] < n_kv)):
+            raise reader.fail(f"{path}.reference_full_heads[{i}]", f"expected [layer, head] of this model, got {pair!r}")
+    rows = reader.get(data, "answer_loss", path, list)
+    if len(rows) != n_layers:
+        raise reader.fail(f"{path}.answer_loss", f"expected {n_layers} rows (one per layer), got {len(rows)}")
+    for i, row in enumerate(rows):
+        p = f"{path}.answer_loss[{i}]"
+        if not isinstance(row, list) or len(row) != n_grid:
+            raise reader.fail(p, f"expected {n_grid} values (one per capacity)")
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in row):
+            raise reader.fail(p, "expected non-negative numbers")
+    return data
 
 
 def load_profile(path: Path) -> Profile:

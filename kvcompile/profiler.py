@@ -24,6 +24,7 @@ class ProfileSettings:
     last_queries: int = 32  # decode-like queries at the end of every prompt
     repeat_queries: int = 128  # sampled queries in the repeats of the random block
     local_window: int = 64  # "local mass": attention on the last tokens before the query
+    answer_reference: int = 256  # capacity of the other layers while one layer's answer loss is measured; 0: skip
 
 
 @dataclass
@@ -62,6 +63,8 @@ class HeadStatistics:
     local_mass: torch.Tensor
     entropy: torch.Tensor
     error: torch.Tensor
+    # end-to-end answer-NLL increase per layer over the grid (``sensitivity``); None: not measured
+    layer_loss: torch.Tensor | None = None
     retrieval: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:

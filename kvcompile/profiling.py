@@ -18,6 +18,8 @@ from kvcompile.models import LoadedModel
 from kvcompile.plan import Plan
 from kvcompile.profile_io import Profile
 from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
+from kvcompile.runtime.model import CompactLM
+from kvcompile.sensitivity import SensitivitySettings, layer_sensitivity
 from kvcompile.yamlio import FlowList, rounded
 
 MEMORY_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -63,11 +65,14 @@ def stats_from_profile(profile: Profile) -> HeadStatistics:
     error = torch.zeros((*shape, len(profile.profiling["capacity_grid"])))
     for head in profile.heads:
         error[head["layer"], head["head"]] = torch.tensor(head["error"], dtype=torch.float)
+    layer_loss = None
+    if profile.sensitivity is not None:
+        layer_loss = torch.tensor(profile.sensitivity["answer_loss"], dtype=torch.float)
     return HeadStatistics(
         capacity_grid=tuple(profile.profiling["capacity_grid"]),
         induction=grid_of("induction"), echo=grid_of("echo"), needle=grid_of("needle"),
         sink_mass=grid_of("sink_mass"), local_mass=grid_of("local_mass"), entropy=grid_of("entropy"),
-        error=error,
+        error=error, layer_loss=layer_loss,
     )
 
 
@@ -97,6 +102,7 @@ def fit_summary(result: FitResult, request: FitRequest) -> dict[str, Any]:
         "retrieval_threshold": request.retrieval_threshold,
         "min_budgeted_capacity": request.min_budgeted_capacity,
         "equal_weight": request.equal_weight,
+        "answer_weight": request.answer_weight,
         "budget_slots": result.budget_slots,
         "used_slots": result.used_slots,
         "notes": list(result.notes),
@@ -122,24 +128,57 @@ def run_profile(
         )
     prompts = build_calibration_set(loaded.tokenizer, calib, list(user_files))
     model = loaded.build()
+    probes = [p for p in prompts if p.context_length and p.answer_positions]
+    measure_answers = request.policy == "profiled" and settings.answer_reference > 0 and bool(probes)
+    total = len(prompts) + (len(probes) if measure_answers else 0)
     done = 0
 
     def tick(prompt: CalibPrompt) -> None:
         nonlocal done
         done += 1
         if progress is not None:
-            progress(done, len(prompts), prompt)
+            progress(done, total, prompt)
 
     stats = profile_heads(model, prompts, settings, progress=tick)
+    sensitivity = measure_answer_loss(model, prompts, stats, request, settings, tick) if measure_answers else None
     result = fit(stats, arch, request)
     profile = make_profile(loaded, stats, result, request, calibration_summary(prompts, calib, user_files),
                            settings, bytes_per_value)
+    profile.sensitivity = sensitivity
     if validate:
         from kvcompile.validation import validate_plan
 
         profile.fit["validation"] = validate_plan(
             model, result.plan, loaded.tokenizer, min(request.at_context, VALIDATION_LENGTH), calib.seed)
     return profile
+
+
+def measure_answer_loss(
+    model: CompactLM,
+    prompts: Sequence[CalibPrompt],
+    stats: HeadStatistics,
+    request: FitRequest,
+    settings: ProfileSettings,
+    progress: Callable[[CalibPrompt], None] | None = None,
+) -> dict[str, Any]:
+    """Fill ``stats.layer_loss`` (``sensitivity``) and return the profile's record of it.
+
+    The reference state keeps full the heads a fit on the local curves alone makes full,
+    with the layouts the request builds; the curves then say which other layers must see
+    further back for the answers to survive.
+    """
+    plan = fit(stats, model.arch, request).plan
+    reference_full = sorted((layer, head) for layer, layer_plan in enumerate(plan.layers)
+                            for head in layer_plan.full_heads)
+    answer_settings = SensitivitySettings(
+        reference_capacity=settings.answer_reference, sinks=request.sinks, compensation=request.compensation,
+        selected_fraction=request.selected_fraction, selection=request.selection)
+    stats.layer_loss = layer_sensitivity(model, prompts, set(reference_full), settings.capacity_grid,
+                                         answer_settings, progress=progress)
+    return {"reference_capacity": settings.answer_reference,
+            "probes": sum(1 for p in prompts if p.context_length and p.answer_positions),
+            "reference_full_heads": [list(lh) for lh in reference_full],
+            "answer_loss": stats.layer_loss.tolist()}
 
 
 def make_profile(

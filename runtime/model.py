@@ -251,12 +251,20 @@ class CompactLM(nn.Module):
         positions: torch.Tensor,
         attend: AttendFn,
         observe: ObserveFn | None = None,
+        start_layer: int = 0,
+        start_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run every block; ``attend`` decides what each attention sees (cache or not)."""
-        x = self.embed(input_ids)
+        """Run the blocks; ``attend`` decides what each attention sees (cache or not).
+
+        ``start_layer`` with ``start_hidden`` (the residual stream entering that block) skips
+        the blocks below it, for callers that replay only the top of the network.
+        """
+        x = self.embed(input_ids) if start_hidden is None else start_hidden
         tables = self.rope_tables(positions)
         b, t, _ = x.shape
         for i, block in enumerate(self.model.layers):
+            if i < start_layer:
+                continue
             h = block.input_layernorm(x)
             q, k, v = block.self_attn.project(h, *tables[i])
             attn = attend(i, q, k, v)

@@ -360,3 +360,84 @@ def test_equal_weight_mixes_greedy_and_equal_split(weight: float) -> None:
 def test_equal_weight_out_of_range_is_a_budget_error() -> None:
     with pytest.raises(BudgetError, match="--equal-weight"):
         FitRequest(equal_weight=1.5)
+
+
+# ------------------------------------------------------- hull and end-to-end answer loss
+
+
+def test_lower_hull_drops_points_above_the_chord() -> None:
+    from kvcompile.fitting import _lower_hull
+
+    assert _lower_hull([(16, 1.0), (32, 1.0), (64, 0.9), (128, 0.0)]) == [(16, 1.0), (128, 0.0)]
+    convex = [(16, 1.0), (32, 0.5), (64, 0.25), (128, 0.0)]
+    assert _lower_hull(convex) == convex
+    # a point exactly on the chord adds nothing and is dropped
+    assert _lower_hull([(0, 2.0), (10, 1.0), (20, 0.0)]) == [(0, 2.0), (20, 0.0)]
+
+
+def test_greedy_buys_a_drop_behind_a_flat_stretch() -> None:
+    """Layer 0 loses everything until its window reaches 256 tokens (a needle that far back);
+    walking the raw segments never pays for the flat part, the hull does. Hand-computed:
+    floors 21, layer 1 first to 32 (best gain per slot), then layer 0's whole hull segment to
+    256 (470 slots), then layer 1 takes the 38 slots left: 32 + 19 = 51."""
+    arch = llama_arch(n_layers=2, n_kv=2)
+    ctx = 512
+    grid = (16, 32, 64, 128, 256)
+    error = torch.zeros(2, 2, len(grid))
+    error[0] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    error[1] = torch.tensor([0.3, 0.2, 0.1, 0.05, 0.02])
+    request = FitRequest(kv_budget=0.3, at_context=ctx, equal_weight=0.0)
+    result = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request)
+    assert result.budget_slots == 614
+    assert [layer.layout.capacity for layer in result.plan.layers] == [256, 51]
+
+
+def answer_stats(answer_loss: torch.Tensor) -> HeadStatistics:
+    """Two layers, two heads: layer 0 has the steeper local curves, layer 1 the answer loss."""
+    grid = (16, 32, 64, 128, 256)
+    error = torch.zeros(2, 2, len(grid))
+    error[0] = torch.tensor([0.8, 0.5, 0.3, 0.15, 0.05])
+    error[1] = torch.tensor([0.08, 0.05, 0.03, 0.015, 0.005])
+    stats = make_stats(torch.zeros(2, 2), error, grid)
+    stats.layer_loss = answer_loss
+    return stats
+
+
+ANSWER_LOSS = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1], [0.4, 0.4, 0.4, 0.4, 0.0]])
+
+
+def test_answer_loss_blend_is_a_share_of_each_normalised_part() -> None:
+    from kvcompile.fitting import _layer_curves
+
+    stats = answer_stats(ANSWER_LOSS)
+    budgeted = {0: [0, 1], 1: [0, 1]}
+    curves = _layer_curves(stats, budgeted, 0.25)
+    local_total = 2 * 0.8 + 2 * 0.08  # both layers' head sums at the smallest capacity
+    answer_total = 0.1 + 0.4
+    for layer in range(2):
+        for i in range(5):
+            local = 2 * float(stats.error[layer, 0, i])
+            expected = 0.75 * local / local_total + 0.25 * float(ANSWER_LOSS[layer, i]) / answer_total
+            assert curves[layer][i] == pytest.approx(expected)
+    assert _layer_curves(stats, budgeted, 0.0)[1] == pytest.approx([2 * float(x) for x in stats.error[1, 0]])
+
+
+def test_answer_weight_moves_slots_to_the_layer_the_answers_need() -> None:
+    arch = llama_arch(n_layers=2, n_kv=2)
+
+    def capacities(stats: HeadStatistics, weight: float) -> list[int]:
+        request = FitRequest(kv_budget=0.3, at_context=512, equal_weight=0.0, answer_weight=weight)
+        return [layer.layout.capacity for layer in fit(stats, arch, request).plan.layers]
+
+    local_only = capacities(answer_stats(ANSWER_LOSS), 0.0)
+    assert local_only[0] > local_only[1]
+    answers = capacities(answer_stats(ANSWER_LOSS), 1.0)
+    assert answers[1] >= 256 > local_only[1]  # the whole drop at 256 is bought
+    # no measured answer loss (an old profile): the weight changes nothing
+    assert capacities(answer_stats(None), 0.5) == local_only
+    assert capacities(answer_stats(torch.zeros(2, 5)), 0.5) == local_only
+
+
+def test_answer_weight_out_of_range_is_a_budget_error() -> None:
+    with pytest.raises(BudgetError, match="--answer-weight"):
+        FitRequest(answer_weight=-0.1)

@@ -23,13 +23,14 @@ from kvcompile.profile_io import (
     save_profile,
 )
 from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
-from kvcompile.profiling import make_profile, run_profile, stats_from_profile
+from kvcompile.profiling import make_profile, measure_answer_loss, run_profile, stats_from_profile
 from tests.tiny import VOCAB, tiny_loaded
 
 SETTINGS = ProfileSettings(capacity_grid=(8, 16, 32), sinks=2, last_queries=8, repeat_queries=16)
 REQUEST = FitRequest(kv_budget=0.3, at_context=128, min_window=4)
 Edit = Callable[[Any], None]
-STAT_FIELDS = ("induction", "echo", "needle", "sink_mass", "local_mass", "entropy", "error", "retrieval")
+STAT_FIELDS = ("induction", "echo", "needle", "sink_mass", "local_mass", "entropy", "error", "retrieval",
+               "layer_loss")
 
 
 def tiny_prompts() -> list[CalibPrompt]:
@@ -39,16 +40,21 @@ def tiny_prompts() -> list[CalibPrompt]:
     return [
         CalibPrompt("text-0", "text", text),
         CalibPrompt("repeat-0", "repeat", (0, *block * 3), repeat_period=12, repeat_start=1),
-        CalibPrompt("passkey-0", "passkey", text[:40], answer_positions=(37, 38), needle_spans=((10, 14),)),
+        CalibPrompt("passkey-0", "passkey", text[:40], answer_positions=(37, 38), needle_spans=((10, 14),),
+                    context_length=34),
     ]
 
 
 def build_profile(loaded: LoadedModel) -> tuple[Profile, HeadStatistics]:
-    """The profile stage on a tiny model, every step real (profile_heads, fit, make_profile)."""
-    stats = profile_heads(loaded.build(), tiny_prompts(), SETTINGS)
+    """The profile stage on a tiny model, every step real (profile_heads, answer loss, fit, make_profile)."""
+    model = loaded.build()
+    stats = profile_heads(model, tiny_prompts(), SETTINGS)
+    sensitivity = measure_answer_loss(model, tiny_prompts(), stats, REQUEST, SETTINGS)
     result = fit(stats, loaded.arch, REQUEST)
     calibration = {"seed": 0, "prompts": 3, "tokens": 48 + 37 + 40}
-    return make_profile(loaded, stats, result, REQUEST, calibration, SETTINGS), stats
+    profile = make_profile(loaded, stats, result, REQUEST, calibration, SETTINGS)
+    profile.sensitivity = sensitivity
+    return profile, stats
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +175,12 @@ CASES = {
     "missing-fingerprint": (lambda d: d["model"].pop("fingerprint"), "model.fingerprint"),
     "grid-not-list": (_set(("profiling", "capacity_grid"), "16,32"), "profiling.capacity_grid"),
     "heads-count": (lambda d: d["heads"].pop(), "heads"),
+    "answer-loss-rows": (lambda d: d["sensitivity"]["answer_loss"].pop(), "sensitivity.answer_loss"),
+    "answer-loss-short": (_set(("sensitivity", "answer_loss", 0), [0.1]), "sensitivity.answer_loss[0]"),
+    "answer-loss-negative": (_set(("sensitivity", "answer_loss", 1), [-1.0, 0.0, 0.0]), "sensitivity.answer_loss[1]"),
+    "answer-reference-head": (_set(("sensitivity", "reference_full_heads"), [[99, 0]]),
+                              "sensitivity.reference_full_heads[0]"),
+    "answer-reference-capacity": (_set(("sensitivity", "reference_capacity"), 0), "sensitivity.reference_capacity"),
 }
 
 
@@ -253,8 +265,9 @@ def test_smollm2_profile_labels_heads_and_meets_budget(
     smol_run: tuple[Profile, list[tuple[int, int, str]]], smollm2: LoadedModel
 ) -> None:
     profile, ticks = smol_run
-    assert [t[:2] for t in ticks] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert sorted(t[2] for t in ticks) == ["multikey", "passkey", "repeat", "text"]
+    # one tick per prompt, then one per needle probe replayed for the answer loss
+    assert [t[:2] for t in ticks] == [(i, 6) for i in range(1, 7)]
+    assert sorted(t[2] for t in ticks) == ["multikey", "multikey", "passkey", "passkey", "repeat", "text"]
     assert profile.fingerprint == smollm2.fingerprint
     heads = profile.heads
     assert len(heads) == 30 * 3
@@ -275,6 +288,13 @@ def test_smollm2_profile_labels_heads_and_meets_budget(
     row = next(r for r in profile.memory if r["context"] == 2048)
     assert row["kv_bytes"] == used * 2 * 64 * 4
     assert row["uncompressed_bytes"] == 30 * 3 * 2048 * 2 * 64 * 4
+    # the answer-loss reference keeps full exactly what the local curves alone make full
+    stats = stats_from_profile(profile)
+    local_only = fit(stats, smollm2.arch, dataclasses.replace(SMOL_REQUEST, answer_weight=0.0)).plan
+    reference = {tuple(lh) for lh in profile.sensitivity["reference_full_heads"]}
+    assert reference == {(i, h) for i, layer in enumerate(local_only.layers) for h in layer.full_heads}
+    assert profile.sensitivity["probes"] == 2 and stats.layer_loss.shape == (30, 8)
+    assert float(stats.layer_loss.sum()) > 0
 
 
 @pytest.mark.slow
