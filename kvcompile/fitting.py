@@ -2,10 +2,12 @@
 
 Memory is counted in KV slots (one token of one KV head) at the reference context; the
 target is a fraction of the uncompressed slots. Full heads are paid first, the rest goes
-to budgeted heads' layers by greedy marginal gain on their error curves, shrunk toward an
-equal split: the curves are a local proxy (each layer's error relative to its own
-residual norm) that over-ranks the first layer and starves the top ones; the half-and-half
-mix measured lower NLL and KL than either extreme (docs/BENCHMARKS.md).
+to budgeted heads' layers by greedy marginal gain along each layer's lower convex hull of
+an error curve: the local error curves (each layer's error relative to its own residual
+norm, a proxy that over-ranks the first layer) blended with the measured end-to-end answer
+loss of the layer (``sensitivity``), which finds the layers that carry a near needle into
+the question. The result is shrunk toward an equal split; the half-and-half mixes measured
+lower NLL and KL, and better needles, than either extreme (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 

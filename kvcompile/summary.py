@@ -56,6 +56,16 @@ def print_profile_summary(console: Any, profile: Profile) -> None:
         f"memory at {fit['at_context']} tokens: {target['ratio']:.4f} of uncompressed "
         f"(target {fit['kv_budget']:g}; {fit['used_slots']} of {fit['budget_slots']} slots)"
     )
+    sensitivity = profile.sensitivity
+    if sensitivity is not None:
+        grid = profile.profiling["capacity_grid"]
+        at = min(range(len(grid)), key=lambda i: abs(grid[i] - sensitivity["reference_capacity"]))
+        losses = sorted(((row[at], layer) for layer, row in enumerate(sensitivity["answer_loss"])), reverse=True)
+        top = ", ".join(f"L{layer} {loss:.3f}" for loss, layer in losses[:3] if loss > 0) or "none"
+        console.print(
+            f"answer loss of one layer cut to {grid[at]} slots ({sensitivity['probes']} probes, "
+            f"nats per answer token): {top}"
+        )
     validation = fit.get("validation")
     if validation:
         console.print(

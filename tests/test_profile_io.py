@@ -304,3 +304,18 @@ def test_smollm2_profile_is_deterministic(
     save_profile(smol_run[0], tmp_path / "first.yaml")
     save_profile(run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST), tmp_path / "second.yaml")
     assert (tmp_path / "first.yaml").read_bytes() == (tmp_path / "second.yaml").read_bytes()
+
+
+def test_summary_names_the_layers_whose_answers_suffer_most(
+        profile_and_stats: tuple[Profile, HeadStatistics]) -> None:
+    from rich.console import Console
+
+    from kvcompile.summary import print_profile_summary
+
+    profile = dataclasses.replace(profile_and_stats[0], sensitivity={
+        "reference_capacity": 16, "probes": 3, "reference_full_heads": [],
+        "answer_loss": [[0.5, 0.2, 0.0], [0.9, 0.3, 0.1]]})
+    console = Console(record=True, width=200)
+    print_profile_summary(console, profile)
+    line = next(x for x in console.export_text().splitlines() if x.startswith("answer loss"))
+    assert "cut to 16 slots (3 probes" in line and line.endswith("L1 0.300, L0 0.200")
