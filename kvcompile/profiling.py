@@ -19,7 +19,7 @@ from kvcompile.plan import Plan
 from kvcompile.profile_io import Profile
 from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
 from kvcompile.runtime.model import CompactLM
-from kvcompile.sensitivity import SensitivitySettings, layer_sensitivity
+from kvcompile.sensitivity import SensitivitySettings, answer_probes, layer_sensitivity
 from kvcompile.yamlio import FlowList, rounded
 
 MEMORY_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -128,7 +128,7 @@ def run_profile(
         )
     prompts = build_calibration_set(loaded.tokenizer, calib, list(user_files))
     model = loaded.build()
-    probes = [p for p in prompts if p.context_length and p.answer_positions]
+    probes = answer_probes(prompts)
     measure_answers = request.policy == "profiled" and settings.answer_reference > 0 and bool(probes)
     total = len(prompts) + (len(probes) if measure_answers else 0)
     done = 0
@@ -176,7 +176,7 @@ def measure_answer_loss(
     stats.layer_loss = layer_sensitivity(model, prompts, set(reference_full), settings.capacity_grid,
                                          answer_settings, progress=progress)
     return {"reference_capacity": settings.answer_reference,
-            "probes": sum(1 for p in prompts if p.context_length and p.answer_positions),
+            "probes": len(answer_probes(prompts)),
             "reference_full_heads": [list(lh) for lh in reference_full],
             "answer_loss": stats.layer_loss.tolist()}
 

@@ -9,8 +9,11 @@ the question and answer then run over the compressed context. Starting from a re
 state (retrieval heads full, every other head at ``reference_capacity``), one layer at a
 time gets each capacity of the grid, and the teacher-forced answer NLL is recorded.
 
-Only the question tokens are recomputed per state (the context's K/V never change), so
-the whole grid costs a few hundred short forward passes per probe.
+Only the question tokens are recomputed per state (the context's K/V never change), from
+the changed layer up, so the whole grid costs a few hundred short passes per probe. The
+question's tokens all stay visible to each other; in the runtime they enter the window and
+push out its oldest tokens, a small difference for a ~20-token question against windows of
+100 slots and more.
 """
 from __future__ import annotations
 
@@ -142,6 +145,11 @@ class _ProbeRun:
         return float(-logp.gather(1, self.targets[:, None]).mean())
 
 
+def answer_probes(prompts: Sequence[CalibPrompt]) -> list[CalibPrompt]:
+    """The prompts this stage replays: a compressed context followed by scored answer tokens."""
+    return [p for p in prompts if p.context_length and p.answer_positions]
+
+
 def layer_sensitivity(
     model: CompactLM,
     prompts: Sequence[CalibPrompt],
@@ -157,7 +165,7 @@ def layer_sensitivity(
     non-increasing in the capacity. Layers without budgeted heads (or sliding) are zero.
     """
     arch = model.arch
-    probes = [p for p in prompts if p.context_length and p.answer_positions]
+    probes = answer_probes(prompts)
     curves = torch.zeros(arch.n_layers, len(capacity_grid), dtype=torch.float64)
     if not probes:
         return curves.float()

@@ -259,6 +259,8 @@ class CompactLM(nn.Module):
         ``start_layer`` with ``start_hidden`` (the residual stream entering that block) skips
         the blocks below it, for callers that replay only the top of the network.
         """
+        if start_layer and start_hidden is None:
+            raise ValueError("start_layer needs start_hidden, the residual stream entering that block")
         x = self.embed(input_ids) if start_hidden is None else start_hidden
         tables = self.rope_tables(positions)
         b, t, _ = x.shape
