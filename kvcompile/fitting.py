@@ -156,8 +156,18 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
             f"than {floor} slots on average and are budgeted: "
             f"{', '.join(f'L{layer}H{head}' for layer, head in demoted)}"
         )
+    answer_weight = request.answer_weight
+    reference = stats.layer_loss_full
+    if stats.layer_loss is not None and reference and answer_weight > 0:
+        # the answer loss was measured with these heads full; a plan that cannot keep them
+        # has lost those answers anyway, and the curves say little about its windows
+        kept = len(reference & set(full))
+        if kept < len(reference):
+            answer_weight *= kept / len(reference)
+            notes.append(f"answer-loss weight {request.answer_weight:g} -> {answer_weight:.3g}: {kept} of the "
+                         f"{len(reference)} heads full while it was measured are full here")
     budgeted, capacities = _allocation(stats, candidates, full, budget - fixed, cmin, ctx,
-                                       request.equal_weight, request.answer_weight)
+                                       request.equal_weight, answer_weight)
     layers = []
     used = fixed + len(full) * ctx
     for layer in range(arch.n_layers):

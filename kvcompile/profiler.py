@@ -65,6 +65,7 @@ class HeadStatistics:
     error: torch.Tensor
     # end-to-end answer-NLL increase per layer over the grid (``sensitivity``); None: not measured
     layer_loss: torch.Tensor | None = None
+    layer_loss_full: frozenset[tuple[int, int]] = frozenset()  # heads kept full while it was measured
     retrieval: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:

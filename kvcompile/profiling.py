@@ -65,14 +65,15 @@ def stats_from_profile(profile: Profile) -> HeadStatistics:
     error = torch.zeros((*shape, len(profile.profiling["capacity_grid"])))
     for head in profile.heads:
         error[head["layer"], head["head"]] = torch.tensor(head["error"], dtype=torch.float)
-    layer_loss = None
+    layer_loss, layer_loss_full = None, frozenset()
     if profile.sensitivity is not None:
         layer_loss = torch.tensor(profile.sensitivity["answer_loss"], dtype=torch.float)
+        layer_loss_full = frozenset((layer, head) for layer, head in profile.sensitivity["reference_full_heads"])
     return HeadStatistics(
         capacity_grid=tuple(profile.profiling["capacity_grid"]),
         induction=grid_of("induction"), echo=grid_of("echo"), needle=grid_of("needle"),
         sink_mass=grid_of("sink_mass"), local_mass=grid_of("local_mass"), entropy=grid_of("entropy"),
-        error=error, layer_loss=layer_loss,
+        error=error, layer_loss=layer_loss, layer_loss_full=layer_loss_full,
     )
 
 
@@ -175,6 +176,7 @@ def measure_answer_loss(
         selected_fraction=request.selected_fraction, selection=request.selection)
     stats.layer_loss = layer_sensitivity(model, prompts, set(reference_full), settings.capacity_grid,
                                          answer_settings, progress=progress)
+    stats.layer_loss_full = frozenset(reference_full)
     return {"reference_capacity": settings.answer_reference,
             "probes": len(answer_probes(prompts)),
             "reference_full_heads": [list(lh) for lh in reference_full],

@@ -441,3 +441,30 @@ def test_answer_weight_moves_slots_to_the_layer_the_answers_need() -> None:
 def test_answer_weight_out_of_range_is_a_budget_error() -> None:
     with pytest.raises(BudgetError, match="--answer-weight"):
         FitRequest(answer_weight=-0.1)
+
+
+def test_answer_weight_shrinks_with_the_reference_full_heads_the_plan_drops() -> None:
+    """The answer loss holds for plans that keep the heads full while it was measured."""
+    arch = llama_arch(n_layers=2, n_kv=2)
+    grid = (16, 32, 64, 128, 256)
+    scores = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # L0H0 is the retrieval head
+    error = answer_stats(ANSWER_LOSS).error
+
+    def stats(reference: frozenset[tuple[int, int]]) -> HeadStatistics:
+        result = make_stats(scores, error, grid)
+        result.layer_loss, result.layer_loss_full = ANSWER_LOSS, reference
+        return result
+
+    def run(reference: frozenset[tuple[int, int]], full_heads: int, weight: float = 1.0):
+        request = FitRequest(kv_budget=0.3, at_context=512, equal_weight=0.0, answer_weight=weight,
+                             full_heads=full_heads)
+        return fit(stats(reference), arch, request)
+
+    kept = run(frozenset({(0, 0)}), full_heads=1)
+    assert kept.plan == run(frozenset(), full_heads=1).plan and not kept.notes
+    dropped = run(frozenset({(0, 0)}), full_heads=0)
+    assert dropped.plan == run(frozenset({(0, 0)}), full_heads=0, weight=0.0).plan
+    assert dropped.plan != run(frozenset(), full_heads=0).plan
+    assert dropped.notes == ["answer-loss weight 1 -> 0: 0 of the 1 heads full while it was measured are full here"]
+    half = run(frozenset({(0, 0), (1, 1)}), full_heads=1)
+    assert half.plan == run(frozenset(), full_heads=1, weight=0.5).plan

@@ -101,6 +101,7 @@ def test_round_trip_statistics_and_refit(saved: Path, profile_and_stats: tuple[P
     assert back.capacity_grid == stats.capacity_grid
     for name in STAT_FIELDS:  # values are written with 6 significant digits
         torch.testing.assert_close(getattr(back, name), getattr(stats, name), rtol=1e-5, atol=1e-7)
+    assert back.layer_loss_full == stats.layer_loss_full and stats.layer_loss_full
     assert fit(back, loaded.arch, REQUEST).plan == profile.plan
 
 

@@ -123,3 +123,9 @@ def test_layers_without_budgeted_heads_and_prompts_without_probes_cost_nothing(m
     assert torch.all(layer_sensitivity(model, [probe], all_full, GRID, settings(1)) == 0)
     text = CalibPrompt("text", "text", probe.input_ids)
     assert torch.all(layer_sensitivity(model, [text], FULL_HEADS, GRID, settings(1)) == 0)
+
+
+def test_replay_from_a_block_needs_its_input(model, probe):
+    ids = torch.tensor([probe.input_ids[:4]])
+    with pytest.raises(ValueError, match="start_hidden"):
+        model.hidden_states(ids, torch.arange(4), lambda *a: None, start_layer=1)
