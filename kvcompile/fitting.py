@@ -107,12 +107,6 @@ def _sliding_cost(arch: ArchSpec) -> int:
     return sum(arch.n_kv_heads * w for w in arch.sliding_windows if w)
 
 
-def _layout(capacity: int, request: FitRequest, selected_fraction: float) -> BudgetLayout:
-    free = capacity - request.sinks - request.compensation
-    selected = int(round(selected_fraction * free))
-    return BudgetLayout(request.sinks, request.compensation, selected, free - selected)
-
-
 def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> FitResult:
     budget = _budget_slots(arch, request)
     ctx = request.at_context
@@ -177,7 +171,8 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
             continue
         heads = tuple(sorted(h for full_layer, h in full if full_layer == layer))
         rest = tuple(budgeted.get(layer, ()))
-        layout = _layout(capacities[layer], request, request.selected_fraction) if rest else None
+        layout = (BudgetLayout.split(capacities[layer], request.sinks, request.compensation,
+                                     request.selected_fraction) if rest else None)
         used += len(rest) * (layout.capacity if layout else 0)
         layers.append(LayerPlan(heads, rest, layout))
     plan = Plan(tuple(layers), policy="profiled", selection=request.selection)
@@ -242,13 +237,11 @@ def _layer_curves(stats: HeadStatistics, budgeted: dict[int, list[int]], answer_
     """
     local = {layer: stats.error[layer, heads].sum(0).double() for layer, heads in budgeted.items()}
     loss = stats.layer_loss
-    if loss is None or answer_weight == 0:
-        return {layer: curve.tolist() for layer, curve in local.items()}
-    answer = {layer: loss[layer].double() for layer in budgeted}
-    local_total = sum(float(curve[0]) for curve in local.values())
+    answer = {layer: loss[layer].double() for layer in budgeted} if loss is not None else {}
     answer_total = sum(float(curve[0]) for curve in answer.values())
-    if answer_total <= 0:  # no layer's compression changed the answers: nothing to blend
+    if answer_weight == 0 or answer_total <= 0:  # not measured, or no layer's cut changed the answers
         return {layer: curve.tolist() for layer, curve in local.items()}
+    local_total = sum(float(curve[0]) for curve in local.values())
     local_weight = (1 - answer_weight) / local_total if local_total > 0 else 0.0
     return {layer: (local_weight * local[layer] + answer_weight / answer_total * answer[layer]).tolist()
             for layer in budgeted}

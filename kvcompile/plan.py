@@ -25,6 +25,13 @@ class BudgetLayout:
         if self.window < 1:
             raise ValueError("a budgeted head needs a window of at least 1 (the current token)")
 
+    @classmethod
+    def split(cls, capacity: int, sinks: int, compensation: int, selected_fraction: float) -> BudgetLayout:
+        """The layout of ``capacity`` slots: ``selected_fraction`` of the free ones by score."""
+        free = capacity - sinks - compensation
+        selected = int(round(selected_fraction * free))
+        return cls(sinks, compensation, selected, free - selected)
+
     @property
     def capacity(self) -> int:
         return self.sinks + self.compensation + self.selected + self.window

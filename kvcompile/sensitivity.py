@@ -41,9 +41,7 @@ class SensitivitySettings:
     selection: str = "attention"
 
     def layout(self, capacity: int) -> BudgetLayout:
-        free = capacity - self.sinks - self.compensation
-        selected = int(round(self.selected_fraction * free))
-        return BudgetLayout(self.sinks, self.compensation, selected, free - selected)
+        return BudgetLayout.split(capacity, self.sinks, self.compensation, self.selected_fraction)
 
 
 @dataclass
@@ -69,8 +67,7 @@ class _ProbeRun:
         ids = torch.tensor([prompt.input_ids], dtype=torch.long)
         self.suffix = ids[:, n_ctx:]
         self.positions = torch.arange(n_ctx, ids.shape[1])
-        rows = torch.tensor([p - n_ctx for p in prompt.answer_positions], dtype=torch.long)
-        self.answer_rows = rows
+        self.answer_rows = torch.tensor([p - n_ctx for p in prompt.answer_positions], dtype=torch.long)
         self.targets = ids[0, torch.tensor(prompt.answer_positions) + 1]
         self.full = [[h for h in range(arch.n_kv_heads) if (layer, h) in full_heads]
                      for layer in range(arch.n_layers)]
@@ -169,10 +166,11 @@ def layer_sensitivity(
     curves = torch.zeros(arch.n_layers, len(capacity_grid), dtype=torch.float64)
     if not probes:
         return curves.float()
+    reference = [FULL if arch.sliding_windows[i] else settings.reference_capacity for i in range(arch.n_layers)]
+    smallest = settings.sinks + settings.compensation + 1  # a layout needs one window slot
+    capacities = [max(c, smallest) for c in capacity_grid]
     for prompt in probes:
         run = _ProbeRun(model, prompt, settings, full_heads)
-        reference = [FULL if arch.sliding_windows[i] else settings.reference_capacity
-                     for i in range(arch.n_layers)]
         entries: list[torch.Tensor] = []  # block inputs in the reference state
         reference_nll = run.answer_nll(reference, entries=entries)
         for layer in range(arch.n_layers):
@@ -181,8 +179,7 @@ def layer_sensitivity(
             state = list(reference)
             state[layer] = FULL
             baseline = run.answer_nll(state, layer, entries[layer])
-            smallest = settings.sinks + settings.compensation + 1  # a layout needs one window slot
-            for ci, capacity in enumerate(max(c, smallest) for c in capacity_grid):
+            for ci, capacity in enumerate(capacities):
                 if capacity >= run.n_ctx:
                     continue  # nothing evicted: no loss
                 if capacity == settings.reference_capacity:
