@@ -53,7 +53,8 @@ class Engine:
         """Exact causal prefill into one or more caches (same math, different storage).
 
         Returns the last position's logits [B, V]. Attention is computed once, by the first
-        cache; the others only store (and compress) the same keys and values.
+        cache; the others only store (and compress) the same keys and values, each with its
+        own plan's selection rule.
         """
         length = input_ids.shape[1]
         for cache in caches:
@@ -64,13 +65,13 @@ class Engine:
                 )
             if cache.length:
                 raise ValueError("prefill needs empty caches; call reset() first")
-        plan = self.plan
         scale = self.arch.attention_scale
+        selections = [(cache.plan.selection, cache.plan.observation_window) for cache in caches]
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = caches[0][i].prefill(q, k, v, scale, plan.selection, plan.observation_window)
-            for other in caches[1:]:
-                other[i].store(q, k, v, scale, plan.selection, plan.observation_window)
+            out = caches[0][i].prefill(q, k, v, scale, *selections[0])
+            for other, selection in zip(caches[1:], selections[1:], strict=True):
+                other[i].store(q, k, v, scale, *selection)
             return out
 
         with torch.no_grad():

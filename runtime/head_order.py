@@ -46,6 +46,7 @@ class ReorderedCache:
 
     def __init__(self, cache: StaticKVCache, plan: Plan, group_size: int) -> None:
         self.cache = cache
+        self.plan = plan
         self.layers = []
         for layer_plan, layer in zip(plan.layers, cache.layers, strict=True):
             kv, q, inverse = _orders(layer_plan.permutation, group_size)

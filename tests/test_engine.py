@@ -99,3 +99,23 @@ def test_batch_of_two_equals_two_single_runs() -> None:
         out_batch.append(engine.extend(ids[:, t:t + 1], batch))
         out_single.append(torch.cat([engine.extend(ids[i:i + 1, t:t + 1], singles[i]) for i in range(2)]))
     torch.testing.assert_close(torch.stack(out_batch), torch.stack(out_single), atol=1e-5, rtol=1e-5)
+
+
+def test_one_prefill_compresses_each_cache_with_its_own_selection_rule() -> None:
+    """Several caches share one exact prefill (eval, policies bench); each keeps what it would alone."""
+    loaded = tiny_loaded("llama", seed=6)
+    arch = loaded.arch
+    layout = BudgetLayout(2, 1, 6, 4)
+    layers = tuple(LayerPlan((), tuple(range(arch.n_kv_heads)), layout) for _ in range(arch.n_layers))
+    by_norm, by_attention = Plan(layers, selection="key_norm"), Plan(layers, selection="attention")
+    _, engine = compile_engine(loaded, by_attention, max_context=64)
+    ids = _ids(40, seed=1)
+    shared = [engine.allocate(1, plan=by_norm), engine.allocate(1, plan=by_attention)]
+    engine.prefill(ids, shared)
+    for plan, cache in zip((by_norm, by_attention), shared, strict=True):
+        alone = engine.allocate(1, plan=plan)
+        engine.prefill(ids, [alone])
+        for mine, theirs in zip(cache.layers, alone.layers, strict=True):
+            torch.testing.assert_close(mine.budgeted.k, theirs.budgeted.k)
+    # the two rules really keep different tokens here, so the check above can tell them apart
+    assert not torch.equal(shared[0].layers[0].budgeted.k, shared[1].layers[0].budgeted.k)
