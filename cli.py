@@ -90,6 +90,9 @@ MODEL_ARG = click.argument("model", metavar="MODEL")
 @click.option("--answer-weight", type=float, default=None,
               help="Share in [0, 1] of the measured end-to-end answer loss (vs the local error curves) "
               "in what the capacity fit minimises (default 0.5; 0: local curves only).")
+@click.option("--observation-window", type=int, default=None,
+              help="Last prompt positions whose attention picks a budgeted head's selected tokens "
+              "(default 256).")
 @click.option("--calib", "calib_files", type=click.Path(path_type=Path), multiple=True,
               help="Extra calibration prompts: .txt (blank-line-separated blocks) or .jsonl with a "
               "`text` field. Repeatable.")
@@ -102,7 +105,8 @@ MODEL_ARG = click.argument("model", metavar="MODEL")
 @friendly_errors
 def profile(model: str, output: Path, kv_budget: float, at_context: int, policy: str,
             full_heads: int | None, threshold: float | None, selected_fraction: float | None,
-            equal_weight: float | None, answer_weight: float | None, calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
+            equal_weight: float | None, answer_weight: float | None, observation_window: int | None,
+            calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
             seed: int, plot: bool) -> None:
     """Learn which KV heads need the whole context and fit per-layer KV budgets.
 
@@ -127,6 +131,8 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
         overrides["equal_weight"] = equal_weight
     if answer_weight is not None:
         overrides["answer_weight"] = answer_weight
+    if observation_window is not None:
+        overrides["observation_window"] = observation_window
     request = FitRequest(kv_budget=kv_budget, at_context=at_context, policy=policy,
                          full_heads=full_heads, **overrides)
     calib = CalibConfig(seed=seed)

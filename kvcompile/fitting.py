@@ -38,6 +38,9 @@ class FitRequest:
     equal_weight: float = 0.5  # budgeted capacities: (1 - w) x greedy on the error curves + w x equal split
     answer_weight: float = 0.5  # share of the end-to-end answer-loss curves in the greedy's objective
     selection: str = "attention"
+    # last prompt positions whose attention scores the selected tokens; 256 kept the needles'
+    # answer log-prob higher than 16 at the same NLL (docs/BENCHMARKS.md)
+    observation_window: int = 256
 
     def __post_init__(self) -> None:
         if not 0 < self.kv_budget <= 1:
@@ -54,6 +57,8 @@ class FitRequest:
             raise BudgetError(f"--equal-weight must be in [0, 1], got {self.equal_weight}")
         if not 0 <= self.answer_weight <= 1:
             raise BudgetError(f"--answer-weight must be in [0, 1], got {self.answer_weight}")
+        if self.observation_window < 1:
+            raise BudgetError(f"--observation-window must be >= 1, got {self.observation_window}")
 
 
 @dataclass
@@ -175,7 +180,8 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
                                      request.selected_fraction) if rest else None)
         used += len(rest) * (layout.capacity if layout else 0)
         layers.append(LayerPlan(heads, rest, layout))
-    plan = Plan(tuple(layers), policy="profiled", selection=request.selection)
+    plan = Plan(tuple(layers), policy="profiled", selection=request.selection,
+                observation_window=request.observation_window)
     return FitResult(plan, budget, used, rule, demoted, notes)
 
 
@@ -337,6 +343,7 @@ def _fit_baseline(arch: ArchSpec, request: FitRequest) -> FitResult:
             layout = BudgetLayout(0, 0, cap - window_slots, window_slots)
         used += n * layout.capacity
         layers.append(LayerPlan((), tuple(range(n)), layout))
+    # the baselines keep SnapKV's short observation window (the Plan default), as published
     plan = Plan(tuple(layers), policy=request.policy, selection="attention")
     return FitResult(plan, budget, used, rule)
 

@@ -173,7 +173,8 @@ def measure_answer_loss(
                             for head in layer_plan.full_heads)
     answer_settings = SensitivitySettings(
         reference_capacity=settings.answer_reference, sinks=request.sinks, compensation=request.compensation,
-        selected_fraction=request.selected_fraction, selection=request.selection)
+        selected_fraction=request.selected_fraction, selection=request.selection,
+        observation_window=request.observation_window)
     stats.layer_loss = layer_sensitivity(model, prompts, set(reference_full), settings.capacity_grid,
                                          answer_settings, progress=progress)
     stats.layer_loss_full = frozenset(reference_full)

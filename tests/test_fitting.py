@@ -468,3 +468,18 @@ def test_answer_weight_shrinks_with_the_reference_full_heads_the_plan_drops() ->
     assert dropped.notes == ["answer-loss weight 1 -> 0: 0 of the 1 heads full while it was measured are full here"]
     half = run(frozenset({(0, 0), (1, 1)}), full_heads=1)
     assert half.plan == run(frozenset(), full_heads=1, weight=0.5).plan
+
+
+def test_profiled_plan_selects_with_the_requested_observation_window() -> None:
+    """The profiled plan scores selected tokens over the request's window; the baselines keep SnapKV's."""
+    arch = llama_arch()
+    stats = make_stats(torch.rand(arch.n_layers, arch.n_kv_heads, generator=torch.Generator().manual_seed(2)))
+    for window in (8, 300):
+        request = FitRequest(kv_budget=0.3, at_context=512, observation_window=window)
+        assert fit(stats, arch, request).plan.observation_window == window
+        for policy in ("uniform", "pyramid"):
+            baseline = fit(None, arch, FitRequest(kv_budget=0.3, at_context=512, policy=policy,
+                                                  observation_window=window)).plan
+            assert baseline.observation_window == Plan(()).observation_window
+    with pytest.raises(BudgetError, match="--observation-window"):
+        FitRequest(observation_window=0)

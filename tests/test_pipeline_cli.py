@@ -218,6 +218,7 @@ def test_prompt_longer_than_context(artifact: Path) -> None:
         (["profile", "default", "--kv-budget", "1.5"], "--kv-budget"),
         (["profile", "default", "--equal-weight", "2"], "--equal-weight"),
         (["profile", "default", "--answer-weight", "-1"], "--answer-weight"),
+        (["profile", "default", "--observation-window", "0"], "--observation-window"),
         (["profile", "default", "--at-context", "100000"], "maximum context"),
         (["profile", "default", "--calib", "/no/such/file.txt"], "does not exist"),
     ],
