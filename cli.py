@@ -92,7 +92,7 @@ MODEL_ARG = click.argument("model", metavar="MODEL")
               "in what the capacity fit minimises (default 0.5; 0: local curves only).")
 @click.option("--observation-window", type=int, default=None,
               help="Last prompt positions whose attention picks a budgeted head's selected tokens "
-              "(default 256).")
+              "(default 16).")
 @click.option("--calib", "calib_files", type=click.Path(path_type=Path), multiple=True,
               help="Extra calibration prompts: .txt (blank-line-separated blocks) or .jsonl with a "
               "`text` field. Repeatable.")
