@@ -65,6 +65,17 @@ def main() -> None:
 
 
 MODEL_ARG = click.argument("model", metavar="MODEL")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def device_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--device", default="cpu", show_default=True,
+                        help=f"Where {what} runs: cpu, cuda or cuda:N.")
+
+
+def dtype_option(what: str, default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=default,
+                        show_default=default is not None, help=f"Precision of {what}.")
 
 
 @main.command()
@@ -173,8 +184,11 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
 @click.option("--max-context", type=int, default=None,
               help="Tokens the full-head buffers hold (default: the model's maximum context).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@dtype_option("the stored weights (bfloat16 halves a float32 artifact; parity is checked in "
+              "float32, the stored precision against it)", "float32")
 @friendly_errors
-def build(model: str, profile_path: Path, output: Path, max_context: int | None, force: bool) -> None:
+def build(model: str, profile_path: Path, output: Path, max_context: int | None, force: bool,
+          dtype: str) -> None:
     """Compile MODEL with a profile into a static-budget artifact directory.
 
     Applies the passes (head permutation: full heads first; budgeted-attention install),
@@ -199,7 +213,8 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
 
         raise ContextLengthError(f"--max-context must be in 1..{loaded.arch.max_context}, got {max_context}")
     with console.status("compiling and checking parity"):
-        report = build_artifact(loaded, profile_data, output, force=force, max_context=max_context)
+        report = build_artifact(loaded, profile_data, output, force=force, max_context=max_context,
+                                dtype=dtype)
     parity = report["parity"]
     memory = report["memory"]
     console.print(f"passes: {', '.join(report['passes'])}")
@@ -208,8 +223,12 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
         f"runtime vs uncompressed (within capacity) = "
         f"{parity['runtime_vs_uncompressed_within_capacity_max_abs_logit_diff']:.2e}"
     )
-    console.print(f"KV buffers at {memory['max_context']} tokens: allocated {memory['allocated_kv_bytes']} B, "
-                  f"plan predicts {memory['predicted_kv_bytes']} B")
+    low = parity.get("low_precision")
+    if low:
+        console.print(f"{low['dtype']} vs float32: max |dlogit| = {low['max_abs_logit_diff_vs_float32']:.2e}, "
+                      f"greedy agreement {low['greedy_agreement_vs_float32']:.0%}")
+    console.print(f"KV buffers at {memory['max_context']} tokens ({memory['dtype']}): allocated "
+                  f"{memory['allocated_kv_bytes']} B, plan predicts {memory['predicted_kv_bytes']} B")
     console.print(f"artifact written to {output}")
 
 
@@ -222,9 +241,12 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (with --temperature > 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@device_option("the artifact")
+@dtype_option("weights and KV buffers (default: what the artifact stores)", None)
 @friendly_errors
 def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_tokens: int,
-        temperature: float, top_p: float, seed: int, chat: bool) -> None:
+        temperature: float, top_p: float, seed: int, chat: bool, device: str,
+        dtype: str | None) -> None:
     """Generate from a built artifact with its static-budget KV cache (streams tokens)."""
     from kvcompile.errors import KVCompileError
     from kvcompile.runtime import load
@@ -240,7 +262,7 @@ def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_to
             raise KVCompileError(f"cannot read prompt file {prompt_file}: {exc}") from exc
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise KVCompileError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
-    engine = load(artifact)
+    engine = load(artifact, device=device, dtype=dtype)
     started = time.perf_counter()
     result = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              seed=seed, chat=chat, on_text=lambda text: click.echo(text, nl=False))

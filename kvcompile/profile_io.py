@@ -13,7 +13,9 @@ import yaml
 
 from kvcompile import __version__
 from kvcompile.errors import ProfileError
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import Plan
+from kvcompile.plan_io import Reader as _Reader
+from kvcompile.plan_io import plan_from_dict, plan_to_dict
 from kvcompile.yamlio import FlowDict, FlowList, atomic_write_text, dump_yaml, rounded
 
 PROFILE_FORMAT = "kvcompile-profile/1"
@@ -37,28 +39,6 @@ class Profile:
     @property
     def fingerprint(self) -> str:
         return self.model["fingerprint"]
-
-
-def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    layers = []
-    for index, layer in enumerate(plan.layers):
-        layout = layer.layout
-        layers.append(FlowDict(
-            layer=index,
-            full=FlowList(layer.full_heads),
-            budgeted=FlowList(layer.budgeted_heads),
-            sinks=layout.sinks if layout else 0,
-            compensation=layout.compensation if layout else 0,
-            selected=layout.selected if layout else 0,
-            window=layout.window if layout else 0,
-            sliding=layer.sliding,
-        ))
-    return {
-        "policy": plan.policy,
-        "selection": plan.selection,
-        "observation_window": plan.observation_window,
-        "layers": layers,
-    }
 
 
 def profile_to_dict(profile: Profile) -> dict[str, Any]:
@@ -94,67 +74,6 @@ def save_profile(profile: Profile, path: Path) -> None:
 
 
 # -- loading with path-named errors -------------------------------------------------------
-
-
-class _Reader:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, path: str, message: str) -> ProfileError:
-        return ProfileError(f"{self.source}: {path}: {message}")
-
-    def mapping(self, value: Any, path: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {type(value).__name__}")
-        return value
-
-    def get(self, parent: dict[str, Any], key: str, path: str, kind: type | tuple[type, ...]) -> Any:
-        full = f"{path}.{key}" if path else key
-        if key not in parent:
-            raise self.fail(full, "missing")
-        value = parent[key]
-        if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise self.fail(full, f"expected a number, got {value!r}")
-        if not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise self.fail(full, f"expected {names}, got {value!r}")
-        return value
-
-    def int_list(self, parent: dict[str, Any], key: str, path: str) -> tuple[int, ...]:
-        values = self.get(parent, key, path, list)
-        for i, v in enumerate(values):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise self.fail(f"{path}.{key}[{i}]", f"expected a non-negative integer, got {v!r}")
-        return tuple(values)
-
-
-def plan_from_dict(data: Any, reader: _Reader, path: str = "plan") -> Plan:
-    data = reader.mapping(data, path)
-    layers_data = reader.get(data, "layers", path, list)
-    layers = []
-    for i, raw in enumerate(layers_data):
-        p = f"{path}.layers[{i}]"
-        raw = reader.mapping(raw, p)
-        if reader.get(raw, "layer", p, int) != i:
-            raise reader.fail(f"{p}.layer", f"expected {i} (layers in order)")
-        full = reader.int_list(raw, "full", p)
-        budgeted = reader.int_list(raw, "budgeted", p)
-        ints = {k: reader.get(raw, k, p, int) for k in ("sinks", "compensation", "selected", "window")}
-        sliding = reader.get(raw, "sliding", p, bool)
-        try:
-            layout = BudgetLayout(**ints) if budgeted else None
-            layers.append(LayerPlan(full, budgeted, layout, sliding))
-        except ValueError as exc:
-            raise reader.fail(p, str(exc)) from exc
-    try:
-        return Plan(
-            tuple(layers),
-            policy=reader.get(data, "policy", path, str),
-            selection=reader.get(data, "selection", path, str),
-            observation_window=reader.get(data, "observation_window", path, int),
-        )
-    except ValueError as exc:
-        raise reader.fail(path, str(exc)) from exc
 
 
 def profile_from_dict(data: Any, source: str = "profile") -> Profile:

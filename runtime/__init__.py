@@ -1,6 +1,7 @@
-"""The static-budget runtime: budgeted cache, custom ops, generation loop.
+"""The static-budget runtime: budgeted cache, custom ops, generation loop, artifact reader.
 
-``kvcompile.runtime.load(DIR)`` returns an :class:`Engine` for a built artifact.
+``kvcompile.runtime.load(DIR)`` returns an :class:`Engine` for a built artifact. Loading
+imports nothing from the profiler, the fit, calibration or evaluation.
 """
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 
-def load(directory: str | Path, verify: bool = True, max_context: int | None = None) -> Any:
-    """Load a verified artifact and return its Engine (``engine.generate(prompt, ...)``)."""
-    from kvcompile.artifact import load_engine
+def load(directory: str | Path, verify: bool = True, max_context: int | None = None,
+         device: str | None = None, dtype: str | None = None) -> Any:
+    """Load a verified artifact and return its Engine (``engine.generate(prompt, ...)``).
 
-    return load_engine(Path(directory), verify=verify, max_context=max_context)
+    ``device``: ``cpu`` (default) or ``cuda``; ``dtype``: ``float32``, ``bfloat16`` or
+    ``float16`` (default: the precision the artifact stores).
+    """
+    from kvcompile.runtime.artifact import load_engine
+
+    return load_engine(Path(directory), verify=verify, max_context=max_context, device=device,
+                       dtype=dtype)
 
 
 __all__ = ["load"]

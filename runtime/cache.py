@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kvcompile.plan import SELECTIONS, BudgetLayout, LayerPlan, Plan
 
-from .ops import budgeted_attention, budgeted_cache_update
+from .ops import budgeted_attention, budgeted_cache_update, host_reads_free
 
 __all__ = [
     "BudgetedBuffer",
@@ -199,13 +199,26 @@ def selection_scores(q: Tensor, k: Tensor, scale: float, selection: str,
     return probs.sum(dim=(2, 3))
 
 
+def _overflow(length: int, n_new: int, max_context: int) -> ContextOverflowError:
+    return ContextOverflowError(
+        f"context overflow: {length} + {n_new} tokens exceed max_context={max_context} of the "
+        f"full-head KV buffers; allocate the cache with a larger max_context or use a shorter "
+        f"prompt / fewer new tokens"
+    )
+
+
 @dataclass
 class FullBuffer:
-    """Preallocated ``[B, H, max_context, D]`` KV of the full heads plus a length counter."""
+    """Preallocated ``[B, H, max_context, D]`` KV of the full heads.
+
+    ``length`` (int64 ``[B]``, on the buffers' device) counts each row's filled slots. Writes go
+    to slot ``length[b]`` by index and attention masks by ``length``, so every decode step has
+    the same shapes and reads nothing back to the host (CUDA graphs, ONNX, the kernels).
+    """
 
     k: Tensor
     v: Tensor
-    length: int = 0
+    length: Tensor
 
     @classmethod
     def empty(cls, batch: int, heads: int, max_context: int, head_dim: int,
@@ -213,32 +226,43 @@ class FullBuffer:
               device: torch.device | str | None = None) -> FullBuffer:
         shape = (batch, heads, max_context, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device))
+                   torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(batch, dtype=torch.int64, device=device))
 
     @property
     def max_context(self) -> int:
         return self.k.shape[2]
 
     def write(self, k: Tensor, v: Tensor) -> None:
-        """Append ``T`` tokens (``[B, H, T, D]``); refuses to go past ``max_context``."""
+        """Append ``T`` tokens (``[B, H, T, D]``) after each row's filled slots.
+
+        On CPU the lengths are read (free there) to refuse an overflow and to write by slice;
+        on a device the caller checks room with its host-side count (:class:`LayerKV`).
+        """
         n_new = k.shape[2]
-        if self.length + n_new > self.max_context:
-            raise ContextOverflowError(
-                f"context overflow: {self.length} + {n_new} tokens exceed max_context="
-                f"{self.max_context} of the full-head KV buffer; allocate the cache with a "
-                f"larger max_context or use a shorter prompt / fewer new tokens"
-            )
-        self.k[:, :, self.length:self.length + n_new] = k
-        self.v[:, :, self.length:self.length + n_new] = v
+        if host_reads_free(self.length):
+            lengths = self.length.tolist()
+            if max(lengths) + n_new > self.max_context:
+                raise _overflow(max(lengths), n_new, self.max_context)
+            if min(lengths) == max(lengths):
+                start = lengths[0]
+                self.k[:, :, start:start + n_new] = k
+                self.v[:, :, start:start + n_new] = v
+                self.length += n_new
+                return
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        slots = self.length[:, None] + torch.arange(n_new, device=k.device)  # [B, T]
+        self.k[rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # indexed view is [B, T, H, D]
+        self.v[rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         self.length += n_new
 
     def attend(self, q: Tensor, scale: float | None = None, causal: bool = True) -> Tensor:
-        """Attention over the tokens written so far; ``causal``: q are the last T written."""
-        k, v = self.k[:, :, :self.length], self.v[:, :, :self.length]
-        return budgeted_attention(q, k, v, None, causal=causal, scale=scale)
+        """Attention over each row's filled slots; ``causal``: q are the last T written."""
+        return budgeted_attention(q, self.k, self.v, None, causal=causal, scale=scale,
+                                  kv_length=self.length)
 
     def reset(self) -> None:
-        self.length = 0
+        self.length.zero_()
 
     @property
     def nbytes(self) -> int:
@@ -251,6 +275,8 @@ class LayerKV:
 
     ``sliding_window`` > 0 marks a layer the source model runs as sliding-window attention:
     its prefill attention uses that window (and it should have only budgeted heads).
+    ``length`` is the host-side count of tokens fed (every row in step); the buffers keep
+    their own device-side state.
     """
 
     full: FullBuffer | None
@@ -286,6 +312,10 @@ class LayerKV:
         nq = self.n_full * self.group_size
         return q[:, :nq], q[:, nq:]
 
+    def _check_room(self, n_new: int) -> None:
+        if self.full is not None and self.length + n_new > self.full.max_context:
+            raise _overflow(self.length, n_new, self.full.max_context)
+
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
                 selection: str = "attention", observation_window: int = 16) -> Tensor:
         """Exact causal attention over the prompt for all heads, then store (and compress).
@@ -313,6 +343,7 @@ class LayerKV:
         if self.length:
             raise ValueError(f"prefill into a non-empty layer cache ({self.length} tokens); "
                              f"reset() it first or use extend()")
+        self._check_room(k.shape[2])
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         nf = self.n_full
@@ -338,6 +369,7 @@ class LayerKV:
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         n_new = k.shape[2]
+        self._check_room(n_new)  # first: nothing is touched when the full heads would overflow
         nf, nq = self.n_full, self.n_full * self.group_size
         q_full, q_budget = self._split_q(q)
         if n_new == 1:  # decode: no output buffer to fill, no per-token slicing
@@ -353,7 +385,7 @@ class LayerKV:
                 return parts[0]
             return torch.cat(parts, dim=1) if parts else q.new_empty(q.shape)
         out = q.new_empty(q.shape)
-        if self.full is not None:  # first: it is the part that can refuse (overflow)
+        if self.full is not None:
             self.full.write(k[:, :nf], v[:, :nf])
             out[:, :nq] = self.full.attend(q_full, scale, causal=True)
         if self.budgeted is not None:
@@ -380,7 +412,11 @@ class LayerKV:
 
 @dataclass
 class StaticKVCache:
-    """All layers' caches for one :class:`Plan`, allocated once (use :meth:`allocate`)."""
+    """All layers' caches for one :class:`Plan`, allocated once (use :meth:`allocate`).
+
+    ``seen`` (int64 ``[B]``, on the device) counts the tokens fed, the source of the next
+    positions; the host-side ``length`` mirrors it (rows advance in step).
+    """
 
     layers: list[LayerKV]
     plan: Plan
@@ -390,6 +426,7 @@ class StaticKVCache:
     group_size: int
     dtype: torch.dtype
     device: torch.device
+    seen: Tensor
 
     @classmethod
     def allocate(cls, plan: Plan, batch: int, max_context: int, head_dim: int,
@@ -398,7 +435,8 @@ class StaticKVCache:
         device = torch.device(device) if device is not None else torch.device("cpu")
         layers = [LayerKV.allocate(lp, batch, max_context, head_dim, group_size, dtype, device)
                   for lp in plan.layers]
-        return cls(layers, plan, batch, max_context, head_dim, group_size, dtype, device)
+        seen = torch.zeros(batch, dtype=torch.int64, device=device)
+        return cls(layers, plan, batch, max_context, head_dim, group_size, dtype, device, seen)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -414,19 +452,24 @@ class StaticKVCache:
         """Tokens seen (prompt + generated), as counted by the first layer."""
         return self.layers[0].length if self.layers else 0
 
+    def positions(self, n_new: int) -> Tensor:
+        """Positions ``[n_new]`` of the next tokens, computed on the device (rows in step)."""
+        return self.seen[0] + torch.arange(n_new, device=self.seen.device)
+
+    def advance(self, n_new: int) -> None:
+        """Count ``n_new`` tokens fed through every layer (device side)."""
+        self.seen += n_new
+
     def check_room(self, n_new: int) -> None:
         """Raise before touching any layer if ``n_new`` more tokens would overflow a full head."""
         if any(layer.full is not None for layer in self.layers) and \
                 self.length + n_new > self.max_context:
-            raise ContextOverflowError(
-                f"context overflow: {self.length} + {n_new} tokens exceed max_context="
-                f"{self.max_context} of the full-head KV buffers; allocate the cache with a "
-                f"larger max_context or use a shorter prompt / fewer new tokens"
-            )
+            raise _overflow(self.length, n_new, self.max_context)
 
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
+        self.seen.zero_()
 
     @property
     def nbytes(self) -> int:
@@ -435,5 +478,6 @@ class StaticKVCache:
 
     @property
     def overhead_bytes(self) -> int:
-        """Bias and counters of the budgeted heads, not counted as KV memory."""
-        return sum(layer.overhead_bytes for layer in self.layers)
+        """Bias, counters and lengths, not counted as KV memory."""
+        lengths = sum(layer.full.length.numel() * 8 for layer in self.layers if layer.full)
+        return sum(layer.overhead_bytes for layer in self.layers) + lengths

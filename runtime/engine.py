@@ -1,10 +1,14 @@
 """Generation with static-budget KV buffers: prefill once, then one token at a time.
 
-The engine owns the (head-permuted) compact model and the plan; caches are allocated per
-request with fixed sizes, so memory never grows with the number of generated tokens.
+The engine owns the (head-permuted) compact model and the plan; caches are allocated with
+fixed sizes on the model's device, so memory never grows with the number of generated
+tokens. A decode step has the same shapes every time and reads nothing back to the host
+(positions, lengths and counters live on the device), so on CUDA it is captured once as a
+CUDA graph and replayed; prefill stays dynamic.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +19,8 @@ from kvcompile.errors import ContextLengthError
 from kvcompile.plan import Plan
 from kvcompile.runtime.cache import StaticKVCache
 from kvcompile.runtime.model import CompactLM
+
+CUDA_GRAPHS_ENV = "KVCOMPILE_CUDA_GRAPHS"  # "0" turns decode-step capture off (debugging)
 
 
 @dataclass
@@ -28,7 +34,7 @@ class Generation:
 
 class Engine:
     def __init__(self, model: CompactLM, plan: Plan, tokenizer: Any, max_context: int | None = None,
-                 eos_token_ids: Sequence[int] = ()) -> None:
+                 eos_token_ids: Sequence[int] = (), cuda_graphs: bool | None = None) -> None:
         self.model = model
         self.plan = plan
         self.tokenizer = tokenizer
@@ -36,12 +42,20 @@ class Engine:
         self.max_context = max_context or self.arch.max_context
         self.eos_token_ids = tuple(eos_token_ids) or _eos_ids(tokenizer)
         self.manifest: dict[str, Any] | None = None  # set when loaded from an artifact
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._session: StaticKVCache | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     # -- caches ---------------------------------------------------------------------------
     def allocate(self, batch: int = 1, max_context: int | None = None, plan: Plan | None = None) -> StaticKVCache:
         return StaticKVCache.allocate(
             plan or self.plan, batch, max_context or self.max_context, self.arch.head_dim,
-            self.arch.group_size, dtype=self.model.dtype,
+            self.arch.group_size, dtype=self.model.dtype, device=self.device,
         )
 
     def uncompressed_plan(self) -> Plan:
@@ -49,7 +63,7 @@ class Engine:
         return Plan.uncompressed(self.arch.n_layers, self.arch.n_kv_heads, self.arch.sliding_windows)
 
     # -- forward --------------------------------------------------------------------------
-    def prefill(self, input_ids: torch.Tensor, caches: Sequence[StaticKVCache]) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, caches: Sequence[Any]) -> torch.Tensor:
         """Exact causal prefill into one or more caches (same math, different storage).
 
         Returns the last position's logits [B, V]. Attention is computed once, by the first
@@ -75,10 +89,14 @@ class Engine:
             return out
 
         with torch.no_grad():
-            hidden = self.model.hidden_states(input_ids, torch.arange(length), attend)
-            return self.model.logits(hidden[:, -1])
+            hidden = self.model.hidden_states(input_ids, torch.arange(length), attend,
+                                              max_position=length - 1)
+            logits = self.model.logits(hidden[:, -1])
+        for cache in caches:
+            cache.advance(length)
+        return logits
 
-    def extend(self, input_ids: torch.Tensor, cache: StaticKVCache, all_logits: bool = False) -> torch.Tensor:
+    def extend(self, input_ids: torch.Tensor, cache: Any, all_logits: bool = False) -> torch.Tensor:
         """Feed T new tokens through the static-budget cache; logits [B, T, V] or last [B, V]."""
         n_new = input_ids.shape[1]
         start = cache.length
@@ -87,14 +105,40 @@ class Engine:
                 f"{start} cached + {n_new} new tokens exceed the context of {cache.max_context}; "
                 f"generate fewer tokens or use a shorter prompt"
             )
+        if n_new == 1 and not all_logits:
+            return self.decode_step(input_ids, cache)
+        return self._forward(input_ids.to(self.device), cache, all_logits)
+
+    def _forward(self, input_ids: torch.Tensor, cache: Any, all_logits: bool) -> torch.Tensor:
+        """The cached forward pass: device work only (positions come from the cache)."""
         scale = self.arch.attention_scale
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return cache[i].extend(q, k, v, scale)
 
+        n_new = input_ids.shape[1]
         with torch.no_grad():
-            hidden = self.model.hidden_states(input_ids, torch.arange(start, start + n_new), attend)
-            return self.model.logits(hidden if all_logits else hidden[:, -1])
+            hidden = self.model.hidden_states(input_ids, cache.positions(n_new), attend,
+                                              max_position=cache.max_context - 1)
+            logits = self.model.logits(hidden if all_logits else hidden[:, -1])
+        cache.advance(n_new)
+        return logits
+
+    def decode_step(self, token_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One token per row (``[B, 1]``) -> logits ``[B, V]``; a CUDA graph replay on CUDA.
+
+        The caller checks room (:meth:`extend` does). Every step has the same shapes, so the
+        first step of a cache runs eagerly (warming up kernels and allocators), the second is
+        captured, and later ones replay the capture.
+        """
+        token_ids = token_ids.to(self.device)
+        if not self.cuda_graphs or not isinstance(cache, StaticKVCache):
+            return self._forward(token_ids, cache, all_logits=False)
+        graph = getattr(cache, "_decode_graph", None)
+        if graph is None:
+            graph = _DecodeGraph(self, cache)
+            cache._decode_graph = graph  # lives and dies with the cache's buffers
+        return graph.step(token_ids)
 
     # -- generation -----------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
@@ -103,6 +147,16 @@ class Engine:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                            return_dict=False))
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def session_cache(self, batch: int, tokens: int) -> StaticKVCache:
+        """A cache for ``tokens`` tokens. With CUDA graphs one cache of ``max_context`` slots
+        is kept and reset between requests, so its captured decode step is reused."""
+        if not self.cuda_graphs:
+            return self.allocate(batch, max_context=tokens)
+        if self._session is None or self._session.batch != batch:
+            self._session = self.allocate(batch, max_context=self.max_context)
+        self._session.reset()
+        return self._session
 
     def generate(
         self,
@@ -124,7 +178,7 @@ class Engine:
                 f"of {self.max_context}; shorten the prompt or lower --max-new-tokens"
             )
         generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-        cache = self.allocate(1, max_context=len(ids) + max_new_tokens)
+        cache = self.session_cache(1, len(ids) + max_new_tokens)
         logits = self.prefill(torch.tensor([ids]), [cache])
         generated: list[int] = []
         printed = ""
@@ -149,7 +203,53 @@ class Engine:
         return Generation(len(ids), generated, text, reason, cache.nbytes)
 
 
+class _DecodeGraph:
+    """The decode step of one cache as a CUDA graph (static input ids, static logits)."""
+
+    def __init__(self, engine: Engine, cache: StaticKVCache) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.ids = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.warm = False  # one eager step has run
+        # the RoPE tables the graph gathers from must exist, at full size, before capture
+        engine.model.rope_tables(torch.zeros(1, dtype=torch.long, device=cache.device),
+                                 max_position=cache.max_context - 1)
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        self.ids.copy_(token_ids)
+        if self.graph is None and self.warm:
+            self._capture()
+        if self.graph is None:  # first step: eager, on a side stream (lazy init happens here)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                logits = self.engine._forward(self.ids, cache, all_logits=False)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.warm = True
+            return logits
+        self.graph.replay()
+        for layer in cache.layers:  # the host-side counts the captured Python did not run
+            layer.length += 1
+        assert self.logits is not None
+        return self.logits.clone()
+
+    def _capture(self) -> None:
+        """Record one step; recording runs no kernel, so only the host counts need undoing."""
+        cache = self.cache
+        host = [layer.length for layer in cache.layers]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self.engine._forward(self.ids, cache, all_logits=False)
+        for layer, length in zip(cache.layers, host, strict=True):
+            layer.length = length
+        self.graph = graph
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    logits = logits.cpu()
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)

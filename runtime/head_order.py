@@ -16,9 +16,11 @@ from kvcompile.plan import Plan
 from kvcompile.runtime.cache import LayerKV, StaticKVCache
 
 
-def _orders(order: tuple[int, ...], group: int) -> tuple[Tensor, Tensor, Tensor]:
-    kv = torch.tensor(order, dtype=torch.long)
-    q = torch.tensor([h * group + j for h in order for j in range(group)], dtype=torch.long)
+def _orders(order: tuple[int, ...], group: int, device: torch.device
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    kv = torch.tensor(order, dtype=torch.long, device=device)
+    q = torch.tensor([h * group + j for h in order for j in range(group)], dtype=torch.long,
+                     device=device)
     return kv, q, torch.argsort(q)
 
 
@@ -49,7 +51,7 @@ class ReorderedCache:
         self.plan = plan
         self.layers = []
         for layer_plan, layer in zip(plan.layers, cache.layers, strict=True):
-            kv, q, inverse = _orders(layer_plan.permutation, group_size)
+            kv, q, inverse = _orders(layer_plan.permutation, group_size, cache.device)
             self.layers.append(ReorderedLayer(layer, kv, q, inverse))
 
     def __getitem__(self, i: int) -> ReorderedLayer:
@@ -66,6 +68,12 @@ class ReorderedCache:
     @property
     def nbytes(self) -> int:
         return self.cache.nbytes
+
+    def positions(self, n_new: int) -> Tensor:
+        return self.cache.positions(n_new)
+
+    def advance(self, n_new: int) -> None:
+        self.cache.advance(n_new)
 
     def reset(self) -> None:
         self.cache.reset()

@@ -183,24 +183,33 @@ class CompactLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def rope_tables(self, positions: torch.Tensor, max_position: int | None = None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin per layer for ``positions`` [T]; layers sharing a RoPE share the tables.
 
-        Rows are gathered from per-RoPE tables over ``0..max(positions)``, computed once and
-        grown geometrically (the values are elementwise in the position, so a row of the table
-        equals computing that position alone; decoding then costs one gather, not a recompute).
+        Rows are gathered from per-RoPE tables over ``0..max_position``, computed once on the
+        model's device and grown geometrically (the values are elementwise in the position,
+        so a row of the table equals computing that position alone; decoding then costs one
+        gather, not a recompute). ``max_position`` (a host-side bound) spares reading
+        ``positions`` back, which on a GPU would be a synchronisation.
         """
         if (positions.is_floating_point() or type(positions) is not torch.Tensor
-                or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or (positions.numel() and int(positions.min()) < 0)):
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return self._rope_tables_direct(positions)  # no data-dependent table size
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if max_position is None:
+            if positions.numel() and int(positions.min()) < 0:
+                return self._rope_tables_direct(positions)
+            max_position = int(positions.max()) if positions.numel() else -1
         shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         tables = []
         for inv_freq, scaling in self._rope:
             key = id(inv_freq)
             if key not in shared:
-                cos, sin = self._rope_rows(inv_freq, scaling, needed)
+                cos, sin = self._rope_rows(inv_freq, scaling, max_position + 1)
                 idx = positions.to(cos.device)
                 shared[key] = (cos.index_select(0, idx), sin.index_select(0, idx))
             tables.append(shared[key])
@@ -213,7 +222,7 @@ class CompactLM(nn.Module):
         for inv_freq, scaling in self._rope:
             key = id(inv_freq)
             if key not in cache:
-                freqs = positions.float()[:, None] * inv_freq[None, :]
+                freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
                 emb = torch.cat((freqs, freqs), dim=-1)
                 cache[key] = (
                     (emb.cos() * scaling).to(self.dtype),
@@ -224,16 +233,24 @@ class CompactLM(nn.Module):
 
     def _rope_rows(self, inv_freq: torch.Tensor, scaling: float,
                    needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached ``[N, D]`` cos/sin table of one RoPE, with ``N >= needed`` rows."""
+        """The cached ``[N, D]`` cos/sin table of one RoPE, with ``N >= needed`` rows.
+
+        The table only ever grows; a replaced table is kept alive (geometric growth: a few of
+        them at most), so a captured CUDA graph that gathers from it never reads freed memory.
+        """
         cache = self.__dict__.setdefault("_rope_cache", {})
         key = id(inv_freq)
         entry = cache.get(key)
-        if entry is None or entry[0] is not inv_freq or entry[1] != self.dtype or \
-                entry[2].shape[0] < needed:
-            rows = max(needed, 256, 2 * entry[2].shape[0] if entry is not None and
-                       entry[0] is inv_freq and entry[1] == self.dtype else 0)
-            freqs = torch.arange(rows, device=inv_freq.device).float()[:, None] * inv_freq[None, :]
+        device = self.device
+        fresh = (entry is not None and entry[0] is inv_freq and entry[1] == self.dtype
+                 and entry[2].device == device)
+        if not fresh or entry[2].shape[0] < needed:
+            rows = max(needed, 256, 2 * entry[2].shape[0] if fresh else 0)
+            positions = torch.arange(rows, device=device).float()[:, None]
+            freqs = positions * inv_freq.to(device)[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
+            if entry is not None:
+                self.__dict__.setdefault("_rope_retired", []).append(entry)
             entry = (inv_freq, self.dtype, (emb.cos() * scaling).to(self.dtype),
                      (emb.sin() * scaling).to(self.dtype))
             cache[key] = entry
@@ -253,16 +270,20 @@ class CompactLM(nn.Module):
         observe: ObserveFn | None = None,
         start_layer: int = 0,
         start_hidden: torch.Tensor | None = None,
+        max_position: int | None = None,
     ) -> torch.Tensor:
         """Run the blocks; ``attend`` decides what each attention sees (cache or not).
 
         ``start_layer`` with ``start_hidden`` (the residual stream entering that block) skips
         the blocks below it, for callers that replay only the top of the network.
+        ``max_position`` bounds ``positions`` (see :meth:`rope_tables`). Inputs are moved to
+        the model's device.
         """
         if start_layer and start_hidden is None:
             raise ValueError("start_layer needs start_hidden, the residual stream entering that block")
-        x = self.embed(input_ids) if start_hidden is None else start_hidden
-        tables = self.rope_tables(positions)
+        device = self.device
+        x = self.embed(input_ids.to(device)) if start_hidden is None else start_hidden
+        tables = self.rope_tables(positions.to(device), max_position)
         b, t, _ = x.shape
         for i, block in enumerate(self.model.layers):
             if i < start_layer:

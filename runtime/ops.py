@@ -4,10 +4,13 @@ Both are registered with ``torch.library.custom_op`` so that graphs (export, ONN
 see one opaque node per operation, with a fake (meta) implementation for shape propagation.
 The implementations here are the plain-torch references: they run on any device and dtype
 and define the semantics the Triton kernels and the ONNX function bodies must reproduce
-(DESIGN.md, "Static-budget cache semantics"). On CPU the cache update takes a bit-identical
-scalar fast path when every batch row is in the same state, and in plain eager CPU mode the
-public wrappers call the implementations without the dispatcher round trip (see
-``_plain_eager_cpu``); anything that traces or compiles still sees the registered ops.
+(DESIGN.md, "Static-budget cache semantics"). On a device they read nothing back to the host
+(static shapes: a full head's buffer is attended by its valid length ``kv_length``, a
+budgeted one by its per-slot bias). On CPU, where such reads are free, they take shortcuts
+(``CPU_SHORTCUTS``): a half-filled buffer is trimmed to its length, and the cache update
+takes a bit-identical scalar path when every batch row is in the same state. In plain eager
+CPU mode the public wrappers also skip the dispatcher (see ``_plain_eager_cpu``); anything
+that traces or compiles still sees the registered ops.
 
 Conventions shared with :mod:`kvcompile.runtime.cache`:
 
@@ -15,6 +18,8 @@ Conventions shared with :mod:`kvcompile.runtime.cache`:
   for the compensation slot standing for ``n`` evicted tokens, ``-inf`` empty. The cache keeps
   it in **float32** for float32/half/bf16 buffers (``ln n`` must not be rounded to bf16) and in
   float64 for float64 buffers; both ops accept any floating bias dtype.
+* ``kv_length`` (int64 ``[B]``) is the number of filled slots of each row of a preallocated
+  buffer; slots past it are not keys.
 * Softmax is computed in float32 (float64 stays float64) and the output has the query dtype.
 """
 from __future__ import annotations
@@ -39,6 +44,16 @@ _MAX_SCORES = 1 << 25
 when batch x heads x keys is large."""
 
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+CPU_SHORTCUTS = True
+"""On CPU, reading lengths and counters back is free, so the implementations may branch on
+them (trim a half-filled buffer, take the slice-copy update): same results, less work. Off,
+CPU runs the device path (static shapes, no host reads), which tests compare against."""
+
+
+def host_reads_free(tensor: Tensor) -> bool:
+    """Whether code may read ``tensor``'s values on the host to take a CPU shortcut."""
+    return CPU_SHORTCUTS and tensor.device.type == "cpu"
 
 
 def _plain_eager_cpu(*tensors: Tensor | None) -> bool:
@@ -78,7 +93,7 @@ def _safe_softmax_(scores: Tensor) -> Tensor:
 
 
 def _check_attention_args(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                          causal: bool, window: int) -> None:
+                          kv_length: Tensor | None, causal: bool, window: int) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D: q [B, Hq, T, D], k/v [B, Hkv, S, D]")
     b, hq, t, d = q.shape
@@ -88,6 +103,9 @@ def _check_attention_args(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({k.shape[1]})")
     if bias is not None and tuple(bias.shape) != tuple(k.shape[:3]):
         raise ValueError(f"bias must be [B, Hkv, S] = {tuple(k.shape[:3])}, got {tuple(bias.shape)}")
+    if kv_length is not None and (tuple(kv_length.shape) != (b,) or kv_length.dtype != torch.int64):
+        raise ValueError(f"kv_length must be int64 [B] = [{b}], got {kv_length.dtype} "
+                         f"{tuple(kv_length.shape)}")
     if window < 0:
         raise ValueError("window must be >= 0")
     if window > 0 and not causal:
@@ -97,13 +115,45 @@ def _check_attention_args(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
                          f"got T={t}, S={k.shape[2]}")
 
 
+def _trim_on_cpu(k: Tensor, v: Tensor, bias: Tensor | None, kv_length: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """On CPU, cut the buffers to the longest valid length (a free host read there).
+
+    When every row has the same length the length mask disappears and the unmasked fast paths
+    apply: a full-head buffer of ``max_context`` slots costs what its filled part costs.
+    """
+    if kv_length is None or not host_reads_free(kv_length):
+        return k, v, bias, kv_length
+    lengths = kv_length.tolist()
+    longest = max(lengths, default=0)
+    if min(lengths, default=0) < 0 or longest > k.shape[2]:
+        raise ValueError(f"kv_length must lie in [0, S={k.shape[2]}], got {lengths}")
+    k, v = k[:, :, :longest], v[:, :, :longest]
+    bias = None if bias is None else bias[:, :, :longest]
+    return k, v, bias, (None if min(lengths) == longest else kv_length)
+
+
+def _length_mask(kv_length: Tensor, t0: int, t1: int, t: int, s: int, causal: bool,
+                 window: int) -> Tensor:
+    """``[B, t1 - t0, S]`` visible keys of queries ``t0..t1`` when row ``b`` holds ``kv_length[b]``
+    keys and its ``T`` queries are the last of them."""
+    kpos = torch.arange(s, device=kv_length.device)
+    allowed = (kpos < kv_length[:, None])[:, None, :]
+    if causal:
+        qpos = kv_length[:, None] - t + torch.arange(t0, t1, device=kv_length.device)
+        allowed = allowed & (kpos <= qpos[:, :, None])
+        if window > 0:
+            allowed = allowed & (kpos > qpos[:, :, None] - window)
+    return allowed
+
+
 def _attention_decode(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                      window: int, scale: float) -> Tensor:
-    """T == 1: grouped matmul-softmax-matmul, no repeat of k/v, no mask tensor."""
+                      kv_length: Tensor | None, window: int, scale: float) -> Tensor:
+    """T == 1: grouped matmul-softmax-matmul, no repeat of k/v."""
     b, hq, _, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
-    if 0 < window < s:  # the single query is the last key: keep the last `window` keys
+    if kv_length is None and 0 < window < s:  # the query is the last key: keep the last `window`
         k, v = k[:, :, s - window:], v[:, :, s - window:]
         bias = None if bias is None else bias[:, :, s - window:]
     qg = q.reshape(b, hkv, g, d) * scale
@@ -111,6 +161,9 @@ def _attention_decode(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     scores = torch.matmul(qg, k.transpose(-1, -2)).to(_compute_dtype(q.dtype))
     if bias is not None:
         scores += bias.unsqueeze(2)
+    if kv_length is not None:
+        allowed = _length_mask(kv_length, 0, 1, 1, k.shape[2], True, window)  # [B, 1, S]
+        scores.masked_fill_(~allowed[:, None], float("-inf"))
     probs = _safe_softmax_(scores).to(v.dtype)
     return torch.matmul(probs, v).reshape(b, hq, 1, d).to(q.dtype)
 
@@ -127,7 +180,7 @@ def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float)
 
 
 def _attention_chunked(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                       causal: bool, window: int, scale: float) -> Tensor:
+                       kv_length: Tensor | None, causal: bool, window: int, scale: float) -> Tensor:
     """General masked path, in query chunks so memory is bounded by the chunk, not T x S."""
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -135,13 +188,13 @@ def _attention_chunked(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     cdt = _compute_dtype(q.dtype)
     out = q.new_empty(b, hq, t, d)
     qg = q.reshape(b, hkv, g, t, d)
-    offset = s - t  # query t sits at key position offset + t
-    keys = min(s, QUERY_CHUNK + window) if causal and window > 0 else s
+    offset = s - t  # without kv_length, query t sits at key position offset + t
+    keys = min(s, QUERY_CHUNK + window) if causal and window > 0 and kv_length is None else s
     chunk = max(1, min(QUERY_CHUNK, _MAX_SCORES // max(1, b * hq * keys)))
     for t0 in range(0, t, chunk):
         t1 = min(t, t0 + chunk)
         lo, hi = 0, s
-        if causal:
+        if causal and kv_length is None:  # static positions: only the keys the chunk can see
             hi = offset + t1
             if window > 0:
                 lo = max(0, offset + t0 - window + 1)
@@ -150,7 +203,10 @@ def _attention_chunked(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
         scores = torch.matmul(qg[:, :, :, t0:t1].to(cdt) * scale, ks.transpose(-1, -2))
         if bias is not None:
             scores += bias[:, :, None, None, lo:hi]
-        if causal:
+        if kv_length is not None:
+            allowed = _length_mask(kv_length, t0, t1, t, s, causal, window)[:, None, None]
+            scores.masked_fill_(~allowed, float("-inf"))
+        elif causal:
             qpos = torch.arange(offset + t0, offset + t1, device=q.device).unsqueeze(1)
             kpos = torch.arange(lo, hi, device=q.device).unsqueeze(0)
             allowed = kpos <= qpos
@@ -163,46 +219,55 @@ def _attention_chunked(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
 
 
 def _budgeted_attention_ref(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                            causal: bool, window: int, scale: float) -> Tensor:
-    _check_attention_args(q, k, v, bias, causal, window)
+                            kv_length: Tensor | None, causal: bool, window: int,
+                            scale: float) -> Tensor:
+    _check_attention_args(q, k, v, bias, kv_length, causal, window)
+    k, v, bias, kv_length = _trim_on_cpu(k, v, bias, kv_length)
     t, s = q.shape[2], k.shape[2]
     if t == 0:
         return q.new_zeros(q.shape)
     if s == 0:  # nothing to attend to: guarded like a fully masked row
         return q.new_zeros(q.shape)
     if t == 1:
-        return _attention_decode(q, k, v, bias, window, scale)
-    if bias is None and window == 0 and (not causal or t == s):
+        return _attention_decode(q, k, v, bias, kv_length, window, scale)
+    if kv_length is None and bias is None and window == 0 and (not causal or t == s):
         return _attention_sdpa(q, k, v, causal, scale)
-    return _attention_chunked(q, k, v, bias, causal, window, scale)
+    return _attention_chunked(q, k, v, bias, kv_length, causal, window, scale)
 
 
 @torch.library.custom_op("kvcompile::budgeted_attention", mutates_args=())
 def _budgeted_attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                           causal: bool, window: int, scale: float) -> Tensor:
-    return _budgeted_attention_ref(q, k, v, bias, causal, window, scale)
+                           kv_length: Tensor | None, causal: bool, window: int,
+                           scale: float) -> Tensor:
+    return _budgeted_attention_ref(q, k, v, bias, kv_length, causal, window, scale)
 
 
 @_budgeted_attention_op.register_fake
 def _budgeted_attention_fake(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                             causal: bool, window: int, scale: float) -> Tensor:
+                             kv_length: Tensor | None, causal: bool, window: int,
+                             scale: float) -> Tensor:
     return q.new_empty(q.shape)
 
 
 def budgeted_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *,
-                       causal: bool = False, window: int = 0,
-                       scale: float | None = None) -> Tensor:
+                       causal: bool = False, window: int = 0, scale: float | None = None,
+                       kv_length: Tensor | None = None) -> Tensor:
     """Attention of ``q [B,Hq,T,D]`` over ``k, v [B,Hkv,S,D]`` with a per-slot logit ``bias``.
 
-    GQA: query head ``i`` uses KV head ``i // (Hq // Hkv)``. ``causal``: the queries are the last
-    ``T`` keys (query ``t`` sees keys ``j <= S - T + t``); ``window > 0`` (needs ``causal``) also
-    requires ``j > S - T + t - window``. A row with no visible key returns 0.
+    GQA: query head ``i`` uses KV head ``i // (Hq // Hkv)``. ``kv_length`` (int64 ``[B]``, on
+    the tensors' device) says that row ``b`` holds only its first ``kv_length[b]`` slots (a
+    preallocated buffer filled that far; default ``S``); let ``n_b`` be that length. ``causal``:
+    the queries are the last ``T`` of the ``n_b`` keys (query ``t`` sees keys
+    ``j <= n_b - T + t``); ``window > 0`` (needs ``causal``) also requires
+    ``j > n_b - T + t - window``. A row with no visible key returns 0.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if _plain_eager_cpu(q, k, v, bias):
-        return _budgeted_attention_ref(q, k, v, bias, bool(causal), int(window), float(scale))
-    return _budgeted_attention_op(q, k, v, bias, bool(causal), int(window), float(scale))
+    if _plain_eager_cpu(q, k, v, bias, kv_length):
+        return _budgeted_attention_ref(q, k, v, bias, kv_length, bool(causal), int(window),
+                                       float(scale))
+    return _budgeted_attention_op(q, k, v, bias, kv_length, bool(causal), int(window),
+                                  float(scale))
 
 
 def _check_update_args(k_buf: Tensor, v_buf: Tensor, bias: Tensor, counters: Tensor,
@@ -328,7 +393,7 @@ def _budgeted_cache_update_impl(k_buf: Tensor, v_buf: Tensor, bias: Tensor, coun
     """CPU with identical counters in every row (B == 1, or a batch decoded in lockstep): the
     scalar fast path; otherwise (rows out of step, or another device: no host sync) the
     vectorised reference."""
-    if counters.device.type == "cpu":
+    if host_reads_free(counters):
         _check_update_args(k_buf, v_buf, bias, counters, k_new, v_new,
                            sinks + compensation + selected + window, window)
         rows = counters.tolist()

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.runtime import ops
 from kvcompile.runtime.cache import (
     BudgetedBuffer,
     ContextOverflowError,
@@ -263,7 +264,25 @@ def test_full_buffer_overflow_is_a_clear_error():
     with pytest.raises(ContextOverflowError, match=r"max_context=8.*larger max_context") as info:
         full.write(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
-    assert full.length == 6
+    assert full.length.tolist() == [6]
+
+
+@pytest.mark.parametrize("shortcuts", [True, False])
+def test_full_buffer_rows_at_different_lengths(monkeypatch, shortcuts):
+    """Each row writes after its own filled slots and attends to them alone."""
+    monkeypatch.setattr(ops, "CPU_SHORTCUTS", shortcuts)
+    full = FullBuffer.empty(2, 1, 8, 2, F64)
+    full.length.copy_(torch.tensor([1, 4]))
+    k = torch.arange(2 * 2 * 2, dtype=F64).reshape(2, 1, 2, 2) + 1
+    full.write(k, -k)
+    assert full.length.tolist() == [3, 6]
+    assert torch.equal(full.k[0, 0, 1:3], k[0, 0]) and torch.equal(full.k[1, 0, 4:6], k[1, 0])
+    assert torch.equal(full.k[0, 0, 3:], torch.zeros(5, 2, dtype=F64))
+    q = torch.randn(2, 1, 1, 2, dtype=F64)
+    out = full.attend(q, scale=1.0)
+    for row, n in ((0, 3), (1, 6)):
+        weights = torch.softmax(full.k[row, 0, :n] @ q[row, 0, 0], dim=0)
+        torch.testing.assert_close(out[row, 0, 0], weights @ full.v[row, 0, :n])
 
 
 def test_layer_overflow_leaves_the_budgeted_heads_untouched():

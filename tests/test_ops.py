@@ -15,7 +15,7 @@ from kvcompile.runtime.ops import budgeted_attention, budgeted_cache_update
 NEG_INF = float("-inf")
 
 
-def naive_attention(q, k, v, bias, causal, window, scale):
+def naive_attention(q, k, v, bias, causal, window, scale, kv_length=None):
     """One query row at a time, explicit visible-key list, softmax by hand, in float64."""
     q, k, v = q.double(), k.double(), v.double()
     b_sz, hq, t_len, d = q.shape
@@ -23,12 +23,13 @@ def naive_attention(q, k, v, bias, causal, window, scale):
     g = hq // hkv
     out = torch.zeros(b_sz, hq, t_len, d, dtype=torch.float64)
     for b in range(b_sz):
+        n_keys = s_len if kv_length is None else int(kv_length[b])
         for i in range(hq):
             hk = i // g
             for t in range(t_len):
-                pos = s_len - t_len + t
+                pos = n_keys - t_len + t
                 logits, values = [], []
-                for j in range(s_len):
+                for j in range(n_keys):
                     if causal and j > pos:
                         continue
                     if window and j <= pos - window:
@@ -69,26 +70,66 @@ def attention_case(draw):
     t_len = draw(st.integers(1, s_len)) if causal else draw(st.integers(1, 4))
     window = draw(st.integers(0, s_len + 1)) if causal else 0
     with_bias = draw(st.booleans())
+    # rows filled to different lengths of a preallocated buffer (None: every slot is a key)
+    lengths = draw(st.one_of(st.none(), st.lists(st.integers(t_len if causal else 0, s_len),
+                                                 min_size=b, max_size=b)))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return b, hkv, g, d, s_len, t_len, causal, window, with_bias, dtype, seed
+    return b, hkv, g, d, s_len, t_len, causal, window, with_bias, lengths, dtype, seed
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(attention_case())
 def test_budgeted_attention_matches_naive(case):
-    b, hkv, g, d, s_len, t_len, causal, window, with_bias, dtype, seed = case
+    b, hkv, g, d, s_len, t_len, causal, window, with_bias, lengths, dtype, seed = case
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hkv * g, t_len, d, generator=gen, dtype=dtype)
     k = torch.randn(b, hkv, s_len, d, generator=gen, dtype=dtype)
     v = torch.randn(b, hkv, s_len, d, generator=gen, dtype=dtype)
     bias = random_bias(gen, (b, hkv, s_len)) if with_bias else None
+    kv_length = None if lengths is None else torch.tensor(lengths)
     scale = 0.7
-    out = budgeted_attention(q, k, v, bias, causal=causal, window=window, scale=scale)
+    out = budgeted_attention(q, k, v, bias, causal=causal, window=window, scale=scale,
+                             kv_length=kv_length)
     assert out.dtype == dtype and out.shape == q.shape
-    ref = naive_attention(q, k, v, bias, causal, window, scale)
+    ref = naive_attention(q, k, v, bias, causal, window, scale, kv_length)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("t_len,window,with_bias", [(1, 0, True), (1, 3, False), (3, 0, False),
+                                                     (4, 2, True)])
+def test_length_masks_without_cpu_trimming(monkeypatch, t_len, window, with_bias):
+    """The device path masks by ``kv_length`` over the whole buffer (CPU trims it first)."""
+    monkeypatch.setattr(ops, "CPU_SHORTCUTS", False)
+    gen = torch.Generator().manual_seed(t_len * 7 + window)
+    q = torch.randn(3, 6, t_len, 8, generator=gen)
+    k = torch.randn(3, 2, 11, 8, generator=gen)
+    v = torch.randn(3, 2, 11, 8, generator=gen)
+    bias = random_bias(gen, (3, 2, 11)) if with_bias else None
+    kv_length = torch.tensor([11, 5, t_len])
+    out = budgeted_attention(q, k, v, bias, causal=True, window=window, kv_length=kv_length)
+    ref = naive_attention(q, k, v, bias, True, window, 8**-0.5, kv_length)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_device_path_reads_nothing_back_to_the_host():
+    """On a non-CPU device the reference must not sync: meta tensors refuse any host read."""
+    q = torch.empty(2, 4, 1, 8, device="meta")
+    k = torch.empty(2, 2, 16, 8, device="meta")
+    bias = torch.empty(2, 2, 16, device="meta")
+    kv_length = torch.empty(2, dtype=torch.int64, device="meta")
+    for args in ((q, k, k, bias, None, False, 0, 0.3), (q, k, k, None, kv_length, True, 4, 0.3),
+                 (torch.empty(2, 4, 3, 8, device="meta"), k, k, None, kv_length, True, 0, 0.3)):
+        assert ops._budgeted_attention_ref(*args).shape == args[0].shape
+    layout = BudgetLayout(2, 1, 3, 4)
+    state = (torch.empty(2, 2, layout.capacity, 8, device="meta"),
+             torch.empty(2, 2, layout.capacity, 8, device="meta"),
+             torch.empty(2, 2, layout.capacity, device="meta"),
+             torch.empty(2, 4, dtype=torch.int64, device="meta"))
+    new = torch.empty(2, 2, 1, 8, device="meta")
+    ops._budgeted_cache_update_impl(*state, new, new, layout.sinks, layout.compensation,
+                                    layout.selected, layout.window)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4])
@@ -168,9 +209,14 @@ def test_opcheck_budgeted_attention():
         (torch.randn(1, 3, 4, 8, generator=gen), torch.randn(1, 1, 6, 8, generator=gen),
          None, True, 3),
     ]
-    for q, k, bias, causal, window in cases:
+    cases.append((torch.randn(2, 4, 1, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen),
+                  None, True, 0, torch.tensor([9, 4])))
+    cases.append((torch.randn(2, 2, 3, 8, generator=gen), torch.randn(2, 1, 9, 8, generator=gen),
+                  random_bias(gen, (2, 1, 9)), True, 2, torch.tensor([5, 3])))
+    for q, k, bias, causal, window, *length in cases:
+        kv_length = length[0] if length else None
         torch.library.opcheck(torch.ops.kvcompile.budgeted_attention.default,
-                              (q, k, k.clone(), bias, causal, window, 0.5))
+                              (q, k, k.clone(), bias, kv_length, causal, window, 0.5))
 
 
 def test_opcheck_budgeted_cache_update():
