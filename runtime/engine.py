@@ -9,6 +9,7 @@ CUDA graph and replayed; prefill stays dynamic.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -213,6 +214,7 @@ class _DecodeGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.warm = False  # one eager step has run
+        self.failed = False  # capture refused: this cache decodes eagerly
         # the RoPE tables the graph gathers from must exist, at full size, before capture
         engine.model.rope_tables(torch.zeros(1, dtype=torch.long, device=cache.device),
                                  max_position=cache.max_context - 1)
@@ -220,9 +222,9 @@ class _DecodeGraph:
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         self.ids.copy_(token_ids)
-        if self.graph is None and self.warm:
+        if self.graph is None and self.warm and not self.failed:
             self._capture()
-        if self.graph is None:  # first step: eager, on a side stream (lazy init happens here)
+        if self.graph is None:  # eager: the first step (lazy init happens here) or no capture
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -237,14 +239,25 @@ class _DecodeGraph:
         return self.logits.clone()
 
     def _capture(self) -> None:
-        """Record one step; recording runs no kernel, so only the host counts need undoing."""
+        """Record one step; recording runs no kernel, so only the host counts need undoing.
+
+        A step that cannot be captured (an op that synchronises, say) decodes eagerly instead,
+        with one warning: slower, never wrong.
+        """
         cache = self.cache
         host = [layer.length for layer in cache.layers]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self.engine._forward(self.ids, cache, all_logits=False)
-        for layer, length in zip(cache.layers, host, strict=True):
-            layer.length = length
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = self.engine._forward(self.ids, cache, all_logits=False)
+        except RuntimeError as exc:
+            self.failed = True
+            warnings.warn(f"kvcompile: the decode step could not be captured as a CUDA graph "
+                          f"({str(exc).splitlines()[0]}); decoding without graphs", stacklevel=3)
+            return
+        finally:
+            for layer, length in zip(cache.layers, host, strict=True):
+                layer.length = length
         self.graph = graph
 
 
