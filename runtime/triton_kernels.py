@@ -72,10 +72,12 @@ KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # one [BLOCK_H, D] fp32 accumulator per program must stay in registers
 MAX_GROUP = 64
-MIN_SPLIT_SLOTS = 512
-"""Slots below which a split's fixed cost (its query load, partial store and combine share)
-outweighs the parallelism it adds: buffers of at most this many slots get one program per
-(row, KV head) and no combine (a budgeted head's few hundred slots)."""
+SINGLE_PROGRAM_SLOTS = 512
+"""Buffers of at most this many slots get one program per (row, KV head) and no combine (a
+budgeted head's few hundred slots): below it, a second launch costs more than it saves."""
+MIN_SPLIT_SLOTS = 256
+"""Smallest chunk of a split: its fixed cost (query load, partial store, combine share) is paid
+once per chunk."""
 PROGRAMS_PER_SM = 4  # split-K aims at this many programs per SM over a full buffer
 _COMBINE_BLOCK = 32  # partials merged per combine iteration
 
@@ -158,7 +160,8 @@ def _grouped_decode_kernel(
                             offs_d, h_mask, d_mask, GROUP)
     hi = _valid_slots(length_ptr, row, n_slots, HAS_LENGTH)
     m_i, l_i, acc = _attend_slots(
-        q, k_ptr + row * stride_kb + kv_head * stride_kh, v_ptr + row * stride_vb + kv_head * stride_vh,
+        q, k_ptr + row * stride_kb + kv_head * stride_kh,
+        v_ptr + row * stride_vb + kv_head * stride_vh,
         bias_ptr + row * stride_bias_b + kv_head * stride_bias_h if HAS_BIAS else bias_ptr,
         0, hi, stride_ks, stride_kd, stride_vs, stride_vd, stride_bias_s, offs_d, d_mask,
         HAS_BIAS, BLOCK_H, BLOCK_N, BLOCK_D, DOT_PRECISION)
@@ -195,7 +198,8 @@ def _split_decode_kernel(
     q = _load_group_queries(q_ptr, row, kv_head, scale, stride_qb, stride_qh, stride_qd, offs_h,
                             offs_d, h_mask, d_mask, GROUP)
     m_i, l_i, acc = _attend_slots(  # zero iterations when the chunk starts past the row's keys
-        q, k_ptr + row * stride_kb + kv_head * stride_kh, v_ptr + row * stride_vb + kv_head * stride_vh,
+        q, k_ptr + row * stride_kb + kv_head * stride_kh,
+        v_ptr + row * stride_vb + kv_head * stride_vh,
         bias_ptr + row * stride_bias_b + kv_head * stride_bias_h if HAS_BIAS else bias_ptr,
         lo, hi, stride_ks, stride_kd, stride_vs, stride_vd, stride_bias_s, offs_d, d_mask,
         HAS_BIAS, BLOCK_H, BLOCK_N, BLOCK_D, DOT_PRECISION)
@@ -300,8 +304,9 @@ def _cache_update_kernel(
     tl.debug_barrier()  # every read above happens before any write below, in every thread
 
     # the evicted token moves into the next selected slot
-    tl.store(k_row + sel_slot * stride_ks, k_old, mask=sel_heads[:, None] & d_mask[None, :])
-    tl.store(v_row + sel_slot * stride_vs, v_old, mask=sel_heads[:, None] & d_mask[None, :])
+    move_tile = sel_heads[:, None] & d_mask[None, :]
+    tl.store(k_row + sel_slot * stride_ks, k_old, mask=move_tile)
+    tl.store(v_row + sel_slot * stride_vs, v_old, mask=move_tile)
     tl.store(bias_row + sel_slot * stride_bias_s, tl.zeros([BLOCK_H], tl.float32).to(
         bias_ptr.dtype.element_ty), mask=sel_heads)
     # or is folded into the compensation mean: x <- (n x + x_old) / (n + 1), the first fold a copy
@@ -310,8 +315,9 @@ def _cache_update_kernel(
     v_mean = tl.math.div_rn(n * v_cur.to(tl.float32) + v_old.to(tl.float32), n + 1.0)
     k_mean = tl.where(comp_n == 0, k_old.to(tl.float32), k_mean)
     v_mean = tl.where(comp_n == 0, v_old.to(tl.float32), v_mean)
-    tl.store(k_row + sinks * stride_ks, k_mean.to(k_ptr.dtype.element_ty), mask=comp_heads[:, None] & d_mask[None, :])
-    tl.store(v_row + sinks * stride_vs, v_mean.to(v_ptr.dtype.element_ty), mask=comp_heads[:, None] & d_mask[None, :])
+    fold_tile = comp_heads[:, None] & d_mask[None, :]
+    tl.store(k_row + sinks * stride_ks, k_mean.to(k_ptr.dtype.element_ty), mask=fold_tile)
+    tl.store(v_row + sinks * stride_vs, v_mean.to(v_ptr.dtype.element_ty), mask=fold_tile)
     log_n = tl.log((comp_n + 1).to(tl.float64)).to(bias_ptr.dtype.element_ty)
     tl.store(bias_row + sinks * stride_bias_s, tl.zeros([BLOCK_H], bias_ptr.dtype.element_ty)
              + log_n, mask=comp_heads)
@@ -366,7 +372,8 @@ def unsupported_update(k_buf: Tensor, v_buf: Tensor, bias: Tensor, k_new: Tensor
     return None
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors the split count is planned for (a few for the interpreter)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: small grids
@@ -379,11 +386,11 @@ def _block_n(block_d: int) -> int:
 def plan_splits(programs: int, n_slots: int, sm_count: int) -> int:
     """Split count for ``programs`` (rows x KV heads) over buffers of ``n_slots``: shapes only.
 
-    One split (no combine) up to :data:`MIN_SPLIT_SLOTS`; beyond, enough splits for
+    One split up to :data:`SINGLE_PROGRAM_SLOTS`; beyond, enough splits for
     :data:`PROGRAMS_PER_SM` programs per SM over a full buffer, each of at least
-    ``MIN_SPLIT_SLOTS`` slots.
+    :data:`MIN_SPLIT_SLOTS` slots.
     """
-    if n_slots <= MIN_SPLIT_SLOTS:
+    if n_slots <= SINGLE_PROGRAM_SLOTS:
         return 1
     wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(1, programs))
     return max(1, min(wanted, triton.cdiv(n_slots, MIN_SPLIT_SLOTS)))
@@ -412,7 +419,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     block_n = block_n or _block_n(block_d)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    splits = num_splits or plan_splits(b * hkv, n_slots, _sm_count(q.device))
+    splits = num_splits or plan_splits(b * hkv, n_slots, sm_count(q.device))
     split_slots = triton.cdiv(triton.cdiv(n_slots, splits), block_n) * block_n
     splits = triton.cdiv(n_slots, split_slots)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

@@ -158,13 +158,15 @@ def test_many_splits_merge_in_several_combine_blocks() -> None:
     _assert_matches(out, q, k, v, None, kv_length)
 
 
-def test_split_count_depends_on_shapes_only() -> None:
-    assert tk.plan_splits(1, tk.MIN_SPLIT_SLOTS, 132) == 1
-    for programs, slots in ((1, 131072), (8, 32768), (64, 4096), (1024, 131072)):
+def test_split_count_follows_its_contract() -> None:
+    """One program up to SINGLE_PROGRAM_SLOTS; beyond, splits of >= MIN_SPLIT_SLOTS slots,
+    enough for PROGRAMS_PER_SM programs per SM unless the buffer runs out of splits."""
+    assert tk.plan_splits(1, tk.SINGLE_PROGRAM_SLOTS, 132) == 1
+    for programs, slots in ((1, 131072), (8, 32768), (3, 4096), (64, 4096), (1024, 131072)):
         splits = tk.plan_splits(programs, slots, 132)
-        assert 1 <= splits <= -(-slots // tk.MIN_SPLIT_SLOTS)  # each split >= MIN_SPLIT_SLOTS
-        assert splits == 1 or programs * splits >= tk.PROGRAMS_PER_SM * 132 or \
-            splits == -(-slots // tk.MIN_SPLIT_SLOTS)
+        most = -(-slots // tk.MIN_SPLIT_SLOTS)
+        assert 1 <= splits <= most
+        assert programs * splits >= tk.PROGRAMS_PER_SM * 132 or splits == most
 
 
 # -- the cache update --------------------------------------------------------------------------
@@ -277,7 +279,7 @@ def serving_triton(monkeypatch):
 def test_registered_attention_runs_the_kernels_for_decode(serving_triton) -> None:
     gen = torch.Generator().manual_seed(11)
     q = _randn(gen, 2, 6, 1, 64)
-    k = _randn(gen, 2, 2, 600, 64)  # past MIN_SPLIT_SLOTS: the automatic split count splits
+    k = _randn(gen, 2, 2, 600, 64)  # past SINGLE_PROGRAM_SLOTS: the automatic count splits
     v = _randn(gen, 2, 2, 600, 64)
     kv_length = torch.tensor([600, 333], device=DEVICE)
     out = kernels.attention_impl(q, k, v, None, kv_length, True, 0, SCALE)
@@ -388,8 +390,9 @@ def test_kernels_replay_in_a_cuda_graph(monkeypatch) -> None:
     def step():
         ops.budgeted_cache_update(*state, new, new * 0.5, layout)
         lengths.add_(1)
-        full = ops.budgeted_attention(q, full_k, full_v, None, causal=True, kv_length=lengths)
-        budget = ops.budgeted_attention(q, state[0], state[1], state[2])
+        full = ops.budgeted_attention(q, full_k, full_v, None, causal=True, scale=SCALE,
+                                      kv_length=lengths)
+        budget = ops.budgeted_attention(q, state[0], state[1], state[2], scale=SCALE)
         return full, budget
 
     step()  # warm-up: compiles the kernels outside the capture
@@ -437,3 +440,24 @@ def test_engine_decode_on_cuda_matches_the_cpu_reference(monkeypatch) -> None:
         logits += [engine.extend(ids[:, t:t + 1], cache) for t in range(40, 240)]
         outputs.append(torch.stack(logits).cpu())
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+
+
+@gpu_only
+def test_loading_an_artifact_on_cuda_enables_the_kernels(tmp_path, monkeypatch) -> None:
+    from kvcompile.artifact import build_artifact
+    from kvcompile.models import load_model
+    from kvcompile.runtime import load
+    from tests.test_profile_io import build_profile
+    from tests.tiny import save_tokenizer, tiny_hf_model
+
+    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_status", "reference: enable() has not run")
+    source = tmp_path / "model"
+    tiny_hf_model("qwen2", seed=6).save_pretrained(source)
+    save_tokenizer(source)
+    loaded = load_model(str(source), reuse=False)
+    profile, _ = build_profile(loaded)
+    build_artifact(loaded, profile, tmp_path / "artifact", max_context=96, dtype="bfloat16")
+    engine = load(tmp_path / "artifact", device="cuda")
+    assert kernels.serving() == "triton"
+    assert engine.generate([5, 6, 7, 8], max_new_tokens=4).token_ids
