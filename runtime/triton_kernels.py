@@ -400,6 +400,36 @@ def _strides(t: Tensor | None, dims: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * dims
 
 
+def attention_config(dtype: torch.dtype, group: int, head_dim: int,
+                     block_n: int | None = None) -> dict:
+    """Compile-time constants and launch options of the two attention kernels (one definition
+    for the launcher and the ahead-of-time compile check)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    fp32 = dtype == torch.float32
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
+                BLOCK_N=block_n or _block_n(block_d), BLOCK_D=block_d,
+                DOT_PRECISION="ieee" if fp32 else "tf32",
+                num_warps=4, num_stages=2 if fp32 else 3,
+                enable_fp_fusion=True)  # FMAs welcome here: only the update is bit-exact
+
+
+def combine_config(group: int, head_dim: int, splits: int) -> dict:
+    """Compile-time constants and launch options of the split combine."""
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_S=min(_COMBINE_BLOCK, triton.next_power_of_2(splits)), num_warps=4,
+                enable_fp_fusion=True)
+
+
+def update_config(heads: int, head_dim: int) -> dict:
+    """Compile-time constants and launch options of the cache update: no FMA contraction, so
+    the fold rounds like the reference's separate multiply, add and divide."""
+    block_h = max(2, triton.next_power_of_2(heads))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return dict(HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+                num_warps=max(1, min(4, block_h * block_d // 256)), enable_fp_fusion=False)
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
                      kv_length: Tensor | None, scale: float, *, num_splits: int | None = None,
                      block_n: int | None = None, out: Tensor | None = None,
@@ -414,36 +444,30 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     b, hq, _, d = q.shape
     hkv, n_slots = k.shape[1], k.shape[2]
     group = hq // hkv
-    block_h = max(16, triton.next_power_of_2(group))
-    block_d = max(16, triton.next_power_of_2(d))
-    block_n = block_n or _block_n(block_d)
+    config = attention_config(q.dtype, group, d, block_n)
+    config.update(HAS_BIAS=bias is not None, HAS_LENGTH=kv_length is not None)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     splits = num_splits or plan_splits(b * hkv, n_slots, sm_count(q.device))
+    block_n = config["BLOCK_N"]
     split_slots = triton.cdiv(triton.cdiv(n_slots, splits), block_n) * block_n
     splits = triton.cdiv(n_slots, split_slots)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    stages = 2 if q.dtype == torch.float32 else 3
-    common = dict(GROUP=group, HEAD_DIM=d, HAS_BIAS=bias is not None,
-                  HAS_LENGTH=kv_length is not None, BLOCK_H=block_h, BLOCK_N=block_n,
-                  BLOCK_D=block_d, DOT_PRECISION=precision, num_warps=4, num_stages=stages)
     strides = (*_strides(q, 4)[:2], q.stride(3), *k.stride(), *v.stride(), *_strides(bias, 3))
     if splits == 1:
         _grouped_decode_kernel[(b * hkv,)](
             q, k, v, bias, kv_length, out, scale, n_slots, hkv, *strides,
-            out.stride(0), out.stride(1), out.stride(3), **common)
+            out.stride(0), out.stride(1), out.stride(3), **config)
         return out
     if partials is None:
         partials = split_workspace(b * hkv, splits, group, d, q.device)
     part_m, part_l, part_acc = partials
     _split_decode_kernel[(b * hkv, splits)](
         q, k, v, bias, kv_length, part_m, part_l, part_acc, scale, n_slots, hkv, split_slots,
-        splits, *strides, **common)
+        splits, *strides, **config)
     _combine_splits_kernel[(b * hq,)](
         part_m, part_l, part_acc, kv_length, out, n_slots, hkv, split_slots, splits,
-        out.stride(0), out.stride(1), out.stride(3), GROUP=group, HEAD_DIM=d,
-        HAS_LENGTH=kv_length is not None, BLOCK_H=block_h, BLOCK_D=block_d,
-        BLOCK_S=min(_COMBINE_BLOCK, triton.next_power_of_2(splits)), num_warps=4)
+        out.stride(0), out.stride(1), out.stride(3), HAS_LENGTH=kv_length is not None,
+        **combine_config(group, d, splits))
     return out
 
 
@@ -451,8 +475,8 @@ def split_workspace(programs: int, splits: int, group: int, head_dim: int,
                     device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Uninitialised fp32 partials ``m, l [programs, splits, BLOCK_H]`` and
     ``acc [programs, splits, BLOCK_H, BLOCK_D]`` for the split-K kernel (shape-only size)."""
-    block_h = max(16, triton.next_power_of_2(group))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    config = combine_config(group, head_dim, splits)
+    block_h, block_d = config["BLOCK_H"], config["BLOCK_D"]
     return (torch.empty(programs, splits, block_h, dtype=torch.float32, device=device),
             torch.empty(programs, splits, block_h, dtype=torch.float32, device=device),
             torch.empty(programs, splits, block_h, block_d, dtype=torch.float32, device=device))
@@ -462,12 +486,8 @@ def cache_update(k_buf: Tensor, v_buf: Tensor, bias: Tensor, counters: Tensor, k
                  v_new: Tensor, sinks: int, compensation: int, selected: int, window: int) -> None:
     """``budgeted_cache_update`` by one kernel launch (one program per batch row), in place."""
     b, h, _, d = k_buf.shape
-    block_h = max(2, triton.next_power_of_2(h))
-    block_d = max(16, triton.next_power_of_2(d))
     _cache_update_kernel[(b,)](
         k_buf, v_buf, bias, counters, k_new, v_new, h, sinks, compensation, selected, window,
         *k_buf.stride(), *v_buf.stride(), *bias.stride(), *counters.stride(),
         k_new.stride(0), k_new.stride(1), k_new.stride(3),
-        v_new.stride(0), v_new.stride(1), v_new.stride(3),
-        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=max(1, min(4, block_h * block_d // 256)), enable_fp_fusion=False)
+        v_new.stride(0), v_new.stride(1), v_new.stride(3), **update_config(h, d))

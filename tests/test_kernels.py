@@ -11,8 +11,12 @@ reference run in fp32 on the same values (the kernels upcast every load to fp32)
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +36,7 @@ from kvcompile.runtime import triton_kernels as tk  # noqa: E402
 from tests.test_ops import random_bias  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
 HALF = (torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 SCALE = 0.125
@@ -251,6 +256,27 @@ def test_cache_update_writes_one_slot_per_head_and_never_reads_outside_its_row()
     for got, want in zip((k_buf, v_buf, bias, counters), reference, strict=True):
         assert torch.equal(got.cpu(), want)
     assert torch.isnan(k_store[:, [0, 4]]).all() and torch.isnan(v_store[:, [0, 4]]).all()
+
+
+# -- compiled for the hardware: what the interpreter cannot show -------------------------------
+
+def test_kernels_compile_for_hopper_with_the_arithmetic_the_tests_assume() -> None:
+    """Triton's compiler builds every variant for sm_90 (no GPU needed), without register
+    spills; the update's fold keeps the reference's roundings (IEEE division, no FMA, a barrier
+    between its reads and writes), and half-precision attention runs on tensor cores."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tests.compile_kernels"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout)
+    assert len(facts) == 12
+    for name, found in facts.items():
+        assert found["local_bytes"] == 0, name
+        if name.startswith("cache update"):
+            assert found["div.rn.f32"] > 0 and found["bar.sync"] > 0, name
+            assert found["fma.rn.f32"] == found["div.full.f32"] == found["div.approx.f32"] == 0
+        elif "decode bf16" in name:
+            assert found["mma.sync"] > 0, name
 
 
 # -- the registered implementations: kernels where they apply, the reference elsewhere ----------
