@@ -4,7 +4,8 @@ Run by ``tests/test_kernels.py`` in a subprocess (the interpreter must be off wh
 module is imported): Triton's own compiler and the ptxas it ships turn every kernel variant the
 runtime launches into a cubin, which catches what the interpreter forgives (types, ``tl.dot``
 shapes, lowering), and prints, per variant, facts about the machine code as JSON: PTX
-instruction counts and the cubin's local memory (register spills).
+instruction counts, shared memory, and the cubin's local memory (register spills). Arguments are
+specialized as Triton's JIT specializes the runtime's calls (unit strides, 16-aligned pointers).
 
     python -m tests.compile_kernels
 """
@@ -32,22 +33,47 @@ INSTRUCTIONS = ("div.rn.f32", "div.full.f32", "div.approx.f32", "fma.rn.f32", "m
 
 
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+UNIT_STRIDES = re.compile(r"stride_(q|k|v|o|kn|vn)d|stride_bias_s|stride_cc")
+UNALIGNED_INTS = re.compile(r"stride_bias_[bh]|stride_cb|n_slots|n_kv_heads|n_heads|n_splits|"
+                            r"sinks|compensation|selected|window")
+
+
+def _specialize(kernel, constexprs: dict) -> tuple[dict, dict]:
+    """What Triton's JIT specializes on for a contiguous ``[B, H, S, D]`` layout with D a
+    multiple of 16: last-dim strides equal to 1 become constants, pointers (torch allocations)
+    and the other strides are multiples of 16. Sizes that vary (capacity, heads, layout) get no
+    hint. Returns extra constexprs and the divisibility attributes."""
+    units, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            continue
+        if UNIT_STRIDES.fullmatch(name):
+            units[name] = 1
+        elif name.endswith("_ptr") or (name.startswith("stride_") or name == "split_slots") \
+                and not UNALIGNED_INTS.fullmatch(name):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return units, attrs
 
 
 def _compile(kernel, pointers: dict[str, str], config: dict, **constexprs) -> dict:
-    """One variant, with the launcher's own ``config``: integer arguments are i32 (as the
-    launcher passes them), ``scale`` fp32."""
+    """One variant, with the launcher's own ``config`` and the JIT's specializations: integer
+    arguments are i32 (as the launcher passes them), ``scale`` fp32."""
     constexprs = {**{k: v for k, v in config.items() if k not in OPTIONS}, **constexprs}
+    units, attrs = _specialize(kernel, constexprs)
+    constexprs.update(units)
     options = {k: v for k, v in config.items() if k in OPTIONS}
     signature = {name: pointers.get(name, "fp32" if name == "scale" else "i32")
                  for name in kernel.arg_names}
     for name in constexprs:
         signature[name] = "constexpr"
     backend = triton.compiler.make_backend(TARGET)
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=TARGET, options=backend.parse_options(options).__dict__)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=TARGET,
+                              options=backend.parse_options(options).__dict__)
     ptx = compiled.asm["ptx"]
     facts = {op: len(re.findall(re.escape(op) + r"\b", ptx)) for op in INSTRUCTIONS}
+    facts["cp.async"] = len(re.findall(r"cp\.async\.", ptx))  # loads pipelined through shared
+    facts["shared_bytes"] = compiled.metadata.shared
     facts["local_bytes"] = _local_bytes(compiled.asm["cubin"])
     return facts
 
