@@ -41,10 +41,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 MIB = 1024 * 1024
-AGREEMENT = {torch.float32: 1e-2, torch.bfloat16: 1.0, torch.float16: 0.5}
+AGREEMENT = {torch.float32: 1e-2, torch.bfloat16: 2.0, torch.float16: 1.0}
 """Largest |logit difference| between transformers and the kvcompile runtime (all heads full)
 on the last prompt position that still means "the same model": half precision rounds every
-activation, so two correct implementations differ by tenths there."""
+activation, so two correct implementations differ by tenths there; another model would differ
+by several units."""
 
 
 @dataclass
