@@ -22,7 +22,7 @@ Three tables, on one device:
    bias, queries, output; the update's rows and counters), not the split workspace. Times: on
    CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run, median over
    100 ms of runs); on CPU the median of ``--runs`` wall-clock runs, 64 MiB written before
-   each (so the data comes from memory there too). ``max |err|``: against the reference run in
+   each (so the data comes from memory there too). ``max abs err``: against the reference run in
    fp32 on the same values (the update: against one reference step from the same state).
    Implementations: ``triton`` (the kernels, compiled), ``reference`` (the plain-torch op),
    ``triton (interpreter)`` (``--interpret`` on a machine without a GPU: Triton's interpreter
@@ -244,7 +244,7 @@ def update_rows(shape: ModelShape, context: int, budget: float, dtype: torch.dty
 
 def kernel_table(rows: list[KernelRow], copy_bw: float, markdown: bool) -> str:
     header = ["kernel", "model shape", "context", "slots", "implementation", "median µs",
-              "MiB moved", "GB/s", "of copy", "max |err|"]
+              "MiB moved", "GB/s", "of copy", "max abs err"]
     body = [[r.kernel, r.shape, str(r.context), str(r.slots), r.implementation,
              f"{r.ms * 1e3:.1f}", f"{r.nbytes / MIB:.2f}", f"{r.bandwidth() / 1e9:.1f}",
              f"{r.bandwidth() / copy_bw:.0%}", "-" if r.max_err is None else f"{r.max_err:.1e}"]

@@ -3,9 +3,9 @@
 Run by ``tests/test_kernels.py`` in a subprocess (the interpreter must be off when the kernels
 module is imported): Triton's own compiler and the ptxas it ships turn every kernel variant the
 runtime launches into a cubin, which catches what the interpreter forgives (types, ``tl.dot``
-shapes, lowering), and prints, per variant, facts about the machine code as JSON: PTX
-instruction counts, shared memory, and the cubin's local memory (register spills). Arguments are
-specialized as Triton's JIT specializes the runtime's calls (unit strides, 16-aligned pointers).
+shapes, lowering). Prints, per variant, facts about the machine code as JSON: PTX instruction
+counts, shared memory, registers and local memory (register spills). Arguments are specialised
+as Triton's JIT specialises the runtime's calls (unit strides, 16-aligned pointers).
 
     python -m tests.compile_kernels
 """
@@ -74,15 +74,16 @@ def _compile(kernel, pointers: dict[str, str], config: dict, **constexprs) -> di
     facts = {op: len(re.findall(re.escape(op) + r"\b", ptx)) for op in INSTRUCTIONS}
     facts["cp.async"] = len(re.findall(r"cp\.async\.", ptx))  # loads pipelined through shared
     facts["shared_bytes"] = compiled.metadata.shared
-    facts["local_bytes"] = _local_bytes(compiled.asm["cubin"])
+    facts.update(_resources(compiled.asm["cubin"]))
     return facts
 
 
-def _local_bytes(cubin: bytes) -> int | None:
-    """Per-thread local memory of the cubin (spilled registers), by the cuobjdump Triton ships."""
+def _resources(cubin: bytes) -> dict[str, int | None]:
+    """Registers per thread and local memory (spilled registers) of the cubin, read by the
+    cuobjdump Triton ships; None where it is missing."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
-        return None
+        return {"registers": None, "local_bytes": None}
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvcompile-{os.getpid()}.cubin"
     path.write_bytes(cubin)
     try:
@@ -90,8 +91,9 @@ def _local_bytes(cubin: bytes) -> int | None:
                                text=True, check=True).stdout
     finally:
         path.unlink()
-    found = re.search(r"LOCAL:(\d+)", usage)
-    return int(found.group(1)) if found else None
+    found = {key: re.search(rf"{key}:(\d+)", usage) for key in ("REG", "LOCAL")}
+    return {"registers": int(found["REG"].group(1)) if found["REG"] else None,
+            "local_bytes": int(found["LOCAL"].group(1)) if found["LOCAL"] else None}
 
 
 def variants() -> dict[str, dict]:
