@@ -10,10 +10,14 @@ For each context length ``L`` a seeded random prompt of ``L`` token ids is prefi
 
 The three systems are timed in interleaved rounds (``--rounds``) so that load from other
 processes on a shared machine hits them alike; the reported time is the median step.
+``--device cuda --dtype bfloat16`` runs all three on the GPU in that precision (each step is
+timed to its completion: ``torch.cuda.synchronize`` before the clock stops; the kvcompile
+systems replay their decode step as a CUDA graph, with the Triton kernels where they serve).
 KV bytes: keys + values only (transformers: the cache tensors' ``nbytes``; kvcompile:
-``StaticKVCache.nbytes``, allocated for ``L + steps + 1`` tokens).
+``StaticKVCache.nbytes``, allocated for ``L`` + warm-up + timed steps).
 
     python bench/decode.py --artifact /tmp/bench/artifact --contexts 2048 8192 --markdown
+    python bench/decode.py --artifact /tmp/bench/artifact --device cuda --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -37,6 +41,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 MIB = 1024 * 1024
+AGREEMENT = {torch.float32: 1e-2, torch.bfloat16: 2.0, torch.float16: 1.0}
+"""Largest |logit difference| between transformers and the kvcompile runtime (all heads full)
+on the last prompt position that still means "the same model": half precision rounds every
+activation, so two correct implementations differ by tenths there; another model would differ
+by several units."""
 
 
 @dataclass
@@ -132,11 +141,12 @@ class RuntimeDecoder(Decoder):
         self.cache = None
 
 
-def load_transformers_model(loaded) -> torch.nn.Module:
+def load_transformers_model(loaded, dtype: torch.dtype = torch.float32,
+                            device: torch.device | str = "cpu") -> torch.nn.Module:
     """The source model as a transformers model, from the weights kvcompile already loaded."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=dtype,
                                              attn_implementation="sdpa")
     missing, unexpected = model.load_state_dict(loaded.state, strict=False)
     missing = [m for m in missing if not (loaded.arch.tie_embeddings and m == "lm_head.weight")]
@@ -145,13 +155,28 @@ def load_transformers_model(loaded) -> torch.nn.Module:
                          f"missing {missing}, unexpected {unexpected}")
     if loaded.arch.tie_embeddings:
         model.tie_weights()
-    return model.eval()
+    return model.to(device).eval()
 
 
-def time_interleaved(decoders: list[Decoder], steps: int, rounds: int) -> dict[str, list[float]]:
-    """One warm-up step each, then ``steps`` timed steps each, in ``rounds`` interleaved rounds."""
-    for dec in decoders:
-        dec.step()
+def warmup_steps(device: torch.device) -> int:
+    """Untimed steps per system: on CUDA the kvcompile decode step runs eagerly once, then is
+    captured as a CUDA graph on its second call; the timed steps are replays."""
+    return 2 if device.type == "cuda" else 1
+
+
+def time_interleaved(decoders: list[Decoder], steps: int, rounds: int,
+                     device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+    """Warm-up steps, then ``steps`` timed steps each, in ``rounds`` interleaved rounds.
+
+    On CUDA each step is timed to its completion (``torch.cuda.synchronize``)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup_steps(device)):
+        for dec in decoders:
+            dec.step()
+    sync()
     times: dict[str, list[float]] = {dec.name: [] for dec in decoders}
     per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
     for n in per_round:
@@ -159,19 +184,23 @@ def time_interleaved(decoders: list[Decoder], steps: int, rounds: int) -> dict[s
             for _ in range(n):
                 t0 = time.perf_counter()
                 dec.step()
+                sync()
                 times[dec.name].append((time.perf_counter() - t0) * 1000.0)
     return times
 
 
-def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: int) -> list[Result]:
+def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: int,
+                plan=None) -> list[Result]:
+    """Prefill a seeded random prompt of ``length`` ids, then time decode steps of every system;
+    ``plan`` (default: the artifact's) is the static-budget plan the artifact system serves."""
     gen = torch.Generator().manual_seed(args.seed + length)
-    ids = torch.randint(0, vocab, (1, length), generator=gen)
-    max_context = length + args.steps + 1
+    ids = torch.randint(0, vocab, (1, length), generator=gen).to(engine.device)
+    max_context = length + args.steps + warmup_steps(engine.device)
     decoders: list[Decoder] = []
     if hf_model is not None:
         decoders.append(TransformersDecoder(hf_model))
     full = RuntimeDecoder("kvcompile, all heads full", engine, engine.uncompressed_plan(), max_context)
-    art = RuntimeDecoder("kvcompile artifact", engine, engine.plan, max_context)
+    art = RuntimeDecoder("kvcompile artifact", engine, plan or engine.plan, max_context)
     decoders += [full, art]
     t0 = time.perf_counter()
     if hf_model is not None:
@@ -186,9 +215,9 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
         diff = float((decoders[0].prefill_logits - full.prefill_logits).abs().max())
         print(f"[L={length}] last-position logits, transformers vs kvcompile full: "
               f"max |diff| = {diff:.2e}", file=sys.stderr)
-        if diff > 1e-2:
+        if diff > AGREEMENT[engine.model.dtype]:
             raise SystemExit("transformers and the kvcompile runtime disagree: not the same model")
-    times = time_interleaved(decoders, args.steps, args.rounds)
+    times = time_interleaved(decoders, args.steps, args.rounds, engine.device)
     results = [Result(length, dec.name, times[dec.name], dec.kv_bytes()) for dec in decoders]
     for dec in decoders:
         dec.close()
@@ -228,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4,
                         help="interleave the systems' timed steps in this many rounds (default: 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="precision of weights and KV (default: the artifact's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
     parser.add_argument("--no-transformers", action="store_true",
                         help="skip the transformers baseline (kvcompile systems only)")
@@ -241,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvcompile.artifact import load_engine
     from kvcompile.models import load_model
 
-    engine = load_engine(args.artifact)
+    engine = load_engine(args.artifact, device=args.device, dtype=args.dtype)
     manifest = engine.manifest or {}
     hf_model = None
     if not args.no_transformers:
@@ -250,12 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         if source.get("fingerprint") and loaded.fingerprint != source["fingerprint"]:
             raise SystemExit(f"the artifact was built from {source.get('name')} ({source['fingerprint'][:19]}…), "
                              f"but {source.get('source')!r} now loads a different model")
-        hf_model = load_transformers_model(loaded)
+        hf_model = load_transformers_model(loaded, engine.model.dtype, engine.device)
     vocab = engine.arch.vocab_size
 
     import transformers
-    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+    if engine.device.type == "cuda":
+        from kvcompile.runtime import kernels
+
+        where = f"{torch.cuda.get_device_name(engine.device)}, kernels: {kernels.serving()}, " \
+                f"CUDA graphs {'on' if engine.cuda_graphs else 'off'}"
+    else:
+        where = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {where}, "
+          f"{str(engine.model.dtype).removeprefix('torch.')}, "
           f"artifact {args.artifact} ({engine.plan.n_full} full KV heads), "
           f"steps {args.steps}, rounds {args.rounds}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"load average {os.getloadavg()[0]:.2f}", file=sys.stderr)

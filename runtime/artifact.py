@@ -109,6 +109,10 @@ def load_engine(directory: Path, verify: bool = True, max_context: int | None = 
     from kvcompile.runtime.model import CompactLM
 
     target = resolve_device(device)
+    if target.type == "cuda":  # the Triton kernels serve the kvcompile ops from here on
+        from kvcompile.runtime import kernels
+
+        kernels.enable()
     hf_logging.set_verbosity_error()
     directory = Path(directory)
     manifest = read_manifest(directory)

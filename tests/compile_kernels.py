@@ -1,0 +1,124 @@
+"""Compile the Triton kernels ahead of time for a Hopper GPU (sm_90), without a GPU.
+
+Run by ``tests/test_kernels.py`` in a subprocess (the interpreter must be off when the kernels
+module is imported): Triton's own compiler and the ptxas it ships turn every kernel variant the
+runtime launches into a cubin, which catches what the interpreter forgives (types, ``tl.dot``
+shapes, lowering). Prints, per variant, facts about the machine code as JSON: PTX instruction
+counts, shared memory, registers and local memory (register spills). Arguments are specialised
+as Triton's JIT specialises the runtime's calls (unit strides, 16-aligned pointers).
+
+    python -m tests.compile_kernels
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kvcompile.runtime import triton_kernels as tk  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+INSTRUCTIONS = ("div.rn.f32", "div.full.f32", "div.approx.f32", "fma.rn.f32", "mul.rn.f32",
+                "bar.sync", "mma.sync", "cvt.rn.bf16.f32", "ex2.approx.f32")
+
+
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+UNIT_STRIDES = re.compile(r"stride_(q|k|v|o|kn|vn)d|stride_bias_s|stride_cc")
+UNALIGNED_INTS = re.compile(r"stride_bias_[bh]|stride_cb|n_slots|n_kv_heads|n_heads|n_splits|"
+                            r"sinks|compensation|selected|window")
+
+
+def _specialize(kernel, constexprs: dict) -> tuple[dict, dict]:
+    """What Triton's JIT specializes on for a contiguous ``[B, H, S, D]`` layout with D a
+    multiple of 16: last-dim strides equal to 1 become constants, pointers (torch allocations)
+    and the other strides are multiples of 16. Sizes that vary (capacity, heads, layout) get no
+    hint. Returns extra constexprs and the divisibility attributes."""
+    units, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            continue
+        if UNIT_STRIDES.fullmatch(name):
+            units[name] = 1
+        elif name.endswith("_ptr") or (name.startswith("stride_") or name == "split_slots") \
+                and not UNALIGNED_INTS.fullmatch(name):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return units, attrs
+
+
+def _compile(kernel, pointers: dict[str, str], config: dict, **constexprs) -> dict:
+    """One variant, with the launcher's own ``config`` and the JIT's specializations: integer
+    arguments are i32 (as the launcher passes them), ``scale`` fp32."""
+    constexprs = {**{k: v for k, v in config.items() if k not in OPTIONS}, **constexprs}
+    units, attrs = _specialize(kernel, constexprs)
+    constexprs.update(units)
+    options = {k: v for k, v in config.items() if k in OPTIONS}
+    signature = {name: pointers.get(name, "fp32" if name == "scale" else "i32")
+                 for name in kernel.arg_names}
+    for name in constexprs:
+        signature[name] = "constexpr"
+    backend = triton.compiler.make_backend(TARGET)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=TARGET,
+                              options=backend.parse_options(options).__dict__)
+    ptx = compiled.asm["ptx"]
+    facts = {op: len(re.findall(re.escape(op) + r"\b", ptx)) for op in INSTRUCTIONS}
+    facts["cp.async"] = len(re.findall(r"cp\.async\.", ptx))  # loads pipelined through shared
+    facts["shared_bytes"] = compiled.metadata.shared
+    facts.update(_resources(compiled.asm["cubin"]))
+    return facts
+
+
+def _resources(cubin: bytes) -> dict[str, int | None]:
+    """Registers per thread and local memory (spilled registers) of the cubin, read by the
+    cuobjdump Triton ships; None where it is missing."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {"registers": None, "local_bytes": None}
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvcompile-{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        usage = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True,
+                               text=True, check=True).stdout
+    finally:
+        path.unlink()
+    found = {key: re.search(rf"{key}:(\d+)", usage) for key in ("REG", "LOCAL")}
+    return {"registers": int(found["REG"].group(1)) if found["REG"] else None,
+            "local_bytes": int(found["LOCAL"].group(1)) if found["LOCAL"] else None}
+
+
+def variants() -> dict[str, dict]:
+    """The variants the runtime launches (bf16 and fp32; head dim 64 and 128; group 3)."""
+    out = {}
+    for dtype, name, head_dim in ((torch.bfloat16, "bf16", 64), (torch.bfloat16, "bf16", 128),
+                                  (torch.float32, "fp32", 64)):
+        io = {arg: f"*{name}" for arg in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+        attention = tk.attention_config(dtype, 3, head_dim)
+        out[f"budgeted decode {name} d{head_dim}"] = _compile(
+            tk._grouped_decode_kernel, {**io, "bias_ptr": "*fp32"}, attention,
+            HAS_BIAS=True, HAS_LENGTH=False, length_ptr=None)
+        partials = {arg: "*fp32" for arg in ("part_m_ptr", "part_l_ptr", "part_acc_ptr")}
+        out[f"split-K decode {name} d{head_dim}"] = _compile(
+            tk._split_decode_kernel, {**io, **partials, "length_ptr": "*i64"}, attention,
+            HAS_BIAS=False, HAS_LENGTH=True, bias_ptr=None)
+        out[f"combine {name} d{head_dim}"] = _compile(
+            tk._combine_splits_kernel, {**partials, "out_ptr": f"*{name}", "length_ptr": "*i64"},
+            tk.combine_config(3, head_dim, 64), HAS_LENGTH=True)
+        update = {arg: f"*{name}" for arg in ("k_ptr", "v_ptr", "k_new_ptr", "v_new_ptr")}
+        out[f"cache update {name} d{head_dim}"] = _compile(
+            tk._cache_update_kernel, {**update, "bias_ptr": "*fp32", "counters_ptr": "*i64"},
+            tk.update_config(3, head_dim))
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(variants(), sys.stdout)
