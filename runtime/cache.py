@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kvcompile.plan import SELECTIONS, BudgetLayout, LayerPlan, Plan
 
-from .ops import budgeted_attention, budgeted_cache_update, host_reads_free
+from .ops import budgeted_attention, budgeted_cache_update, host_reads_free, log_count
 
 __all__ = [
     "BudgetedBuffer",
@@ -167,7 +167,7 @@ def compress_prefill(k: Tensor, v: Tensor, scores: Tensor | None, layout: Budget
         for src, buf in ((k, out.k), (v, out.v)):
             mid = src[:, :, s:s + n_mid].to(cdt)
             buf[:, :, s] = ((mid * weight).sum(dim=2) / n_comp).to(buf.dtype)
-        out.bias[:, :, s] = math.log(n_comp)
+        out.bias[:, :, s] = log_count(n_comp, out.bias.dtype)
     out.counters[:, 0] = n_sink
     out.counters[:, 1] = rest
     out.counters[:, 2] = n_sel

@@ -317,8 +317,8 @@ def _budgeted_cache_update_ref(k_buf: Tensor, v_buf: Tensor, bias: Tensor, count
             mean = (n * cur.to(cdt) + old.to(cdt)) / (n + 1)
             mean = torch.where(n == 0, old.to(cdt), mean)  # first fold ignores the slot content
             buf[:, :, s] = torch.where(fold, mean.to(buf.dtype), cur)
-        log_n = torch.log((comp_n + 1).to(_compute_dtype(bias.dtype)))[:, None]
-        bias[:, :, s] = torch.where(to_comp.unsqueeze(1), log_n.to(bias.dtype), bias[:, :, s])
+        log_n = torch.log((comp_n + 1).to(torch.float64)).to(bias.dtype)[:, None]  # see log_count
+        bias[:, :, s] = torch.where(to_comp.unsqueeze(1), log_n, bias[:, :, s])
 
     slot = torch.where(in_sink, sink_used, ring_slot)
     k_buf[rows, :, slot] = k_new[:, :, 0].to(k_buf.dtype)
@@ -335,7 +335,7 @@ def _budgeted_cache_update_uniform(k_buf: Tensor, v_buf: Tensor, bias: Tensor,
 
     Bit-for-bit the arithmetic of :func:`_budgeted_cache_update_ref` (fold
     ``(n x + x_old) / (n + 1)`` in the compute dtype, first fold copies ``x_old``, bias
-    ``torch.log(n)`` in the bias dtype), but the slots are known Python ints: a few slice copies
+    :func:`log_count` for the bias), but the slots are known Python ints: a few slice copies
     instead of gathers, scatters and ``where`` over the whole batch.
     """
     s, c, h, w = sinks, compensation, selected, window
@@ -365,7 +365,7 @@ def _budgeted_cache_update_uniform(k_buf: Tensor, v_buf: Tensor, bias: Tensor,
                         else:
                             cur.copy_(torch.mul(cur.to(cdt), n).add_(old.to(cdt)).div_(n1))
                 comp_n += 1
-                bias.select(2, s).fill_(_log_count(comp_n, _compute_dtype(bias.dtype)))
+                bias.select(2, s).fill_(log_count(comp_n, bias.dtype))
         pushed += 1
     k_buf.narrow(2, slot, 1).copy_(k_new)
     v_buf.narrow(2, slot, 1).copy_(v_new)
@@ -382,9 +382,13 @@ def _scalar(value: int, dtype: torch.dtype) -> Tensor:
 
 
 @functools.lru_cache(maxsize=65536)
-def _log_count(n: int, dtype: torch.dtype) -> float:
-    """``torch.log(n)`` evaluated in ``dtype``, exactly as the reference computes the bias."""
-    return float(torch.log(torch.tensor(n, dtype=dtype)))
+def log_count(n: int, dtype: torch.dtype) -> float:
+    """The compensation bias ``ln n`` stored in ``dtype``: computed in float64, then rounded.
+
+    The one definition every writer of the bias follows (prefill compression, both update
+    paths, the Triton kernel, the ONNX body), so they agree bit for bit.
+    """
+    return float(torch.tensor(math.log(n), dtype=torch.float64).to(dtype))
 
 
 def _budgeted_cache_update_impl(k_buf: Tensor, v_buf: Tensor, bias: Tensor, counters: Tensor,

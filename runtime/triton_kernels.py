@@ -41,9 +41,8 @@ Cache update (``budgeted_cache_update``)
     The fold is the reference's fp32 arithmetic rounding for rounding: launched with
     ``enable_fp_fusion=False`` (no mul+add contracted into one FMA), division by
     ``tl.math.div_rn`` (IEEE round-to-nearest, not the approximate division). The bias
-    ``ln(n + 1)`` is computed in float64 and rounded to the bias dtype: the correctly rounded
-    value, which ``compress_prefill`` (``math.log``) also stores, and which equals the CPU
-    reference's float32 ``torch.log`` for every count below 73223 (checked exhaustively).
+    ``ln(n + 1)`` is computed in float64 and rounded to the bias dtype, the one definition of it
+    (``ops.log_count``) that the references and ``compress_prefill`` follow too.
 
 CUDA graphs: no host reads, no autotuning (block sizes and split counts come from shapes), and
 outputs and workspaces are allocated by shape only, so the launches can be captured.

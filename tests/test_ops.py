@@ -335,3 +335,27 @@ def test_uniform_fast_path_equals_vectorised_reference():
             ops._budgeted_cache_update_ref(*ref, k_new, v_new, *args)
             for a, b in zip(fast, ref, strict=True):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [7, 73223, 100000, 999983])
+def test_compensation_bias_has_one_definition(n):
+    """Both update paths and prefill compression store ln n rounded once from float64."""
+    expected = float(torch.tensor(math.log(n), dtype=torch.float64).float())
+    layout = BudgetLayout(0, 1, 0, 1)
+    for update in (ops._budgeted_cache_update_ref, "uniform"):
+        k_buf = torch.randn(1, 1, 2, 2)
+        bias = torch.zeros(1, 1, 2)
+        counters = torch.tensor([[0, n, 0, n - 1]])  # ring full: the next token folds the n-th
+        state = (k_buf, k_buf.clone(), bias, counters)
+        new = torch.randn(1, 1, 1, 2)
+        args = (layout.sinks, layout.compensation, layout.selected, layout.window)
+        if update == "uniform":
+            ops._budgeted_cache_update_uniform(*state, counters[0].tolist(), new, new, *args)
+        else:
+            update(*state, new, new, *args)
+        assert bias[0, 0, 0].item() == expected
+    if n <= 100000:
+        from kvcompile.runtime.cache import compress_prefill
+
+        k = torch.randn(1, 1, n + 1, 2)
+        assert compress_prefill(k, k, None, layout).bias[0, 0, 0].item() == expected
