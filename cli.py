@@ -317,14 +317,31 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: int, seed: i
 
 
 @main.command()
-@click.argument("report", type=click.Path(path_type=Path))
-@click.option("--rules", type=click.Path(path_type=Path), required=True,
+@click.argument("report", type=click.Path(path_type=Path), required=False)
+@click.option("--rules", type=click.Path(path_type=Path), default=None,
               help="Gate rules YAML (format kvcompile-gates/1); see examples/gates.yaml.")
+@click.option("--plan-samples", "plan_rules", type=click.Path(path_type=Path), default=None,
+              help="Print the cases per task each rule of this rules file needs, and exit; "
+                   "REPORT, if given, is a pilot report whose baselines and spreads are used.")
 @friendly_errors
-def gate(report: Path, rules: Path) -> None:
-    """Check an eval report against rules; exit 0 if every rule holds, 1 if not, 2 on bad input."""
-    from kvcompile.gate import render_table, run_gate
+def gate(report: Path | None, rules: Path | None, plan_rules: Path | None) -> None:
+    """Check an eval report against rules; exit 0 if every rule holds, 1 if not, 2 on bad input.
 
+    Every check also shows the smallest regression it detects at the report's sample size
+    (power 0.8); a rule that cannot fail at that size is an error (exit 2) unless it says
+    `allow_underpowered: true`. `kvcompile gate --plan-samples RULES [PILOT]` sizes an eval.
+    """
+    from kvcompile.gate import load_rules, plan_samples, render_plan, render_table, run_gate
+    from kvcompile.report import load_report
+
+    if plan_rules is not None:
+        if rules is not None:
+            raise KVCompileError("pass either --rules (gate a report) or --plan-samples (size an eval)")
+        pilot = load_report(report) if report is not None else None
+        click.echo(render_plan(plan_samples(load_rules(plan_rules), pilot), pilot is not None), nl=False)
+        return
+    if report is None or rules is None:
+        raise KVCompileError("usage: kvcompile gate REPORT --rules RULES, or kvcompile gate --plan-samples RULES [PILOT]")
     outcome = run_gate(report, rules)
     click.echo(render_table(outcome, color=sys.stdout.isatty()))
     sys.exit(0 if outcome.passed else 1)

@@ -68,6 +68,7 @@ REPORT: dict[str, Any] = {
             "baseline": {"nll": 2.0},
             "artifact": {"nll": 2.03},
             "nll_increase": 0.015,
+            "nll_increase_ci95": [0.005, 0.025],
             "kl": 0.021,
             "kl_ci95": [0.015, 0.027],
             "agreement": 0.93,
