@@ -29,9 +29,11 @@ it must detect ``x`` (a drop, an accuracy, an increase, a KL or an agreement, in
 units of its threshold). A rule that falls short is an error of the rules file, unless it
 says ``allow_underpowered: true``.
 
-**Samples needed.** The smallest n (at most ``MAX_SAMPLES``) at which the rule meets its
+**Samples needed.** The smallest n (at most ``MAX_SAMPLES``) from which the rule meets its
 requirement, with the row's baseline accuracy (accuracy rules) or its per-case spread
-(``se`` scaling as ``1/√n``) carried over to the new n.
+(``se`` scaling as ``1/√n``) carried over to the new n. Whole counts make the binomial
+power saw-tooth in n, so for accuracy rules it is the smallest n from which the requirement
+holds at every n up to twice that.
 """
 from __future__ import annotations
 
@@ -164,11 +166,24 @@ def accuracy_power(rule: RuleLike, n: int, base_acc: float | None) -> Power:
 
 
 def accuracy_needed(rule: RuleLike, base_acc: float) -> int | None:
-    """Smallest n that meets the requirement at this baseline accuracy (None: none does)."""
+    """Samples an accuracy rule needs at this baseline accuracy (None: none up to MAX_SAMPLES).
+
+    Counts are whole, so the power of a rule saw-tooths with n (a point rule at n = 12 can
+    beat n = 20). The answer is the smallest n from which the rule meets its requirement at
+    every n up to twice that, so that "n >= needed" is advice that holds.
+    """
     critical = rule.threshold if rule.kind == "min_accuracy" else base_acc - rule.threshold
     if _target(rule, base_acc) >= critical - EPS:  # not even n -> infinity separates them
         return None
-    return next((m for m in range(1, MAX_SAMPLES + 1) if _meets(rule, m, base_acc)), None)
+    start = None
+    for n in range(1, MAX_SAMPLES + 1):
+        if not _meets(rule, n, base_acc):
+            start = None
+        elif start is None:
+            start = n
+        if start is not None and n >= 2 * start:
+            return start
+    return None
 
 
 def _floats(values: Any) -> list[float] | None:

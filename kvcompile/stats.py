@@ -119,12 +119,12 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
         return 1.0
     if p >= 1.0:
         return 0.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    log_n = math.lgamma(n + 1)
-    terms = (
-        math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
-        for i in range(k + 1)
-    )
+    log_odds = math.log(p) - math.log1p(-p)
+    log_term = n * math.log1p(-p)  # log P(X = 0)
+    terms = [math.exp(log_term)]
+    for i in range(k):  # log P(X = i + 1) from log P(X = i)
+        log_term += math.log((n - i) / (i + 1)) + log_odds
+        terms.append(math.exp(log_term))
     return min(1.0, math.fsum(terms))
 
 
