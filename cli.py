@@ -283,14 +283,15 @@ def inspect(artifact: Path) -> None:
               help="Comma-separated tasks: passkey, multikey, continuation.")
 @click.option("--lengths", default="1024,2048,4096", show_default=True,
               help="Comma-separated context lengths in tokens (up to the artifact's max context).")
-@click.option("--samples", type=int, default=10, show_default=True, help="Cases per task and length.")
+@click.option("--samples", default="10", show_default=True,
+              help="Cases per task and length: N, or task=N pairs (e.g. 10,passkey=20,continuation=6).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated cases.")
 @click.option("--agreement-tokens", type=int, default=32, show_default=True,
               help="Greedy tokens over which agreement with the baseline is measured.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("report.json"), show_default=True,
               help="Report path or stem: writes STEM.json, STEM.md and STEM.png.")
 @friendly_errors
-def eval_command(artifact: Path, tasks: str, lengths: str, samples: int, seed: int, agreement_tokens: int,
+def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: int, agreement_tokens: int,
                  output: Path) -> None:
     """Measure an artifact against the uncompressed model on generated tasks.
 
@@ -303,8 +304,9 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: int, seed: i
     from kvcompile.evaluate import EvalConfig, evaluate
     from kvcompile.report import render_markdown, write_report
 
+    default, per_task = _samples(samples)
     config = EvalConfig(tasks=_split(tasks, str, "--tasks"), lengths=_split(lengths, int, "--lengths"),
-                        samples=samples, seed=seed, agreement_tokens=agreement_tokens)
+                        samples=default, task_samples=per_task, seed=seed, agreement_tokens=agreement_tokens)
     console = _console()
     engine = load_engine(artifact)
     manifest = engine.manifest or {}
@@ -357,6 +359,22 @@ def _split(text: str, kind: type, option: str) -> tuple[Any, ...]:
     if not values:
         raise KVCompileError(f"{option} is empty")
     return values
+
+
+def _samples(text: str) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """``--samples``: ``N`` for every task, ``task=N`` pairs for some, or both (``10,passkey=20``)."""
+    default, per_task = 10, []
+    for part in _split(text, str, "--samples"):
+        name, _, count = part.rpartition("=")
+        try:
+            n = int(count)
+        except ValueError:
+            raise KVCompileError(f"--samples: cannot read {part!r}; use N or task=N") from None
+        if name:
+            per_task.append((name.strip(), n))
+        else:
+            default = n
+    return default, tuple(per_task)
 
 
 def _with_progress(console: Any, label: str, work: Callable[[Callable[[int, int, Any], None]], Any]) -> Any:

@@ -47,11 +47,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def parse_samples(text: str) -> tuple[tuple[str, ...], dict[str, int], int]:
-    if "=" not in text:
-        return ("passkey", "multikey", "continuation"), {}, int(text)
-    pairs = dict(part.split("=") for part in text.split(","))
-    return tuple(pairs), {task: int(n) for task, n in pairs.items()}, 1
+def parse_samples(text: str) -> tuple[int, tuple[tuple[str, int], ...]]:
+    default, pairs = 10, []
+    for part in text.split(","):
+        name, _, count = part.rpartition("=")
+        if name:
+            pairs.append((name, int(count)))
+        else:
+            default = int(count)
+    return default, tuple(pairs)
 
 
 def _ci(values: list[float] | None, scale: float = 100.0, digits: int = 0) -> str:
@@ -90,7 +94,8 @@ def table(reports: dict[str, dict]) -> str:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    tasks, samples, default_n = parse_samples(args.samples)
+    default_n, per_task = parse_samples(args.samples)
+    tasks = tuple(task for task, _ in per_task) or ("passkey", "multikey", "continuation")
     started = time.perf_counter()
     profile = load_profile(args.profile)
     with tempfile.TemporaryDirectory(prefix="kvcompile-gate-") as tmp:
@@ -101,12 +106,13 @@ def main() -> None:
         engine = load_engine(artifact)
         built = time.perf_counter() - started
         config = EvalConfig(tasks=tasks, lengths=tuple(int(x) for x in args.lengths.split(",")),
-                            samples=default_n, seed=args.seed, agreement_tokens=args.agreement_tokens)
+                            samples=default_n, task_samples=per_task, seed=args.seed,
+                            agreement_tokens=args.agreement_tokens)
 
         def progress(done: int, total: int, label: str) -> None:
             print(f"[{time.perf_counter() - started:6.0f} s] {done}/{total} {label}", flush=True)
 
-        reports = evaluate_with_regressions(engine, profile, config, samples, progress=progress)
+        reports = evaluate_with_regressions(engine, profile, config, progress=progress)
     seconds = time.perf_counter() - started
     print(f"\nseed {args.seed}; build + load {built:.0f} s, total {seconds:.0f} s\n")
     print(table(reports))

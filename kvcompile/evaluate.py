@@ -34,15 +34,23 @@ class EvalConfig:
     samples: int = 10
     seed: int = 0
     agreement_tokens: int = 32
+    task_samples: tuple[tuple[str, int], ...] = ()  # (task, cases) pairs overriding ``samples``
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise KVCompileError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-        if self.samples < 1:
-            raise KVCompileError(f"--samples must be >= 1, got {self.samples}")
+        for task, n in (("", self.samples), *self.task_samples):
+            if task and task not in self.tasks:
+                raise KVCompileError(f"--samples names task {task!r}, which is not in --tasks")
+            if n < 1:
+                raise KVCompileError(f"--samples must be >= 1, got {n}{f' for {task}' if task else ''}")
         if not self.lengths or min(self.lengths) < 64:
             raise KVCompileError("--lengths must list context lengths of at least 64 tokens")
+
+    def samples_for(self, task: str) -> int:
+        """Cases per length for ``task``: its own count if given, else ``samples``."""
+        return dict(self.task_samples).get(task, self.samples)
 
 
 @dataclass
@@ -138,7 +146,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
         )
     baseline_plan = engine.uncompressed_plan()
     all_plans = {BASELINE: baseline_plan, **plans}
-    cases = {task: build_cases(engine.tokenizer, task, list(config.lengths), config.samples, config.seed)
+    cases = {task: build_cases(engine.tokenizer, task, list(config.lengths), config.samples_for(task), config.seed)
              for task in config.tasks}
     total = sum(len(c) for c in cases.values())
     done = 0
@@ -177,7 +185,8 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
                              "transformers": _version("transformers")},
             "seed": config.seed,
             "settings": {"tasks": list(config.tasks), "lengths": list(config.lengths),
-                         "samples": config.samples, "answer_tokens": ANSWER_TOKENS,
+                         "samples": {task: config.samples_for(task) for task in config.tasks},
+                         "answer_tokens": ANSWER_TOKENS,
                          "agreement_tokens": config.agreement_tokens, "systems_in_run": list(all_plans)},
             "kv_memory": {
                 "context": reference,

@@ -20,8 +20,7 @@ engine next to the artifact's own plan (``evaluate_systems(..., reorder=True)``)
 """
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -121,55 +120,37 @@ def in_served_order(plan: Plan, served: Plan) -> Plan:
     return replace(plan, layers=tuple(layers))
 
 
-__all__ = [
-    "ARTIFACT",
-    "STARVED_WINDOW",
-    "evaluate_with_regressions",
-    "broken_variants",
-    "equal_memory_uniform",
-    "in_served_order",
-    "lowest_scoring_full",
-    "refit",
-    "refit_request",
-    "starved_windows",
-]
 
 
 def evaluate_with_regressions(
     engine: Engine,
     profile: Profile,
     config: EvalConfig,
-    samples: Mapping[str, int] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Reports for the artifact ``engine`` serves and for each broken variant of its profile.
 
     ``engine`` is an artifact's (weights permuted for ``profile.plan``); the variants are
     rewritten into its head order and served next to it, so every case is prefilled once
-    for the baseline, the artifact and all variants. ``samples`` sets the cases per task
-    (default ``config.samples``); each task is its own run, and the reports are merged.
-    Variants are derived at the largest eval length (equal memory there).
+    for the baseline, the artifact and all variants. The artifact's own plan is served in
+    its identity order, which computes what ``evaluate(engine, config)`` computes. Variants
+    are derived at the largest eval length (equal memory there).
     """
-    context = max(config.lengths)
     plans = {ARTIFACT: in_served_order(profile.plan, profile.plan)}
-    for name, plan in broken_variants(profile, engine.arch, context).items():
+    for name, plan in broken_variants(profile, engine.arch, max(config.lengths)).items():
         plans[name] = in_served_order(plan, profile.plan)
-    parts: dict[str, list[dict[str, Any]]] = {name: [] for name in plans}
-    for task in config.tasks:
-        n = (samples or {}).get(task, config.samples)
-        task_config = replace(config, tasks=(task,), samples=n)
-        for name, report in evaluate_systems(engine, plans, task_config, reorder=True,
-                                             progress=progress).items():
-            parts[name].append(report)
-    return {name: _merged(reports) for name, reports in parts.items()}
+    return evaluate_systems(engine, plans, config, reorder=True, progress=progress)
 
 
-def _merged(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One system's per-task reports as one report: rows concatenated, times added."""
-    merged = copy.deepcopy(reports[0])
-    merged["tasks"] = [row for report in reports for row in report["tasks"]]
-    merged["wall_time_s"] = round(sum(report["wall_time_s"] for report in reports), 2)
-    merged["settings"]["tasks"] = [t for report in reports for t in report["settings"]["tasks"]]
-    merged["settings"]["samples"] = {report["settings"]["tasks"][0]: report["settings"]["samples"]
-                                     for report in reports}
-    return merged
+__all__ = [
+    "ARTIFACT",
+    "STARVED_WINDOW",
+    "broken_variants",
+    "equal_memory_uniform",
+    "evaluate_with_regressions",
+    "in_served_order",
+    "lowest_scoring_full",
+    "refit",
+    "refit_request",
+    "starved_windows",
+]
