@@ -28,10 +28,11 @@ artifact over the uncompressed baseline's); with a filter it checks each matchin
 ``memory_ratio``. Rule indices in error messages are 0-based.
 
 Power (:mod:`kvcompile.power` defines it): on every row the gate also computes the smallest
-regression the rule detects at the row's n, and prints it. A rule that cannot fail at
-that n, or with ``detect: x`` does not detect ``x``, makes the rules file invalid for
-this report (:class:`UnderpoweredRuleError`, exit 2, naming the n it needs) unless it
-says ``allow_underpowered: true``. :func:`plan_samples` gives the n each rule needs.
+regression the rule detects at the row's n, and prints it. A rule that passes although it
+cannot fail at that n (or, with ``detect: x``, does not detect ``x``) makes the rules file
+invalid for this report (:class:`UnderpoweredRuleError`, exit 2, naming the n it needs)
+unless it says ``allow_underpowered: true``; a check that failed has shown it can fail and
+is reported as a failure. :func:`plan_samples` gives the n each rule needs.
 """
 
 from __future__ import annotations
@@ -578,9 +579,13 @@ def evaluate(rules: GateRules, report: Mapping[str, Any]) -> GateOutcome:
 
 
 def check_power(rules: GateRules, results: list[RuleResult]) -> None:
-    """Raise :class:`UnderpoweredRuleError` for the first underpowered rule not allowed to be."""
+    """Raise :class:`UnderpoweredRuleError` for the first underpowered pass not allowed to be.
+
+    Only passing checks count: a pass is evidence only if the check could have failed; a
+    check that failed has shown that it can, and the gate reports the failure (exit 1).
+    """
     allowed = {rule.index for rule in rules.rules if rule.allow_underpowered}
-    weak = [r for r in results if not r.powered and r.index not in allowed]
+    weak = [r for r in results if r.passed and not r.powered and r.index not in allowed]
     if not weak:
         return
     first = weak[0]

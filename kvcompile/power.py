@@ -26,8 +26,8 @@ the smallest regression it detects at that row's n, in the unit of what the rule
 
 **Requirement.** By default a rule must be able to fail at the row's n. With ``detect: x``
 it must detect ``x`` (a drop, an accuracy, an increase, a KL or an agreement, in the
-units of its threshold). A rule that falls short is an error of the rules file, unless it
-says ``allow_underpowered: true``.
+units of its threshold). A rule that passes while falling short is an error of the rules
+file, unless it says ``allow_underpowered: true`` (a check that failed needs no power).
 
 **Samples needed.** The smallest n (at most ``MAX_SAMPLES``) from which the rule meets its
 requirement, with the row's baseline accuracy (accuracy rules) or its per-case spread

@@ -446,6 +446,9 @@ def test_detect_requirement() -> None:
     assert gate([{**rule, "detect": 0.3}], rep).passed  # P(Bin(20, 0.6) <= 14) = 0.87
     with pytest.raises(UnderpoweredRuleError, match=r"detects drop >= 0\.27, not drop >= 0\.25 at n=20"):
         gate([{**rule, "detect": 0.25}], rep)
+    # a check that fails has shown it can: a failure (exit 1), not a rules error
+    failed = gate([{**rule, "detect": 0.25}], _tiny_passkey_report(18, 10, 20)).results[0]
+    assert not failed.passed and not failed.powered
 
 
 def test_detect_and_allow_underpowered_validation() -> None:
