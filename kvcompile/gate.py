@@ -15,7 +15,6 @@ Rules file::
       - {task: continuation, min_agreement: 0.8}
       - {max_memory_ratio: 0.15}
       - {name: "short contexts stay exact", task: passkey, length: 1024, max_drop: 0}
-
       - {task: passkey, max_drop: 0.15, detect: 0.4}     # must catch a 40-point drop
       - {task: multikey, min_accuracy: 0.3, allow_underpowered: true}
 

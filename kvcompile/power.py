@@ -74,7 +74,7 @@ class Power:
     n: int | None
     detectable: float | None  # in the rule's units; None: it detects nothing at this n
     powered: bool  # meets its requirement (can fail, or detects ``detect``)
-    needed: int | None  # smallest n that meets it; None: none up to MAX_SAMPLES
+    needed: int | None  # smallest n that meets it (above n when n does not); None: none
     reason: str = ""  # why it is not powered
 
     @property
@@ -159,24 +159,25 @@ def accuracy_power(rule: RuleLike, n: int, base_acc: float | None) -> Power:
     if rate is not None:
         detectable = rate if rule.kind == "min_accuracy" else base_correct / n - rate
     if _meets(rule, n, base):
-        return Power(n, detectable, True, n)
+        return Power(n, detectable, True, accuracy_needed(rule, base))
     reason = ("cannot fail" if detectable is None
               else f"detects {describe(rule.kind, detectable)}, not {describe(rule.kind, rule.detect)}")
-    return Power(n, detectable, False, accuracy_needed(rule, base), reason)
+    return Power(n, detectable, False, accuracy_needed(rule, base, above=n), reason)
 
 
-def accuracy_needed(rule: RuleLike, base_acc: float) -> int | None:
+def accuracy_needed(rule: RuleLike, base_acc: float, above: int = 0) -> int | None:
     """Samples an accuracy rule needs at this baseline accuracy (None: none up to MAX_SAMPLES).
 
     Counts are whole, so the power of a rule saw-tooths with n (a point rule at n = 12 can
-    beat n = 20). The answer is the smallest n from which the rule meets its requirement at
-    every n up to twice that, so that "n >= needed" is advice that holds.
+    beat n = 20). The answer is the smallest n (greater than ``above``) from which the rule
+    meets its requirement at every n up to twice that, so that "n >= needed" is advice
+    that holds.
     """
     critical = rule.threshold if rule.kind == "min_accuracy" else base_acc - rule.threshold
     if _target(rule, base_acc) >= critical - EPS:  # not even n -> infinity separates them
         return None
     start = None
-    for n in range(1, MAX_SAMPLES + 1):
+    for n in range(above + 1, MAX_SAMPLES + 1):
         if not _meets(rule, n, base_acc):
             start = None
         elif start is None:
@@ -239,11 +240,11 @@ def continuous_power(rule: RuleLike, row: Mapping[str, Any]) -> Power:
         powered = detectable is not None and (
             detectable >= rule.detect - EPS if lower else detectable <= rule.detect + EPS)
         gap = abs(rule.threshold - rule.detect)
-    needed: int | None = n
-    if not powered:
-        needed = max(2, math.ceil(n * (z * se / gap) ** 2)) if gap > 0 else None
-        if needed is not None and needed > MAX_SAMPLES:
-            needed = None
+    needed: int | None = None  # se shrinks as 1/sqrt(n): z·se·sqrt(n/m) <= gap from m on
+    if gap > 0:
+        needed = 2 if math.isinf(gap) else max(2, math.ceil(n * (z * se / gap) ** 2))
+    if needed is not None and needed > MAX_SAMPLES:
+        needed = None
     reason = ""
     if not powered:
         reason = ("cannot fail" if detectable is None
