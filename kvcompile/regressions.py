@@ -120,8 +120,6 @@ def in_served_order(plan: Plan, served: Plan) -> Plan:
     return replace(plan, layers=tuple(layers))
 
 
-
-
 def evaluate_with_regressions(
     engine: Engine,
     profile: Profile,
@@ -136,6 +134,8 @@ def evaluate_with_regressions(
     its identity order, which computes what ``evaluate(engine, config)`` computes. Variants
     are derived at the largest eval length (equal memory there).
     """
+    if engine.plan != profile.plan:
+        raise ValueError("the engine does not serve this profile's plan; load the artifact built from it")
     plans = {ARTIFACT: in_served_order(profile.plan, profile.plan)}
     for name, plan in broken_variants(profile, engine.arch, max(config.lengths)).items():
         plans[name] = in_served_order(plan, profile.plan)
