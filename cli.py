@@ -305,14 +305,15 @@ def inspect(artifact: Path) -> None:
               help="Comma-separated tasks: passkey, multikey, continuation.")
 @click.option("--lengths", default="1024,2048,4096", show_default=True,
               help="Comma-separated context lengths in tokens (up to the artifact's max context).")
-@click.option("--samples", type=int, default=10, show_default=True, help="Cases per task and length.")
+@click.option("--samples", default="10", show_default=True,
+              help="Cases per task and length: N, or task=N pairs (e.g. 10,passkey=20,continuation=6).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated cases.")
 @click.option("--agreement-tokens", type=int, default=32, show_default=True,
               help="Greedy tokens over which agreement with the baseline is measured.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("report.json"), show_default=True,
               help="Report path or stem: writes STEM.json, STEM.md and STEM.png.")
 @friendly_errors
-def eval_command(artifact: Path, tasks: str, lengths: str, samples: int, seed: int, agreement_tokens: int,
+def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: int, agreement_tokens: int,
                  output: Path) -> None:
     """Measure an artifact against the uncompressed model on generated tasks.
 
@@ -325,8 +326,9 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: int, seed: i
     from kvcompile.evaluate import EvalConfig, evaluate
     from kvcompile.report import render_markdown, write_report
 
+    default, per_task = _samples(samples)
     config = EvalConfig(tasks=_split(tasks, str, "--tasks"), lengths=_split(lengths, int, "--lengths"),
-                        samples=samples, seed=seed, agreement_tokens=agreement_tokens)
+                        samples=default, task_samples=per_task, seed=seed, agreement_tokens=agreement_tokens)
     console = _console()
     engine = load_engine(artifact)
     manifest = engine.manifest or {}
@@ -339,14 +341,31 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: int, seed: i
 
 
 @main.command()
-@click.argument("report", type=click.Path(path_type=Path))
-@click.option("--rules", type=click.Path(path_type=Path), required=True,
+@click.argument("report", type=click.Path(path_type=Path), required=False)
+@click.option("--rules", type=click.Path(path_type=Path), default=None,
               help="Gate rules YAML (format kvcompile-gates/1); see examples/gates.yaml.")
+@click.option("--plan-samples", "plan_rules", type=click.Path(path_type=Path), default=None,
+              help="Print the cases per task each rule of this rules file needs, and exit; "
+                   "REPORT, if given, is a pilot report whose baselines and spreads are used.")
 @friendly_errors
-def gate(report: Path, rules: Path) -> None:
-    """Check an eval report against rules; exit 0 if every rule holds, 1 if not, 2 on bad input."""
-    from kvcompile.gate import render_table, run_gate
+def gate(report: Path | None, rules: Path | None, plan_rules: Path | None) -> None:
+    """Check an eval report against rules; exit 0 if every rule holds, 1 if not, 2 on bad input.
 
+    Every check also shows the smallest regression it detects at the report's sample size
+    (power 0.8); a rule that cannot fail at that size is an error (exit 2) unless it says
+    `allow_underpowered: true`. `kvcompile gate --plan-samples RULES [PILOT]` sizes an eval.
+    """
+    from kvcompile.gate import load_rules, plan_samples, render_plan, render_table, run_gate
+    from kvcompile.report import load_report
+
+    if plan_rules is not None:
+        if rules is not None:
+            raise KVCompileError("pass either --rules (gate a report) or --plan-samples (size an eval)")
+        pilot = load_report(report) if report is not None else None
+        click.echo(render_plan(plan_samples(load_rules(plan_rules), pilot), pilot is not None), nl=False)
+        return
+    if report is None or rules is None:
+        raise KVCompileError("usage: kvcompile gate REPORT --rules RULES, or kvcompile gate --plan-samples RULES [PILOT]")
     outcome = run_gate(report, rules)
     click.echo(render_table(outcome, color=sys.stdout.isatty()))
     sys.exit(0 if outcome.passed else 1)
@@ -362,6 +381,22 @@ def _split(text: str, kind: type, option: str) -> tuple[Any, ...]:
     if not values:
         raise KVCompileError(f"{option} is empty")
     return values
+
+
+def _samples(text: str) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """``--samples``: ``N`` for every task, ``task=N`` pairs for some, or both (``10,passkey=20``)."""
+    default, per_task = 10, []
+    for part in _split(text, str, "--samples"):
+        name, _, count = part.rpartition("=")
+        try:
+            n = int(count)
+        except ValueError:
+            raise KVCompileError(f"--samples: cannot read {part!r}; use N or task=N") from None
+        if name:
+            per_task.append((name.strip(), n))
+        else:
+            default = n
+    return default, tuple(per_task)
 
 
 def _with_progress(console: Any, label: str, work: Callable[[Callable[[int, int, Any], None]], Any]) -> Any:

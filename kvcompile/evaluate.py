@@ -20,7 +20,7 @@ from kvcompile.errors import ContextLengthError, KVCompileError
 from kvcompile.plan import Plan
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
-from kvcompile.stats import mean_ci, proportion_ci, wilson_interval
+from kvcompile.stats import mean_ci, relative_increase_ci, wilson_interval
 from kvcompile.tasks import TASKS, EvalCase, build_cases, score_answer
 
 ANSWER_TOKENS = 8  # greedy tokens generated for an answer (5-digit numbers need 5-6)
@@ -34,15 +34,23 @@ class EvalConfig:
     samples: int = 10
     seed: int = 0
     agreement_tokens: int = 32
+    task_samples: tuple[tuple[str, int], ...] = ()  # (task, cases) pairs overriding ``samples``
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise KVCompileError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-        if self.samples < 1:
-            raise KVCompileError(f"--samples must be >= 1, got {self.samples}")
+        for task, n in (("", self.samples), *self.task_samples):
+            if task and task not in self.tasks:
+                raise KVCompileError(f"--samples names task {task!r}, which is not in --tasks")
+            if n < 1:
+                raise KVCompileError(f"--samples must be >= 1, got {n}{f' for {task}' if task else ''}")
         if not self.lengths or min(self.lengths) < 64:
             raise KVCompileError("--lengths must list context lengths of at least 64 tokens")
+
+    def samples_for(self, task: str) -> int:
+        """Cases per length for ``task``: its own count if given, else ``samples``."""
+        return dict(self.task_samples).get(task, self.samples)
 
 
 @dataclass
@@ -52,9 +60,9 @@ class _Tally:
     correct: int = 0
     n: int = 0
     seconds: float = 0.0
-    nll: list[float] = field(default_factory=list)
-    kl: list[float] = field(default_factory=list)
-    agree: int = 0
+    nll: list[float] = field(default_factory=list)  # per case: mean over its continuation tokens
+    kl: list[float] = field(default_factory=list)  # per case: mean KL(baseline || system) per token
+    agree: list[float] = field(default_factory=list)  # per case: share of greedy tokens agreed
     agree_total: int = 0
 
 
@@ -106,16 +114,20 @@ def _continue(engine: Engine, case: EvalCase, caches: Mapping[str, Any], tallies
         tallies[name].n += 1
     base = logps[BASELINE]
     for name, logp in logps.items():
-        tallies[name].kl.extend((base.exp() * (base - logp)).sum(-1).clamp_min(0).tolist())
+        tallies[name].kl.append(float((base.exp() * (base - logp)).sum(-1).clamp_min(0).mean()))
     # agreement: the baseline generates greedily, every system is teacher-forced on its tokens
     heads = {name: logp[-1] for name, logp in logps.items()}
+    agreed = dict.fromkeys(caches, 0)
     for _ in range(agreement_tokens):
         token = int(heads[BASELINE].argmax())
         for name in caches:
-            tallies[name].agree += int(int(heads[name].argmax()) == token)
-            tallies[name].agree_total += 1
+            agreed[name] += int(int(heads[name].argmax()) == token)
         step = torch.tensor([[token]])
         heads = {name: engine.extend(step, cache)[0] for name, cache in caches.items()}
+    if agreement_tokens:
+        for name in caches:
+            tallies[name].agree.append(agreed[name] / agreement_tokens)
+            tallies[name].agree_total += agreement_tokens
 
 
 def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConfig, reorder: bool = False,
@@ -134,7 +146,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
         )
     baseline_plan = engine.uncompressed_plan()
     all_plans = {BASELINE: baseline_plan, **plans}
-    cases = {task: build_cases(engine.tokenizer, task, list(config.lengths), config.samples, config.seed)
+    cases = {task: build_cases(engine.tokenizer, task, list(config.lengths), config.samples_for(task), config.seed)
              for task in config.tasks}
     total = sum(len(c) for c in cases.values())
     done = 0
@@ -156,13 +168,15 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
                 done += 1
                 if progress is not None:
                     progress(done, total, f"{task}@{length}")
+            base_bytes = allocated_kv_bytes(engine, baseline_plan, length)
             for name, plan in plans.items():
-                ratio = plan.kv_slots(length) / baseline_plan.kv_slots(length)
+                ratio = allocated_kv_bytes(engine, plan, length) / base_bytes
                 row_of = _continuation_row if task == "continuation" else _accuracy_row
                 rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratio, group))
     wall = round(time.perf_counter() - started_all, 2)
     reference = max(config.lengths)
-    itemsize = engine.model.dtype.itemsize
+    baseline_bytes = allocated_kv_bytes(engine, baseline_plan, reference)
+    plan_bytes = {name: allocated_kv_bytes(engine, plan, reference) for name, plan in plans.items()}
     return {
         name: {
             "format": "kvcompile-report/1",
@@ -171,19 +185,30 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
                              "transformers": _version("transformers")},
             "seed": config.seed,
             "settings": {"tasks": list(config.tasks), "lengths": list(config.lengths),
-                         "samples": config.samples, "answer_tokens": ANSWER_TOKENS,
+                         "samples": {task: config.samples_for(task) for task in config.tasks},
+                         "answer_tokens": ANSWER_TOKENS,
                          "agreement_tokens": config.agreement_tokens, "systems_in_run": list(all_plans)},
             "kv_memory": {
                 "context": reference,
-                "artifact_bytes": plan.kv_bytes(reference, arch.head_dim, itemsize),
-                "baseline_bytes": baseline_plan.kv_bytes(reference, arch.head_dim, itemsize),
-                "ratio": round(plan.kv_slots(reference) / baseline_plan.kv_slots(reference), 6),
+                "measured": "allocated",
+                "artifact_bytes": plan_bytes[name],
+                "baseline_bytes": baseline_bytes,
+                "ratio": round(plan_bytes[name] / baseline_bytes, 6),
             },
             "wall_time_s": wall,
             "tasks": rows[name],
         }
         for name, plan in plans.items()
     }
+
+
+def allocated_kv_bytes(engine: Engine, plan: Plan, context: int) -> int:
+    """KV bytes of a cache really allocated for ``plan`` at ``context`` tokens (``StaticKVCache.nbytes``).
+
+    Reports count what the runtime allocates, not what the plan's formula predicts, so a
+    cache that allocates more than its plan says shows up in the memory ratio and the gate.
+    """
+    return engine.allocate(1, max_context=context, plan=plan).nbytes
 
 
 def evaluate(engine: Engine, config: EvalConfig, artifact_info: dict[str, Any] | None = None,
@@ -207,21 +232,28 @@ def _accuracy_row(task: str, length: int, base: _Tally, system: _Tally, ratio: f
 
 def _continuation_row(task: str, length: int, base: _Tally, system: _Tally, ratio: float,
                       group: list[EvalCase]) -> dict[str, Any]:
+    """NLL, KL and agreement with 95% intervals over the cases (tokens of one case are not
+    independent draws), and the per-case values the gate's power computation reads."""
     base_nll = sum(base.nll) / len(base.nll)
     art_nll = sum(system.nll) / len(system.nll)
+    _, inc_lo, inc_hi = relative_increase_ci(system.nll, base.nll)
     kl_mean, kl_lo, kl_hi = mean_ci(system.kl)
     row: dict[str, Any] = {
         "task": task, "length": length, "n": len(group), "tokens": len(group[0].continuation_ids),
         "baseline": {"nll": round(base_nll, 6), "wall_time_s": round(base.seconds, 3)},
         "artifact": {"nll": round(art_nll, 6), "wall_time_s": round(system.seconds, 3)},
         "nll_increase": round(art_nll / base_nll - 1, 6),
+        "nll_increase_ci95": [round(inc_lo, 6), round(inc_hi, 6)],
         "kl": round(kl_mean, 6), "kl_ci95": [round(kl_lo, 6), round(kl_hi, 6)],
         "memory_ratio": round(ratio, 6),
+        "cases": {"baseline_nll": [round(x, 6) for x in base.nll], "artifact_nll": [round(x, 6) for x in system.nll],
+                  "kl": [round(x, 6) for x in system.kl]},
     }
     if system.agree_total:
-        p, lo, hi = proportion_ci(system.agree, system.agree_total)
+        p, lo, hi = mean_ci(system.agree)
         row.update({"agreement": round(p, 6), "agreement_n": system.agree_total,
-                    "agreement_ci95": [round(lo, 6), round(hi, 6)]})
+                    "agreement_ci95": [round(max(0.0, lo), 6), round(min(1.0, hi), 6)]})
+        row["cases"]["agreement"] = [round(x, 6) for x in system.agree]
     return row
 
 

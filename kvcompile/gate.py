@@ -15,13 +15,23 @@ Rules file::
       - {task: continuation, min_agreement: 0.8}
       - {max_memory_ratio: 0.15}
       - {name: "short contexts stay exact", task: passkey, length: 1024, max_drop: 0}
+      - {task: passkey, max_drop: 0.15, detect: 0.4}     # must catch a 40-point drop
+      - {task: multikey, min_accuracy: 0.3, allow_underpowered: true}
 
 Each rule has exactly one kind key (the threshold) plus optional ``task``, ``length``
 (int or list; omitted = every length the report has for the task), ``by`` (``max_drop``
-only) and ``name`` (a label for the table). A rule without ``task`` applies to every
-row that carries its metric. ``max_memory_ratio`` without task/length checks the
-report's ``kv_memory.ratio``; with a filter it checks each matching row's
+only), ``name`` (a label for the table), ``detect`` and ``allow_underpowered``. A rule
+without ``task`` applies to every row that carries its metric. ``max_memory_ratio``
+without task/length checks the report's ``kv_memory.ratio`` (allocated KV bytes of the
+artifact over the uncompressed baseline's); with a filter it checks each matching row's
 ``memory_ratio``. Rule indices in error messages are 0-based.
+
+Power (:mod:`kvcompile.power` defines it): on every row the gate also computes the smallest
+regression the rule detects at the row's n, and prints it. A rule that passes although it
+cannot fail at that n (or, with ``detect: x``, does not detect ``x``) makes the rules file
+invalid for this report (:class:`UnderpoweredRuleError`, exit 2, naming the n it needs)
+unless it says ``allow_underpowered: true``; a check that failed has shown it can fail and
+is reported as a failure. :func:`plan_samples` gives the n each rule needs.
 """
 
 from __future__ import annotations
@@ -37,6 +47,21 @@ from typing import Any, NoReturn
 import yaml
 
 from kvcompile.errors import KVCompileError
+from kvcompile.power import (
+    ACCURACY_KINDS,
+    CONTINUOUS_KINDS,
+    EPS,
+    EXACT,
+    MAX_SAMPLES,
+    NOT_ASSESSED,
+    POWER,
+    Power,
+    accuracy_fails,
+    accuracy_needed,
+    accuracy_power,
+    continuous_power,
+    describe,
+)
 from kvcompile.report import (
     ReportError,
     accuracy_of,
@@ -46,7 +71,7 @@ from kvcompile.report import (
 )
 
 GATES_FORMAT = "kvcompile-gates/1"
-_EPS = 1e-9  # comparisons tolerate float rounding: 1.0 - 0.98 must pass max_drop 0.02
+_EPS = EPS
 
 # kind -> (lower bound, upper bound) of the threshold
 KINDS: dict[str, tuple[float, float]] = {
@@ -57,7 +82,7 @@ KINDS: dict[str, tuple[float, float]] = {
     "min_agreement": (0.0, 1.0),
     "max_memory_ratio": (0.0, math.inf),
 }
-_RULE_KEYS = frozenset(KINDS) | {"task", "length", "by", "name"}
+_RULE_KEYS = frozenset(KINDS) | {"task", "length", "by", "name", "detect", "allow_underpowered"}
 _BY = ("point", "interval")
 
 
@@ -72,6 +97,10 @@ class GateRulesError(KVCompileError, ValueError):
         super().__init__(f"{prefix}{field_path}: {message}")
 
 
+class UnderpoweredRuleError(GateRulesError):
+    """A rule that cannot fail (or detect its ``detect``) at the report's sample size."""
+
+
 # ----------------------------------------------------------------------------- rules
 
 
@@ -84,6 +113,8 @@ class Rule:
     lengths: tuple[int, ...] | None = None
     by: str = "point"
     name: str | None = None
+    detect: float | None = None  # the regression it must detect (units of its threshold)
+    allow_underpowered: bool = False
 
     @property
     def description(self) -> str:
@@ -165,6 +196,24 @@ def _parse_lengths(value: Any, where: str, err: _Err) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _parse_detect(
+    raw: Mapping[str, Any], kind: str, threshold: float, at: str, err: _Err
+) -> float | None:
+    """``detect`` lies on the failing side of the threshold, in the threshold's units."""
+    if "detect" not in raw:
+        return None
+    where = f"{at}.detect"
+    if kind == "max_memory_ratio":
+        err(where, "the memory ratio is measured, not sampled: remove detect")
+    lo, hi = KINDS[kind]
+    value = _parse_threshold(raw["detect"], lo, hi, where, err)
+    if kind in ("min_accuracy", "min_agreement") and not value < threshold:
+        err(where, f"must be below {kind} {threshold:g} (an {kind[4:]} the rule must catch)")
+    if kind not in ("min_accuracy", "min_agreement") and not value > threshold:
+        err(where, f"must be above {kind} {threshold:g} (a regression the rule must catch)")
+    return value
+
+
 def parse_rules(data: Any, *, source: str | None = None) -> GateRules:
     """Validate a parsed rules document; raise :class:`GateRulesError` on the first problem."""
 
@@ -212,7 +261,11 @@ def parse_rules(data: Any, *, source: str | None = None) -> GateRules:
         name = raw.get("name")
         if "name" in raw and not isinstance(name, str):
             err(f"{at}.name", f"expected a string, got {_describe(name)}")
-        rules.append(Rule(i, kind, threshold, task, lengths, by, name))
+        detect = _parse_detect(raw, kind, threshold, at, err)
+        allow = raw.get("allow_underpowered", False)
+        if not isinstance(allow, bool):
+            err(f"{at}.allow_underpowered", f"expected true or false, got {_describe(allow)}")
+        rules.append(Rule(i, kind, threshold, task, lengths, by, name, detect, allow))
     return GateRules(tuple(rules), source)
 
 
@@ -253,6 +306,21 @@ class RuleResult:
     detail: str
     index: int = 0
     kind: str = ""
+    n: int | None = None  # cases behind the measured value (None: not sampled)
+    detectable: float | None = None  # smallest regression detected at n (power.py)
+    powered: bool = True
+    needed: int | None = None  # smallest n that meets the rule's power requirement
+    power_note: str = ""  # why it is underpowered
+
+    @property
+    def detects(self) -> str:
+        """The detectable regression as table text (``exact`` for the memory ratio)."""
+        if self.kind == "max_memory_ratio":
+            return "exact"
+        if self.n is None and self.detectable is None and not self.power_note:
+            return "-"
+        text = describe(self.kind, self.detectable)
+        return text if self.powered else f"{text} (underpowered)"
 
 
 @dataclass(frozen=True)
@@ -317,14 +385,14 @@ def _check_row(rule: Rule, row: Mapping[str, Any]) -> tuple[float | None, bool, 
         if art is None:
             return None, False, f"{label} has no artifact accuracy"
         if kind == "min_accuracy":
-            ok = art[0] >= thr - _EPS
+            ok = not accuracy_fails(rule, None, art[0], art[2])
             return art[0], ok, f"artifact accuracy {art[0]:.4g} {'>=' if ok else '<'} {thr:g}"
         base = accuracy_of(row, "baseline")
         if base is None:
             return None, False, f"{label} has no baseline accuracy"
         drop = base[0] - art[0]
         if rule.by == "point":
-            ok = drop <= thr + _EPS
+            ok = not accuracy_fails(rule, base[0], art[0], art[2])
             return (
                 drop,
                 ok,
@@ -336,7 +404,7 @@ def _check_row(rule: Rule, row: Mapping[str, Any]) -> tuple[float | None, bool, 
         upper, bound = art[2], base[0] - thr
         if not math.isfinite(upper):
             return drop, False, f"{label} has no artifact interval (ci95, or correct and n)"
-        ok = upper >= bound - _EPS
+        ok = not accuracy_fails(rule, base[0], art[0], upper)
         verdict = "not established" if ok else "established"
         return (
             drop,
@@ -377,19 +445,26 @@ def _evaluate_rule(
     rule: Rule, rows: list[Mapping[str, Any]], report: Mapping[str, Any]
 ) -> list[RuleResult]:
     def result(
-        task: str | None, length: int | None, value: float | None, ok: bool, detail: str
+        task: str | None,
+        length: int | None,
+        value: float | None,
+        ok: bool,
+        detail: str,
+        power: Power = EXACT,
     ) -> RuleResult:
         return RuleResult(
-            rule.description, task, length, value, rule.threshold, ok, detail, rule.index, rule.kind
+            rule.description, task, length, value, rule.threshold, ok, detail, rule.index,
+            rule.kind, power.n, power.detectable, power.powered, power.needed, power.reason,
         )
 
     if rule.kind == "max_memory_ratio" and rule.task is None and rule.lengths is None:
         mem = report.get("kv_memory")
-        ratio = _num(mem.get("ratio")) if isinstance(mem, Mapping) else None
+        mem = mem if isinstance(mem, Mapping) else {}
+        ratio, how = _memory_ratio(mem)
         if ratio is None:
             return [result(None, None, None, False, "report has no numeric kv_memory.ratio")]
         ok = ratio <= rule.threshold + _EPS
-        ctx = _as_int(mem.get("context")) if isinstance(mem, Mapping) else None
+        ctx = _as_int(mem.get("context"))
         at = f" at context {ctx}" if ctx is not None else ""
         return [
             result(
@@ -397,7 +472,7 @@ def _evaluate_rule(
                 ctx,
                 ratio,
                 ok,
-                f"kv_memory.ratio{at} {ratio:.4g} {'<=' if ok else '>'} {rule.threshold:g}",
+                f"{how}{at} {ratio:.4g} {'<=' if ok else '>'} {rule.threshold:g}",
             )
         ]
 
@@ -448,24 +523,80 @@ def _evaluate_rule(
         value, ok, detail = _check_row(rule, row)
         task = row.get("task")
         out.append(
-            result(task if isinstance(task, str) else None, _int_length(row), value, ok, detail)
+            result(
+                task if isinstance(task, str) else None,
+                _int_length(row),
+                value,
+                ok,
+                detail,
+                row_power(rule, row) if value is not None else NOT_ASSESSED,  # failed anyway
+            )
         )
     out.sort(key=lambda r: (r.task or "", r.length or 0))
     return out + missing
+
+
+def _memory_ratio(mem: Mapping[str, Any]) -> tuple[float | None, str]:
+    """The report's KV memory ratio: allocated artifact bytes over the baseline's when the
+    report has both, else its stored ratio."""
+    art, base = _num(mem.get("artifact_bytes")), _num(mem.get("baseline_bytes"))
+    if art is not None and base is not None and base > 0:
+        measured = mem.get("measured")
+        what = f"{measured} " if isinstance(measured, str) else ""
+        return art / base, f"{what}KV bytes {art:.0f} / {base:.0f}"
+    return _num(mem.get("ratio")), "kv_memory.ratio"
+
+
+def row_power(rule: Rule, row: Mapping[str, Any]) -> Power:
+    """What ``rule`` detects on ``row`` at its n (definitions: :mod:`kvcompile.power`)."""
+    if rule.kind in ACCURACY_KINDS:
+        n = _as_int(row.get("n"))
+        if n is None:
+            return Power(None, None, False, None, "the row has no case count n")
+        base = accuracy_of(row, "baseline")
+        return accuracy_power(rule, n, None if base is None else base[0])
+    if rule.kind in CONTINUOUS_KINDS:
+        return continuous_power(rule, row)
+    return EXACT
 
 
 def evaluate(rules: GateRules, report: Mapping[str, Any]) -> GateOutcome:
     """Check every rule against the report; one :class:`RuleResult` per rule and row.
 
     Raises :class:`~kvcompile.report.ReportError` if ``report`` is not a
-    ``kvcompile-report/1`` document at all (the gate cannot judge it).
+    ``kvcompile-report/1`` document at all (the gate cannot judge it), and
+    :class:`UnderpoweredRuleError` if a rule cannot fail (or detect its ``detect``) at the
+    report's n and does not say ``allow_underpowered: true``.
     """
     check_report(report)
     rows = [r for r in report["tasks"] if isinstance(r, Mapping)]
     results: list[RuleResult] = []
     for rule in rules.rules:
         results += _evaluate_rule(rule, rows, report)
+    check_power(rules, results)
     return GateOutcome(results)
+
+
+def check_power(rules: GateRules, results: list[RuleResult]) -> None:
+    """Raise :class:`UnderpoweredRuleError` for the first underpowered pass not allowed to be.
+
+    Only passing checks count: a pass is evidence only if the check could have failed; a
+    check that failed has shown that it can, and the gate reports the failure (exit 1).
+    """
+    allowed = {rule.index for rule in rules.rules if rule.allow_underpowered}
+    weak = [r for r in results if r.passed and not r.powered and r.index not in allowed]
+    if not weak:
+        return
+    first = weak[0]
+    where = f"{first.task or '?'}@{first.length if first.length is not None else '?'}"
+    power = Power(first.n, first.detectable, first.powered, first.needed, first.power_note)
+    more = f" ({len(weak) - 1} more underpowered checks)" if len(weak) > 1 else ""
+    raise UnderpoweredRuleError(
+        f"rules[{first.index}]",
+        f"{first.rule!r} {first.power_note} at n={first.n} on {where} (power {POWER:g}); "
+        f"{power.remedy}, or set allow_underpowered: true{more}",
+        rules.source,
+    )
 
 
 def run_gate(
@@ -504,6 +635,8 @@ def render_table(outcome: GateOutcome, *, color: bool = False, width: int = 140)
     table.add_column("length", justify="right")
     table.add_column("measured", justify="right")
     table.add_column("threshold", justify="right")
+    table.add_column("n", justify="right")
+    table.add_column(f"detects (power {POWER:g})")
     table.add_column("detail", overflow="fold")
     for r in outcome.results:
         style = ("green" if r.passed else "bold red") if color else ""
@@ -515,6 +648,8 @@ def render_table(outcome: GateOutcome, *, color: bool = False, width: int = 140)
             Text("-" if r.length is None else str(r.length)),
             Text(_fmt(r.value)),
             Text(f"{r.threshold:g}"),
+            Text("-" if r.n is None else str(r.n)),
+            Text(r.detects),
             Text(r.detail),
         )
     buf = io.StringIO()
@@ -539,6 +674,119 @@ def render_table(outcome: GateOutcome, *, color: bool = False, width: int = 140)
     return buf.getvalue() + summary + "\n"
 
 
+# ----------------------------------------------------------------------------- planning
+
+PLAN_BASELINES = (1.0, 0.9, 0.8, 0.6)  # baseline accuracies assumed without a pilot report
+
+
+@dataclass(frozen=True)
+class SampleNeed:
+    """The cases per task and length one rule needs, under a stated assumption."""
+
+    index: int
+    rule: str
+    task: str | None
+    length: int | None
+    assumes: str
+    needed: int | None  # None: see ``note``
+    note: str = ""
+
+
+def plan_samples(
+    rules: GateRules,
+    pilot: Mapping[str, Any] | None = None,
+    baselines: tuple[float, ...] = PLAN_BASELINES,
+) -> list[SampleNeed]:
+    """The n each rule needs to meet its power requirement (:mod:`kvcompile.power`).
+
+    With a ``pilot`` report (any n), every rule is sized on the rows it checks there: the
+    pilot's baseline accuracies and per-case spreads. Without one, accuracy rules are sized
+    for each assumed baseline accuracy in ``baselines``; NLL, KL and agreement rules need a
+    pilot (their spread is unknown); the memory ratio needs no samples.
+    """
+    needs: list[SampleNeed] = []
+    if pilot is not None:
+        check_report(pilot)
+        rows = [r for r in pilot["tasks"] if isinstance(r, Mapping)]
+        for rule in rules.rules:
+            for r in _evaluate_rule(rule, rows, pilot):
+                if r.kind == "max_memory_ratio":
+                    needs.append(SampleNeed(r.index, r.rule, r.task, r.length, "-", 0, "exact"))
+                elif r.n is None and r.detectable is None and not r.power_note:
+                    needs.append(SampleNeed(r.index, r.rule, r.task, r.length, "-", None, r.detail))
+                else:
+                    note = "" if r.needed is not None else f"no n up to {MAX_SAMPLES}"
+                    needs.append(SampleNeed(r.index, r.rule, r.task, r.length,
+                                            f"pilot n={r.n}", r.needed, note))
+        return needs
+    for rule in rules.rules:
+        for length in rule.lengths or (None,):
+            needs += _plan_without_pilot(rule, length, baselines)
+    return needs
+
+
+def _plan_without_pilot(
+    rule: Rule, length: int | None, baselines: tuple[float, ...]
+) -> list[SampleNeed]:
+    def need(assumes: str, n: int | None, note: str = "") -> SampleNeed:
+        return SampleNeed(rule.index, rule.description, rule.task, length, assumes, n, note)
+
+    if rule.kind == "max_memory_ratio":
+        return [need("-", 0, "exact")]
+    if rule.kind in CONTINUOUS_KINDS:
+        return [need("-", None, "needs a pilot report (per-case spread)")]
+    if rule.kind == "min_accuracy":
+        n = accuracy_needed(rule, 1.0)
+        return [need("-", n, f"no n up to {MAX_SAMPLES}" if n is None else _no_detect(rule))]
+    out = []
+    for base in baselines:
+        n = accuracy_needed(rule, base)
+        note = "" if n is not None else "the baseline leaves no room for the drop"
+        out.append(need(f"baseline {base:.2f}", n, note or _no_detect(rule)))
+    return out
+
+
+def _no_detect(rule: Rule) -> str:
+    return "" if rule.detect is not None else "only to be able to fail; add detect: to size it"
+
+
+def render_plan(needs: list[SampleNeed], pilot: bool, width: int = 140) -> str:
+    """The planning table and, per task, the largest n any rule needs."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.ASCII2)
+    for name, justify in (("#", "right"), ("rule", "left"), ("task", "left"),
+                          ("length", "right"), ("assumes", "left"), ("needs n", "right"),
+                          ("note", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for need in needs:
+        table.add_row(*(Text(str(cell)) for cell in (
+            need.index, need.rule, need.task or "-", "-" if need.length is None else need.length,
+            need.assumes, "-" if need.needed is None else need.needed, need.note)))
+    buf = io.StringIO()
+    Console(file=buf, width=width, no_color=True, highlight=False, emoji=False, markup=False,
+            soft_wrap=False).print(table)
+    source = "the pilot report's baselines and spreads" if pilot else "assumed baselines"
+    largest: dict[str, SampleNeed] = {}
+    for need in needs:
+        if need.needed and need.task and (
+            need.task not in largest or need.needed > (largest[need.task].needed or 0)
+        ):
+            largest[need.task] = need
+    summary = ", ".join(
+        f"{task} {need.needed}" + (f" ({need.assumes})" if need.assumes != "-" else "")
+        for task, need in largest.items()
+    )
+    return (
+        f"cases per task and length each rule needs (power {POWER:g}; {source})\n"
+        + buf.getvalue()
+        + (f"largest per task: {summary}\n" if summary else "")
+    )
+
+
 __all__ = [
     "GATES_FORMAT",
     "KINDS",
@@ -548,6 +796,12 @@ __all__ = [
     "ReportError",
     "Rule",
     "RuleResult",
+    "SampleNeed",
+    "UnderpoweredRuleError",
+    "check_power",
+    "plan_samples",
+    "render_plan",
+    "row_power",
     "evaluate",
     "load_rules",
     "loads_rules",

@@ -314,7 +314,7 @@ def _continuation_section(rows: list[Mapping[str, Any]]) -> list[str]:
     lines = [
         "## Continuation",
         "",
-        "| length | samples × tokens | NLL baseline | NLL artifact | Δ NLL | KL [95% CI] "
+        "| length | samples × tokens | NLL baseline | NLL artifact | Δ NLL [95% CI] | KL [95% CI] "
         "| greedy agreement | KV memory |",
         "|---:|---:|---:|---:|---:|---|---|---:|",
     ]
@@ -325,9 +325,8 @@ def _continuation_section(rows: list[Mapping[str, Any]]) -> list[str]:
         if inc is None and bn and an is not None:
             inc = an / bn - 1.0
         kl = _f(row.get("kl"))
-        kl_ci = row.get("kl_ci95")
-        if kl != _DASH and isinstance(kl_ci, Sequence) and len(kl_ci) == 2:
-            kl += f" [{_f(kl_ci[0])}, {_f(kl_ci[1])}]"
+        if kl != _DASH:
+            kl += _interval(row.get("kl_ci95"))
         agree_ci = row.get("agreement_ci95")
         lo = hi = None
         if isinstance(agree_ci, Sequence) and len(agree_ci) == 2:
@@ -338,7 +337,7 @@ def _continuation_section(rows: list[Mapping[str, Any]]) -> list[str]:
             samples,
             _f(bn),
             _f(an),
-            _DASH if inc is None else f"{100 * inc:+.2f}%",
+            _DASH if inc is None else f"{100 * inc:+.2f}%" + _interval(row.get("nll_increase_ci95"), 100, ".2f"),
             kl,
             format_proportion(_num(row.get("agreement")), lo, hi, _int(row.get("agreement_n"))),
             _pct(row.get("memory_ratio")),
@@ -346,6 +345,15 @@ def _continuation_section(rows: list[Mapping[str, Any]]) -> list[str]:
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines.append("")
     return lines
+
+
+def _interval(ci: Any, scale: float = 1.0, spec: str = ".4f") -> str:
+    """`` [lo, hi]`` of a stored two-number interval, or nothing."""
+    if isinstance(ci, Sequence) and not isinstance(ci, str) and len(ci) == 2:
+        lo, hi = _num(ci[0]), _num(ci[1])
+        if lo is not None and hi is not None:
+            return f" [{format(scale * lo, spec)}, {format(scale * hi, spec)}]"
+    return ""
 
 
 def _length_key(row: Mapping[str, Any]) -> tuple[int, str]:
@@ -371,8 +379,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["_The report has no task rows._", ""]
     lines += [
         "Accuracy intervals are 95% Wilson score intervals; drop = baseline − artifact in "
-        "percentage points; KL is the mean KL(baseline ‖ artifact) per token with a "
-        "normal-approximation 95% interval; KV memory is relative to the uncompressed cache.",
+        "percentage points; KL is the mean KL(baseline ‖ artifact) per token. Δ NLL, KL and "
+        "agreement intervals are 95% normal-approximation intervals over the cases (tokens of "
+        "one text are not independent draws; Δ NLL pairs each case's two NLLs). KV memory is the "
+        "artifact's allocated KV buffers over the uncompressed model's.",
         "",
     ]
     return "\n".join(lines)

@@ -58,6 +58,22 @@ def test_eval_config_rejects_bad_input() -> None:
             EvalConfig(**kwargs)
 
 
+def test_samples_per_task(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+    from kvcompile.errors import KVCompileError
+
+    config = EvalConfig(tasks=("passkey", "continuation"), samples=4, task_samples=(("passkey", 20),))
+    assert (config.samples_for("passkey"), config.samples_for("continuation")) == (20, 4)
+    with pytest.raises(KVCompileError, match="multikey"):
+        EvalConfig(tasks=("passkey",), task_samples=(("multikey", 3),))
+    with pytest.raises(KVCompileError, match="for passkey"):
+        EvalConfig(tasks=("passkey",), task_samples=(("passkey", 0),))
+    result = CliRunner().invoke(main, ["eval", str(tmp_path), "--samples", "passkey=x"])
+    assert result.exit_code == 2 and "--samples" in result.stderr
+
+
 # -- real model ---------------------------------------------------------------------------
 
 GATE = """

@@ -11,14 +11,17 @@ import pytest
 
 from kvcompile.gate import (
     GateRulesError,
+    UnderpoweredRuleError,
     evaluate,
     load_rules,
     loads_rules,
     parse_rules,
+    plan_samples,
     render_table,
     run_gate,
 )
 from kvcompile.report import ReportError
+from kvcompile.stats import Z95, largest_detected_rate, normal_power_z
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -68,6 +71,7 @@ REPORT: dict[str, Any] = {
             "baseline": {"nll": 2.0},
             "artifact": {"nll": 2.03},
             "nll_increase": 0.015,
+            "nll_increase_ci95": [0.005, 0.025],
             "kl": 0.021,
             "kl_ci95": [0.015, 0.027],
             "agreement": 0.93,
@@ -389,3 +393,131 @@ def test_run_gate_from_files(tmp_path: Path) -> None:
     rules.write_text("format: kvcompile-gates/1\nrules: [{max_memory_ratio: 0.2}]\n")
     assert run_gate(tmp_path / "report.json", rules).passed
     assert run_gate(tmp_path / "report", rules).passed  # the stem works too
+
+
+# ----------------------------------------------------------------------------- power
+
+
+def _tiny_passkey_report(baseline: int, artifact: int, n: int) -> dict[str, Any]:
+    rep = report()
+    rep["tasks"] = [{
+        "task": "passkey", "length": 1536, "n": n,
+        "baseline": {"correct": baseline, "accuracy": baseline / n},
+        "artifact": {"correct": artifact, "accuracy": artifact / n},
+    }]
+    return rep
+
+
+def test_every_check_shows_what_it_detects() -> None:
+    out = gate([{"task": "multikey", "max_drop": 0.1, "by": "interval"},
+                {"task": "continuation", "max_kl": 0.05}, {"max_memory_ratio": 0.15}])
+    multikey, kl, memory = out.results
+    # baseline 16/20; the Wilson upper bound of 6/20 (0.52) is below 0.7, of 7/20 (0.57)
+    # too, of 8/20 (0.61) too, of 9/20 (0.66) too, of 10/20 (0.70) not: k_fail = 9
+    assert multikey.n == 20 and multikey.powered
+    assert multikey.detectable == pytest.approx(0.8 - largest_detected_rate(9, 20), abs=1e-12)
+    # KL: se from the stored interval [0.015, 0.027]
+    assert kl.detectable == pytest.approx(0.05 + normal_power_z() * 0.012 / (2 * Z95), abs=1e-12)
+    assert memory.detects == "exact"
+    text = render_table(out)
+    assert "detects (power 0.8)" in text and "drop >= " in text and "KL >= 0.0" in text
+
+
+def test_underpowered_rule_is_an_error_naming_n_and_the_n_it_needs() -> None:
+    """The issue's case: max_drop 0.10 by interval at n = 4 from a 1/4 baseline cannot fail
+    (the Wilson upper bound of 0/4 is 0.49 > 0.15)."""
+    rep = _tiny_passkey_report(1, 0, 4)
+    rule = {"task": "passkey", "max_drop": 0.1, "by": "interval", "name": "passkey drop"}
+    with pytest.raises(UnderpoweredRuleError) as info:
+        gate([{"max_memory_ratio": 0.5}, rule], rep)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("rules[1]: 'passkey drop' cannot fail at n=4 on passkey@1536")
+    # 0 correct must have an upper bound z²/(n + z²) below round(n/4)/n - 0.1: n = 22
+    assert "needs n >= 22" in msg and "allow_underpowered" in msg
+    assert info.value.exit_code == 2
+    allowed = gate([{**rule, "allow_underpowered": True}], rep).results[0]
+    assert allowed.passed and not allowed.powered and allowed.needed == 22
+    assert allowed.detects == "nothing (underpowered)"
+
+
+def test_detect_requirement() -> None:
+    rep = _tiny_passkey_report(18, 18, 20)
+    rule = {"task": "passkey", "max_drop": 0.15}
+    assert gate([{**rule, "detect": 0.3}], rep).passed  # P(Bin(20, 0.6) <= 14) = 0.87
+    with pytest.raises(UnderpoweredRuleError, match=r"detects drop >= 0\.27, not drop >= 0\.25 at n=20"):
+        gate([{**rule, "detect": 0.25}], rep)
+    # a check that fails has shown it can: a failure (exit 1), not a rules error
+    failed = gate([{**rule, "detect": 0.25}], _tiny_passkey_report(18, 10, 20)).results[0]
+    assert not failed.passed and not failed.powered
+
+
+def test_detect_and_allow_underpowered_validation() -> None:
+    head = "format: kvcompile-gates/1\nrules:\n"
+    assert bad(head + "  - {task: passkey, max_drop: 0.1, detect: 0.05}").startswith(
+        "rules[0].detect: must be above max_drop 0.1")
+    assert bad(head + "  - {task: passkey, min_accuracy: 0.3, detect: 0.5}").startswith(
+        "rules[0].detect: must be below min_accuracy 0.3")
+    assert bad(head + "  - {max_memory_ratio: 0.3, detect: 0.5}").startswith("rules[0].detect:")
+    assert bad(head + "  - {task: passkey, max_drop: 0.1, allow_underpowered: 1}").startswith(
+        "rules[0].allow_underpowered: expected true or false")
+    rules = loads_rules(head + "  - {task: continuation, min_agreement: 0.8, detect: 0.7}")
+    assert rules.rules[0].detect == 0.7 and not rules.rules[0].allow_underpowered
+
+
+def test_memory_rule_reads_allocated_bytes() -> None:
+    rep = report()
+    rep["kv_memory"].update(measured="allocated", artifact_bytes=300, baseline_bytes=1000, ratio=0.125)
+    res = gate([{"max_memory_ratio": 0.2}], rep).results[0]
+    assert not res.passed and res.value == pytest.approx(0.3)
+    assert "allocated KV bytes 300 / 1000" in res.detail
+
+
+def test_plan_samples_hand_computed() -> None:
+    rules = parse_rules({"format": "kvcompile-gates/1", "rules": [
+        {"task": "passkey", "max_drop": 0.5, "by": "interval"},
+        {"task": "passkey", "min_accuracy": 1.0, "detect": 0.5},
+        {"task": "continuation", "max_kl": 0.1},
+        {"max_memory_ratio": 0.2},
+    ]})
+    needs = plan_samples(rules, baselines=(1.0, 0.3))
+    by_rule = [(n.index, n.assumes, n.needed) for n in needs]
+    # z²/(n + z²) < 0.5 from n = 4; a 0.3 baseline has no room for a 0.5 drop;
+    # 1 - 0.5^n >= 0.8 from n = 3; KL needs a pilot's spread; memory is exact
+    assert by_rule == [(0, "baseline 1.00", 4), (0, "baseline 0.30", None), (1, "-", 3),
+                       (2, "-", None), (3, "-", 0)]
+    assert "pilot" in needs[3].note
+    # with a pilot report: its own baselines and spreads
+    pilot = report()
+    pilot["tasks"][3]["cases"] = {"kl": [0.1, 0.2, 0.3, 0.4]}
+    pilot["tasks"][3]["n"] = 4
+    kl_rule = parse_rules({"format": "kvcompile-gates/1",
+                           "rules": [{"task": "continuation", "max_kl": 0.5, "detect": 0.52}]})
+    assert [n.needed for n in plan_samples(kl_rule, pilot)] == [30]  # see test_power.py
+
+
+def test_gate_cli_underpowered_and_plan_samples(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+
+    (tmp_path / "report.json").write_text(json.dumps(_tiny_passkey_report(1, 0, 4)))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("format: kvcompile-gates/1\nrules:\n"
+                     "  - {task: passkey, max_drop: 0.1, by: interval}\n")
+    runner = CliRunner()
+    result = runner.invoke(main, ["gate", str(tmp_path / "report.json"), "--rules", str(rules)])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "rules[0]" in result.stderr
+    assert "n=4" in result.stderr and "needs n >= 22" in result.stderr
+    rules.write_text("format: kvcompile-gates/1\nrules:\n"
+                     "  - {task: passkey, max_drop: 0.1, by: interval, allow_underpowered: true}\n")
+    result = runner.invoke(main, ["gate", str(tmp_path / "report.json"), "--rules", str(rules)])
+    assert result.exit_code == 0 and "underpowered" in result.stdout
+    plan = runner.invoke(main, ["gate", "--plan-samples", str(rules)])
+    assert plan.exit_code == 0 and "cases per task and length each rule needs" in plan.stdout
+    piloted = runner.invoke(main, ["gate", str(tmp_path / "report.json"), "--plan-samples", str(rules)])
+    assert piloted.exit_code == 0 and "pilot n=4" in piloted.stdout and "22" in piloted.stdout
+    both = runner.invoke(main, ["gate", str(tmp_path / "report.json"), "--rules", str(rules),
+                                "--plan-samples", str(rules)])
+    assert both.exit_code == 2
+    assert runner.invoke(main, ["gate", str(tmp_path / "report.json")]).exit_code == 2

@@ -74,6 +74,7 @@ REPORT: dict[str, Any] = {
             "baseline": {"nll": 2.31, "wall_time_s": 5.0},
             "artifact": {"nll": 2.35, "wall_time_s": 4.0},
             "nll_increase": 0.0173,
+            "nll_increase_ci95": [0.0051, 0.0295],
             "kl": 0.021,
             "kl_ci95": [0.015, 0.027],
             "agreement": 0.93,
@@ -140,7 +141,7 @@ def test_markdown_contains_the_numbers() -> None:
         "4 × 256",
         "2.3100",
         "2.3500",
-        "+1.73%",
+        "+1.73% [0.51, 2.95]",
         "0.0210 [0.0150, 0.0270]",
         "93.0% [89.0, 96.0] (n=256)",
     ]:

@@ -1,22 +1,39 @@
-"""This project's own CI gate: the shipped SmolLM2 profile, compiled, evaluated and gated.
+"""This project's own CI gate, shown to be able to fail.
 
-A small eval (few samples, short contexts) so it fits CI; the rules in
-examples/gates-ci.yaml only catch a broken build or a large regression.
+The shipped SmolLM2 profile is built into an artifact directory (``build_artifact``, what
+``kvcompile build`` runs), loaded back from disk (``load_engine``, what ``kvcompile eval``
+runs), evaluated against the uncompressed model and gated with ``examples/gates-ci.yaml``.
+The same rules must fail on four broken variants of the shipped plan
+(``kvcompile.regressions``: uniform windows at the same memory, the plan refitted at
+half its budget, the full heads taken from the bottom of the retrieval ranking, the
+budgeted heads cut to sinks + 32 tokens). They are derived from the profile at test time
+and served on the loaded artifact next to its own plan, so each case is prefilled once for
+all six systems. Settings and the measurements behind the thresholds: the rules file's
+header and docs/BENCHMARKS.md ("The CI gate").
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from kvcompile.artifact import compile_engine
-from kvcompile.evaluate import EvalConfig, evaluate
+from kvcompile.artifact import build_artifact, load_engine
+from kvcompile.evaluate import EvalConfig
 from kvcompile.gate import evaluate as evaluate_gate
 from kvcompile.gate import load_rules, render_table
 from kvcompile.profile_io import load_profile
+from kvcompile.regressions import ARTIFACT, evaluate_with_regressions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "profiles" / "smollm2-135m-instruct.yaml"
+RULES = ROOT / "examples" / "gates-ci.yaml"
+# what the rules file's header says: kvcompile eval ... --lengths 2048
+#   --samples passkey=20,continuation=6 --agreement-tokens 16 --seed 0
+CI_EVAL = EvalConfig(tasks=("passkey", "continuation"), lengths=(2048,), samples=1,
+                     task_samples=(("passkey", 20), ("continuation", 6)), seed=0, agreement_tokens=16)
+VARIANTS = ("uniform (same memory)", "refit at 1/16", "lowest-scoring full heads",
+            "sinks + 32-token window")
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +45,58 @@ def test_shipped_profile_matches_the_installed_model(smollm2) -> None:
         assert (SHIPPED.parent / f"{SHIPPED.stem}-{suffix}.png").is_file()
 
 
-def test_ci_gate_on_the_shipped_profile(smollm2) -> None:
+@pytest.fixture(scope="module")
+def ci(smollm2, tmp_path_factory):
+    started = time.perf_counter()
     profile = load_profile(SHIPPED)
-    _, engine = compile_engine(smollm2, profile.plan, max_context=2048)
-    config = EvalConfig(tasks=("passkey", "multikey", "continuation"), lengths=(1536,), samples=4, seed=0,
-                        agreement_tokens=16)
-    report = evaluate(engine, config)
-    outcome = evaluate_gate(load_rules(ROOT / "examples" / "gates-ci.yaml"), report)
+    directory = tmp_path_factory.mktemp("ci") / "artifact"
+    build_artifact(smollm2, profile, directory)
+    engine = load_engine(directory)
+    reports = evaluate_with_regressions(engine, profile, CI_EVAL)
+    print(f"\nCI gate eval: {time.perf_counter() - started:.0f} s (build, load, 6 systems)")
+    return engine, reports, load_rules(RULES)
+
+
+def test_ci_gate_passes_the_shipped_artifact(ci) -> None:
+    _, reports, rules = ci
+    outcome = evaluate_gate(rules, reports[ARTIFACT])  # raises if a rule is underpowered at n
     print(render_table(outcome))
     assert outcome.passed, render_table(outcome)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ci_gate_fails_a_broken_variant(ci, variant: str) -> None:
+    _, reports, rules = ci
+    outcome = evaluate_gate(rules, reports[variant])
+    print(f"\n{variant}\n{render_table(outcome)}")
+    assert not outcome.passed
+    # it fails on measured regressions, not on a missing row or metric
+    assert all(r.value is not None for r in outcome.failures)
+
+
+def test_ci_gate_memory_is_what_the_loaded_artifact_allocates(ci) -> None:
+    """The memory rule reads allocated bytes; check them against DESIGN's formula."""
+    engine, reports, _ = ci
+    memory = reports[ARTIFACT]["kv_memory"]
+    length, arch = memory["context"], engine.arch
+    per_slot = 2 * arch.head_dim * engine.model.dtype.itemsize  # keys + values, one token, one head
+    assert memory["baseline_bytes"] == arch.n_layers * arch.n_kv_heads * length * per_slot
+    slots = sum(len(layer.full_heads) * length + len(layer.budgeted_heads) * layer.layout.capacity
+                if layer.budgeted_heads else len(layer.full_heads) * length
+                for layer in engine.plan.layers)
+    assert memory["artifact_bytes"] == slots * per_slot == engine.allocate(1, length).nbytes
+    assert memory["measured"] == "allocated"
+
+
+def test_ci_gate_through_the_cli(ci, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+    from kvcompile.report import write_report
+
+    _, reports, _ = ci
+    runner = CliRunner()
+    good = write_report(reports[ARTIFACT], tmp_path / "artifact").json
+    bad = write_report(reports[VARIANTS[0]], tmp_path / "variant").json
+    assert runner.invoke(main, ["gate", str(good), "--rules", str(RULES)]).exit_code == 0
+    assert runner.invoke(main, ["gate", str(bad), "--rules", str(RULES)]).exit_code == 1

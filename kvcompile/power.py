@@ -1,0 +1,286 @@
+"""What a gate rule can detect at a report's sample size, and how many samples it needs.
+
+A rule is evidence only if it can fail on the regressions it claims to catch. Definitions
+(``POWER`` = 0.8; intervals are the 95% ones of :mod:`kvcompile.stats`):
+
+**Detects.** A rule detects a regression when it fails on it with probability at least
+``POWER`` over the draw of the eval cases. Its *detectable regression* on one report row is
+the smallest regression it detects at that row's n, in the unit of what the rule measures:
+
+- ``max_drop`` / ``min_accuracy`` (exact binomial): the artifact's correct count is
+  ``Binomial(n, p)``; the baseline's accuracy is taken as observed, ``p_b = k_b / n``.
+  Applying the rule's own check to every possible count ``k = 0..n`` (the point difference
+  ``p_b - k/n``, or the Wilson upper bound of ``k/n`` for ``by: interval``, or ``k/n``
+  against the floor) gives ``k_fail``, the largest count that fails. ``p*`` is the largest
+  ``p`` with ``P(Binomial(n, p) <= k_fail) >= POWER``. ``max_drop`` detects drops of
+  ``p_b - p*`` and more; ``min_accuracy`` detects accuracies of ``p*`` and less. No failing
+  count (``k_fail < 0``): the rule cannot fail at this n.
+- ``max_nll_increase`` / ``max_kl`` / ``min_agreement`` (normal approximation): the measured
+  value is a mean over the row's n cases with standard error ``se``, from the row's
+  per-case values (``cases``; the same statistics as its ``*_ci95``), or in a report without
+  them from its 95% interval, ``se = half-width / 1.96``. A check at threshold ``t`` fails
+  with probability ``POWER`` when the true value is ``t + z·se`` (``z = 0.8416``), or
+  ``t - z·se`` for agreement, which cannot go below 0. With fewer than 2 cases there is no
+  ``se`` and the rule counts as unable to fail.
+- ``max_memory_ratio``: measured, not sampled: it detects any ratio above its threshold.
+
+**Requirement.** By default a rule must be able to fail at the row's n. With ``detect: x``
+it must detect ``x`` (a drop, an accuracy, an increase, a KL or an agreement, in the
+units of its threshold). A rule that passes while falling short is an error of the rules
+file, unless it says ``allow_underpowered: true`` (a check that failed needs no power).
+
+**Samples needed.** The smallest n (at most ``MAX_SAMPLES``) from which the rule meets its
+requirement, with the row's baseline accuracy (accuracy rules) or its per-case spread
+(``se`` scaling as ``1/√n``) carried over to the new n. Whole counts make the binomial
+power saw-tooth in n, so for accuracy rules it is the smallest n from which the requirement
+holds at every n up to twice that.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kvcompile.stats import (
+    POWER,
+    Z95,
+    binomial_cdf,
+    largest_detected_rate,
+    mean_ci,
+    normal_power_z,
+    relative_increase_ci,
+    wilson_interval,
+)
+
+MAX_SAMPLES = 5000
+EPS = 1e-9  # comparisons tolerate float rounding: 1.0 - 0.98 must pass max_drop 0.02
+ACCURACY_KINDS = ("min_accuracy", "max_drop")
+CONTINUOUS_KINDS = ("max_nll_increase", "max_kl", "min_agreement")
+_LOWER_IS_WORSE = ("min_accuracy", "min_agreement")  # the rest fail on high values
+
+
+class RuleLike(Protocol):
+    kind: str
+    threshold: float
+    by: str
+    detect: float | None
+
+
+@dataclass(frozen=True)
+class Power:
+    """One rule on one report row: what it detects at the row's n and what n it needs."""
+
+    n: int | None
+    detectable: float | None  # in the rule's units; None: it detects nothing at this n
+    powered: bool  # meets its requirement (can fail, or detects ``detect``)
+    needed: int | None  # smallest n that meets it (above n when n does not); None: none
+    reason: str = ""  # why it is not powered
+
+    @property
+    def remedy(self) -> str:
+        """What would make the rule powered, for the error message."""
+        if self.needed is not None:
+            return f"needs n >= {self.needed}: raise --samples"
+        if self.n is None or self.reason.startswith("no standard error"):
+            return "re-run `kvcompile eval`, which records per-case values and intervals"
+        return f"no n up to {MAX_SAMPLES} is enough at this baseline: loosen the rule"
+
+
+EXACT = Power(None, None, True, None)  # measured, not sampled (the memory ratio)
+NOT_ASSESSED = Power(None, None, True, None)  # the check failed for lack of data anyway
+
+
+def accuracy_fails(rule: RuleLike, base_acc: float | None, art_acc: float, art_hi: float) -> bool:
+    """The gate's verdict on one accuracy row: does the artifact fail ``rule``?
+
+    ``art_hi``: the artifact's 95% upper bound (``by: interval``). The single definition
+    used both to judge a report and to find the counts that fail at a given n.
+    """
+    if rule.kind == "min_accuracy":
+        return art_acc < rule.threshold - EPS
+    assert base_acc is not None
+    if rule.by == "point":
+        return base_acc - art_acc > rule.threshold + EPS
+    return art_hi < base_acc - rule.threshold - EPS
+
+
+def _k_fail(rule: RuleLike, n: int, base_correct: int) -> int:
+    """Largest correct count out of ``n`` that fails ``rule`` (-1: none fails).
+
+    Every check fails on fewer correct answers whenever it fails on more, so the failing
+    counts are ``0..k_fail``: found by bisection.
+    """
+    base_acc = base_correct / n
+
+    def fails(k: int) -> bool:
+        return accuracy_fails(rule, base_acc, k / n, wilson_interval(k, n)[1])
+
+    if not fails(0):
+        return -1
+    lo, hi = 0, n + 1  # fails(lo), not fails(hi) (n + 1: sentinel)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid <= n and fails(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _target(rule: RuleLike, base_acc: float) -> float:
+    """The true artifact accuracy the rule must catch (0 by default: a total loss)."""
+    if rule.detect is None:
+        return 0.0
+    if rule.kind == "min_accuracy":
+        return rule.detect
+    return max(0.0, base_acc - rule.detect)  # a drop cannot exceed the baseline
+
+
+def _meets(rule: RuleLike, n: int, base_acc: float) -> bool:
+    """Whether an accuracy rule at ``n`` cases meets its requirement (one binomial sum)."""
+    base_correct = round(base_acc * n)
+    k_fail = _k_fail(rule, n, base_correct)
+    if k_fail < 0:
+        return False
+    return binomial_cdf(k_fail, n, _target(rule, base_correct / n)) >= POWER - 1e-12
+
+
+def accuracy_power(rule: RuleLike, n: int, base_acc: float | None) -> Power:
+    """Power of ``min_accuracy`` / ``max_drop`` at ``n`` cases and baseline accuracy ``base_acc``."""
+    if rule.kind == "max_drop" and base_acc is None:
+        return Power(n, None, False, None, "has no baseline accuracy to drop from")
+    base = 1.0 if base_acc is None else base_acc  # min_accuracy does not read the baseline
+    if n < 1:
+        return Power(n, None, False, accuracy_needed(rule, base), "no cases")
+    base_correct = round(base * n)
+    rate = largest_detected_rate(_k_fail(rule, n, base_correct), n)
+    detectable = None
+    if rate is not None:
+        detectable = rate if rule.kind == "min_accuracy" else base_correct / n - rate
+    if _meets(rule, n, base):
+        return Power(n, detectable, True, accuracy_needed(rule, base))
+    reason = ("cannot fail" if detectable is None
+              else f"detects {describe(rule.kind, detectable)}, not {describe(rule.kind, rule.detect)}")
+    return Power(n, detectable, False, accuracy_needed(rule, base, above=n), reason)
+
+
+def accuracy_needed(rule: RuleLike, base_acc: float, above: int = 0) -> int | None:
+    """Samples an accuracy rule needs at this baseline accuracy (None: none up to MAX_SAMPLES).
+
+    Counts are whole, so the power of a rule saw-tooths with n (a point rule at n = 12 can
+    beat n = 20). The answer is the smallest n (greater than ``above``) from which the rule
+    meets its requirement at every n up to twice that, so that "n >= needed" is advice
+    that holds.
+    """
+    critical = rule.threshold if rule.kind == "min_accuracy" else base_acc - rule.threshold
+    if _target(rule, base_acc) >= critical - EPS:  # not even n -> infinity separates them
+        return None
+    start = None
+    for n in range(above + 1, MAX_SAMPLES + 1):
+        if not _meets(rule, n, base_acc):
+            start = None
+        elif start is None:
+            start = n
+        if start is not None and n >= 2 * start:
+            return start
+    return None
+
+
+def _floats(values: Any) -> list[float] | None:
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        return None
+    out = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return out if len(out) == len(values) and all(map(math.isfinite, out)) else None
+
+
+def standard_error(kind: str, row: Mapping[str, Any]) -> float | None:
+    """Standard error of a continuation row's metric for ``kind`` (see the module docstring)."""
+    cases = row.get("cases") if isinstance(row.get("cases"), Mapping) else {}
+    interval = None
+    if kind == "max_nll_increase":
+        art, base = _floats(cases.get("artifact_nll")), _floats(cases.get("baseline_nll"))
+        if art and base and len(art) == len(base) >= 2 and sum(base) > 0:
+            interval = relative_increase_ci(art, base)[1:]
+        stored = row.get("nll_increase_ci95")
+    else:
+        key = "kl" if kind == "max_kl" else "agreement"
+        values = _floats(cases.get(key))
+        if values and len(values) >= 2:
+            interval = mean_ci(values)[1:]
+        stored = row.get(f"{key}_ci95")
+    if interval is None:
+        bounds = _floats(stored)
+        if not bounds or len(bounds) != 2:
+            return None
+        interval = (bounds[0], bounds[1])
+    return (interval[1] - interval[0]) / (2 * Z95)
+
+
+def continuous_power(rule: RuleLike, row: Mapping[str, Any]) -> Power:
+    """Power of ``max_nll_increase`` / ``max_kl`` / ``min_agreement`` on one row."""
+    n = row.get("n") if isinstance(row.get("n"), int) and not isinstance(row.get("n"), bool) else None
+    if n is None:
+        return Power(None, None, False, None, "has no case count n")
+    if n < 2:
+        return Power(n, None, False, 2, "has no spread: one case")
+    se = standard_error(rule.kind, row)
+    if se is None:
+        return Power(n, None, False, None, "no standard error: the row has neither per-case "
+                     "values nor a 95% interval for it")
+    z = normal_power_z(POWER)
+    lower = rule.kind in _LOWER_IS_WORSE
+    detectable: float | None = rule.threshold - z * se if lower else rule.threshold + z * se
+    if lower and detectable is not None and detectable < 0:
+        detectable = None
+    if rule.detect is None:
+        powered = detectable is not None
+        gap = rule.threshold if lower else math.inf  # agreement: z·se must fit above 0
+    else:
+        powered = detectable is not None and (
+            detectable >= rule.detect - EPS if lower else detectable <= rule.detect + EPS)
+        gap = abs(rule.threshold - rule.detect)
+    needed: int | None = None  # se shrinks as 1/sqrt(n): z·se·sqrt(n/m) <= gap from m on
+    if gap > 0:
+        needed = 2 if math.isinf(gap) else max(2, math.ceil(n * (z * se / gap) ** 2))
+    if needed is not None and needed > MAX_SAMPLES:
+        needed = None
+    reason = ""
+    if not powered:
+        reason = ("cannot fail" if detectable is None
+                  else f"detects {describe(rule.kind, detectable)}, not {describe(rule.kind, rule.detect)}")
+    return Power(n, detectable, powered, needed, reason)
+
+
+def describe(kind: str, value: float | None) -> str:
+    """``drop >= 0.32``, ``accuracy <= 0.25``, ``NLL >= +3.1%``, ``KL >= 0.12``, ..."""
+    if value is None:
+        return "nothing"
+    if kind == "max_drop":
+        return f"drop >= {value:.2f}"
+    if kind == "min_accuracy":
+        return f"accuracy <= {value:.2f}"
+    if kind == "max_nll_increase":
+        return f"NLL >= {100 * value:+.1f}%"
+    if kind == "max_kl":
+        return f"KL >= {value:.3g}"
+    if kind == "min_agreement":
+        return f"agreement <= {value:.2f}"
+    return f"ratio > {value:.4g}"
+
+
+__all__ = [
+    "ACCURACY_KINDS",
+    "CONTINUOUS_KINDS",
+    "EXACT",
+    "MAX_SAMPLES",
+    "NOT_ASSESSED",
+    "POWER",
+    "Power",
+    "accuracy_fails",
+    "accuracy_needed",
+    "accuracy_power",
+    "continuous_power",
+    "describe",
+    "standard_error",
+]

@@ -1,0 +1,156 @@
+"""Deliberately broken plans: the regressions a gate must be shown to catch.
+
+A gate that passes the shipped artifact is evidence only if it fails on plans that are
+broken in the ways a real bug or a bad fit would break them. Each plan here is derived
+from a profile at call time (never from hard-coded numbers), so the check keeps working
+when the profile is refitted:
+
+- ``uniform``: StreamingLLM windows everywhere, with the KV bytes the shipped plan
+  allocates at the eval context (not at the profile's reference context, where the two
+  plans would differ at every shorter length);
+- ``refit 1/16``: the profile's own fit settings at half of its 1/8 budget;
+- ``lowest-scoring full``: the fit run with the retrieval ranking reversed, so the full
+  heads are the ones the profiler scored lowest (a profiler bug), same count;
+- ``sinks + 32``: the shipped full heads kept, every budgeted head cut to its sinks and a
+  32-token window.
+
+The plans use the source model's KV-head indices. :func:`in_served_order` rewrites one for
+an artifact whose weights are already permuted, so it can be served on the artifact's
+engine next to the artifact's own plan (``evaluate_systems(..., reorder=True)``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from kvcompile.arch import ArchSpec
+from kvcompile.evaluate import EvalConfig, evaluate_systems
+from kvcompile.fitting import FitRequest, fit
+from kvcompile.plan import BudgetLayout, Plan
+from kvcompile.profile_io import Profile
+from kvcompile.profiling import stats_from_profile
+from kvcompile.runtime.engine import Engine
+
+STARVED_WINDOW = 32
+ARTIFACT = "artifact"
+
+
+def refit_request(profile: Profile, **changes: object) -> FitRequest:
+    """The request the profile was fitted with (as recorded in it), with ``changes`` applied."""
+    recorded = profile.fit
+    settings: dict[str, object] = {
+        "kv_budget": recorded["kv_budget"],
+        "at_context": recorded["at_context"],
+        "policy": recorded["policy"],
+        "selection": profile.plan.selection,
+        "observation_window": profile.plan.observation_window,
+    }
+    for key in ("retrieval_threshold", "min_budgeted_capacity", "equal_weight", "answer_weight"):
+        if key in recorded:
+            settings[key] = recorded[key]
+    if "user override" in str(recorded.get("full_heads_rule", "")):
+        settings["full_heads"] = recorded["full_heads"]
+    settings.update(changes)
+    return FitRequest(**settings)  # type: ignore[arg-type]
+
+
+def refit(profile: Profile, arch: ArchSpec, **changes: object) -> Plan:
+    """The profile's statistics fitted again with ``changes`` (e.g. ``kv_budget=0.0625``)."""
+    return fit(stats_from_profile(profile), arch, refit_request(profile, **changes)).plan
+
+
+def equal_memory_uniform(plan: Plan, arch: ArchSpec, context: int) -> Plan:
+    """``uniform`` whose KV slots at ``context`` are at most ``plan``'s (and within one slot
+    per head of them)."""
+    budget = plan.kv_slots(context) / (arch.n_layers * arch.n_kv_heads * context)
+    request = FitRequest(kv_budget=min(1.0, budget), at_context=context, policy="uniform")
+    return fit(None, arch, request).plan
+
+
+def lowest_scoring_full(profile: Profile, arch: ArchSpec) -> Plan:
+    """The profile's fit with the retrieval ranking reversed: as many full heads as the
+    shipped plan, taken from the bottom of the ranking."""
+    stats = stats_from_profile(profile)
+    stats.retrieval = -stats.retrieval
+    return fit(stats, arch, refit_request(profile, full_heads=profile.plan.n_full)).plan
+
+
+def starved_windows(plan: Plan, window: int = STARVED_WINDOW) -> Plan:
+    """``plan``'s full heads kept; every budgeted head reduced to its sinks and ``window``."""
+    layers = []
+    for layer in plan.layers:
+        if layer.sliding or layer.layout is None:
+            layers.append(layer)
+            continue
+        layout = BudgetLayout(layer.layout.sinks, 0, 0, window)
+        layers.append(replace(layer, layout=layout))
+    return replace(plan, layers=tuple(layers), policy=f"{plan.policy}-sinks+{window}")
+
+
+def broken_variants(profile: Profile, arch: ArchSpec, context: int) -> dict[str, Plan]:
+    """The four regressions of the project's CI gate, for an eval at ``context`` tokens."""
+    shipped = profile.plan
+    return {
+        "uniform (same memory)": equal_memory_uniform(shipped, arch, context),
+        "refit at 1/16": refit(profile, arch, kv_budget=profile.fit["kv_budget"] / 2),
+        "lowest-scoring full heads": lowest_scoring_full(profile, arch),
+        f"sinks + {STARVED_WINDOW}-token window": starved_windows(shipped),
+    }
+
+
+def in_served_order(plan: Plan, served: Plan) -> Plan:
+    """``plan`` with its head indices rewritten for weights permuted by ``served``.
+
+    An artifact built from ``served`` stores layer ``l``'s KV head ``served.layers[l].permutation[j]``
+    at position ``j``. Serving the rewritten plan on those weights with a
+    :class:`~kvcompile.runtime.head_order.ReorderedCache` computes what ``plan`` computes on
+    the source model.
+    """
+    if len(plan.layers) != len(served.layers):
+        raise ValueError(f"plans of {len(plan.layers)} and {len(served.layers)} layers")
+    layers = []
+    for mine, theirs in zip(plan.layers, served.layers, strict=True):
+        position = {head: j for j, head in enumerate(theirs.permutation)}
+        layers.append(replace(
+            mine,
+            full_heads=tuple(sorted(position[h] for h in mine.full_heads)),
+            budgeted_heads=tuple(sorted(position[h] for h in mine.budgeted_heads)),
+        ))
+    return replace(plan, layers=tuple(layers))
+
+
+def evaluate_with_regressions(
+    engine: Engine,
+    profile: Profile,
+    config: EvalConfig,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Reports for the artifact ``engine`` serves and for each broken variant of its profile.
+
+    ``engine`` is an artifact's (weights permuted for ``profile.plan``); the variants are
+    rewritten into its head order and served next to it, so every case is prefilled once
+    for the baseline, the artifact and all variants. The artifact's own plan is served in
+    its identity order, which computes what ``evaluate(engine, config)`` computes. Variants
+    are derived at the largest eval length (equal memory there).
+    """
+    if engine.plan != profile.plan:
+        raise ValueError("the engine does not serve this profile's plan; load the artifact built from it")
+    plans = {ARTIFACT: in_served_order(profile.plan, profile.plan)}
+    for name, plan in broken_variants(profile, engine.arch, max(config.lengths)).items():
+        plans[name] = in_served_order(plan, profile.plan)
+    return evaluate_systems(engine, plans, config, reorder=True, progress=progress)
+
+
+__all__ = [
+    "ARTIFACT",
+    "STARVED_WINDOW",
+    "broken_variants",
+    "equal_memory_uniform",
+    "evaluate_with_regressions",
+    "in_served_order",
+    "lowest_scoring_full",
+    "refit",
+    "refit_request",
+    "starved_windows",
+]

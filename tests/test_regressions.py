@@ -1,0 +1,121 @@
+"""The broken variants the CI gate must catch, derived from the shipped profile (no model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcompile.arch import arch_from_config
+from kvcompile.artifact import compile_engine
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.profile_io import load_profile
+from kvcompile.profiling import stats_from_profile
+from kvcompile.regressions import (
+    STARVED_WINDOW,
+    broken_variants,
+    equal_memory_uniform,
+    in_served_order,
+    lowest_scoring_full,
+    refit,
+    starved_windows,
+)
+from kvcompile.runtime.engine import Engine
+from kvcompile.runtime.head_order import ReorderedCache
+from tests.tiny import tiny_loaded
+
+SHIPPED = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import LlamaConfig
+
+    profile = load_profile(SHIPPED)
+    a = profile.model["architecture"]
+    config = LlamaConfig(num_hidden_layers=a["layers"], num_attention_heads=a["query_heads"],
+                         num_key_value_heads=a["kv_heads"], hidden_size=a["query_heads"] * a["head_dim"],
+                         max_position_embeddings=a["max_context"], intermediate_size=64, vocab_size=64)
+    return profile, arch_from_config(config)
+
+
+def test_refit_with_the_recorded_settings_reproduces_the_shipped_plan(shipped) -> None:
+    """Guards refit_request: every fit setting the profile records is read back."""
+    profile, arch = shipped
+    assert refit(profile, arch) == profile.plan
+
+
+@pytest.mark.parametrize("context", [1536, 2048, 4096])
+def test_uniform_has_the_shipped_memory_at_the_eval_context(shipped, context: int) -> None:
+    profile, arch = shipped
+    plan = equal_memory_uniform(profile.plan, arch, context)
+    assert plan.n_full == 0 and plan.policy == "uniform"
+    target = profile.plan.kv_slots(context)
+    assert target - arch.n_kv_total < plan.kv_slots(context) <= target
+
+
+def test_refit_at_half_the_budget(shipped) -> None:
+    profile, arch = shipped
+    plan = refit(profile, arch, kv_budget=profile.fit["kv_budget"] / 2)
+    at = profile.fit["at_context"]
+    total = arch.n_kv_total * at
+    assert plan.kv_slots(at) <= total * profile.fit["kv_budget"] / 2
+    assert plan.kv_slots(at) > 0.95 * total * profile.fit["kv_budget"] / 2
+    assert plan.n_full < profile.plan.n_full
+
+
+def test_lowest_scoring_full_heads(shipped) -> None:
+    profile, arch = shipped
+    plan = lowest_scoring_full(profile, arch)
+    scores = stats_from_profile(profile).retrieval
+    full = {(i, h) for i, layer in enumerate(plan.layers) for h in layer.full_heads}
+    ranked = sorted((float(scores[i, h]), (i, h)) for i in range(arch.n_layers)
+                     for h in range(arch.n_kv_heads))
+    assert full == {lh for _, lh in ranked[: profile.plan.n_full]}
+    shipped_full = {(i, h) for i, layer in enumerate(profile.plan.layers) for h in layer.full_heads}
+    assert not full & shipped_full
+
+
+def test_starved_windows_keep_the_full_heads(shipped) -> None:
+    profile, _ = shipped
+    plan = starved_windows(profile.plan)
+    for mine, theirs in zip(plan.layers, profile.plan.layers, strict=True):
+        assert mine.full_heads == theirs.full_heads and mine.budgeted_heads == theirs.budgeted_heads
+        if mine.layout is not None:
+            assert mine.layout == BudgetLayout(theirs.layout.sinks, 0, 0, STARVED_WINDOW)
+
+
+def test_the_four_variants_are_distinct(shipped) -> None:
+    profile, arch = shipped
+    plans = broken_variants(profile, arch, 2048)
+    assert len(plans) == 4 and len({p.layers for p in plans.values()} | {profile.plan.layers}) == 5
+
+
+def test_a_variant_served_on_an_artifact_computes_what_it_computes_on_the_source() -> None:
+    """in_served_order: a plan rewritten for weights permuted by another plan."""
+    loaded = tiny_loaded("llama", seed=4)
+    arch = loaded.arch
+    served = Plan((LayerPlan((2,), (0, 1, 3), BudgetLayout(1, 1, 2, 4)),
+                   LayerPlan((1, 3), (0, 2), BudgetLayout(1, 0, 2, 3))), selection="key_norm")
+    variant = Plan((LayerPlan((0, 3), (1, 2), BudgetLayout(2, 0, 1, 3)),
+                    LayerPlan((), (0, 1, 2, 3), BudgetLayout(1, 1, 1, 4))), selection="key_norm")
+    _, artifact = compile_engine(loaded, served)
+    source = Engine(loaded.build(), variant, tokenizer=None, eos_token_ids=(0,))
+    ids = torch.randint(1, 90, (1, 36), generator=torch.Generator().manual_seed(1))
+    on_artifact = ReorderedCache(artifact.allocate(1, 64, plan=in_served_order(variant, served)),
+                                 in_served_order(variant, served), arch.group_size)
+    on_source = ReorderedCache(source.allocate(1, 64), variant, arch.group_size)
+    torch.testing.assert_close(artifact.prefill(ids[:, :28], [on_artifact]),
+                               source.prefill(ids[:, :28], [on_source]), atol=1e-5, rtol=1e-5)
+    for t in range(28, 36):
+        torch.testing.assert_close(artifact.extend(ids[:, t:t + 1], on_artifact),
+                                   source.extend(ids[:, t:t + 1], on_source), atol=1e-5, rtol=1e-5)
+    # served without the rewrite, the variant's head indices point at the wrong heads (the
+    # exact prefill cannot tell; the compressed decode steps can)
+    wrong = ReorderedCache(artifact.allocate(1, 64, plan=variant), variant, arch.group_size)
+    fresh = ReorderedCache(source.allocate(1, 64), variant, arch.group_size)
+    artifact.prefill(ids[:, :28], [wrong])
+    source.prefill(ids[:, :28], [fresh])
+    gap = max(float((artifact.extend(ids[:, t:t + 1], wrong) - source.extend(ids[:, t:t + 1], fresh))
+                    .abs().max()) for t in range(28, 36))
+    assert gap > 1e-3
