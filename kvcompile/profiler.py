@@ -43,8 +43,8 @@ class HeadAccumulator:
         self.error_count = torch.zeros(shape, dtype=torch.float64)
 
     def add(self, name: str, layer: int, values: torch.Tensor, count: int) -> None:
-        """``values`` [n_kv]: sums over ``count`` queries."""
-        self.sums[name][layer] += values.double()
+        """``values`` [n_kv] (any device): sums over ``count`` queries."""
+        self.sums[name][layer] += values.detach().to("cpu", torch.float64)
         self.counts[name][layer] += count
 
 
@@ -136,15 +136,23 @@ class PromptObserver:
         with torch.no_grad():
             self._observe(layer, residual[0], q[0], k[0], v[0])
 
+    def _on(self, device: torch.device) -> None:
+        """Move the prompt's index tensors to the model's device (once per prompt)."""
+        if self.positions.device != device:
+            self.positions = self.positions.to(device)
+            self.answer_mask = self.answer_mask.to(device)
+            self.needle = self.needle.to(device)
+
     def _observe(self, layer, residual, q, k, v) -> None:  # noqa: ANN001 - tensors
         arch = self.model.arch
+        self._on(q.device)
         pos = self.positions
         n_kv, length, d = k.shape
         g = self.group
         qp = q[:, pos].float()  # [Hq, P, D]
         kf = k.float()
         logits = torch.einsum("hpd,hld->hpl", qp, kf.repeat_interleave(g, 0)) * self.scale
-        key_index = torch.arange(length)
+        key_index = torch.arange(length, device=k.device)
         future = key_index[None, :] > pos[:, None]  # causal
         window = arch.sliding_windows[layer]
         if window:
@@ -166,7 +174,7 @@ class PromptObserver:
         s = self.settings
         pos = self.positions
         count = len(pos)
-        key_index = torch.arange(probs.shape[-1])
+        key_index = torch.arange(probs.shape[-1], device=probs.device)
         sink = probs[..., : s.sinks].sum(-1)  # [Hq, P]
         local = ((key_index[None, :] > pos[:, None] - s.local_window) & (key_index[None, :] <= pos[:, None]))
         local_mass = (probs * local[None]).sum(-1)
@@ -187,8 +195,8 @@ class PromptObserver:
             if bool(in_repeat.any()):
                 p = pos[in_repeat]
                 rows = probs[:, in_repeat]  # [Hq, R, L]
-                induction = torch.zeros(rows.shape[:2])
-                echo = torch.zeros(rows.shape[:2])
+                induction = rows.new_zeros(rows.shape[:2])
+                echo = rows.new_zeros(rows.shape[:2])
                 m = 1
                 while True:
                     earlier = p - m * period
@@ -214,9 +222,9 @@ class PromptObserver:
         o_full = torch.einsum("hpl,hld->hpd", probs, v_heads)  # [Hq, P, D], same math as o_budget
         w_o = self.model.o_proj_weight(layer).float()  # [hidden, Hq*D]
         x_norm = residual[pos].float().norm(dim=-1).clamp_min(1e-6)  # [P]
-        cum_k = torch.cat([torch.zeros(n_kv, 1, d), k.cumsum(1)], dim=1)  # [Hkv, L+1, D]
-        cum_v = torch.cat([torch.zeros(n_kv, 1, d), v.cumsum(1)], dim=1)
-        key_index = torch.arange(length)
+        cum_k = torch.cat([k.new_zeros(n_kv, 1, d), k.cumsum(1)], dim=1)  # [Hkv, L+1, D]
+        cum_v = torch.cat([v.new_zeros(n_kv, 1, d), v.cumsum(1)], dim=1)
+        key_index = torch.arange(length, device=k.device)
         prefix = pos + 1  # tokens visible to each query
         for ci, capacity in enumerate(s.capacity_grid):
             window = capacity - s.sinks - 1
@@ -245,7 +253,7 @@ class PromptObserver:
             w_groups = w_o.view(w_o.shape[0], n_kv, g * d)
             projected = torch.einsum("pgk,ogk->pgo", per_group, w_groups)
             err = projected.norm(dim=-1) / x_norm[:, None]  # [P, Hkv]
-            self.acc.error_sum[layer, :, ci] += err.sum(0).double()
+            self.acc.error_sum[layer, :, ci] += err.sum(0).to("cpu", torch.float64)
         self.acc.error_count[layer] += len(pos)
 
 

@@ -64,11 +64,13 @@ class _ProbeRun:
         arch = model.arch
         self.arch = arch
         n_ctx = prompt.context_length
-        ids = torch.tensor([prompt.input_ids], dtype=torch.long)
+        device = model.device
+        ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
         self.suffix = ids[:, n_ctx:]
-        self.positions = torch.arange(n_ctx, ids.shape[1])
-        self.answer_rows = torch.tensor([p - n_ctx for p in prompt.answer_positions], dtype=torch.long)
-        self.targets = ids[0, torch.tensor(prompt.answer_positions) + 1]
+        self.positions = torch.arange(n_ctx, ids.shape[1], device=device)
+        self.answer_rows = torch.tensor([p - n_ctx for p in prompt.answer_positions], dtype=torch.long,
+                                        device=device)
+        self.targets = ids[0, torch.tensor(prompt.answer_positions, device=device) + 1]
         self.full = [[h for h in range(arch.n_kv_heads) if (layer, h) in full_heads]
                      for layer in range(arch.n_layers)]
         self.budgeted = [[h for h in range(arch.n_kv_heads) if (layer, h) not in full_heads]
@@ -84,7 +86,8 @@ class _ProbeRun:
             self.layers.append(_LayerContext(k, v, scores, {}))
 
         with torch.no_grad():
-            model.hidden_states(ids[:, :n_ctx], torch.arange(n_ctx), exact_attention(arch), observe=record)
+            model.hidden_states(ids[:, :n_ctx], torch.arange(n_ctx, device=device), exact_attention(arch),
+                                observe=record)
 
     def _context(self, layer: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K, V, bias of layer ``layer``'s context with its budgeted heads at ``capacity``."""
@@ -95,7 +98,7 @@ class _ProbeRun:
             heads = self.budgeted[layer]
             if capacity == FULL or not heads:
                 k, v = ctx.k, ctx.v
-                bias = torch.zeros(k.shape[:3])
+                bias = k.new_zeros(k.shape[:3], dtype=torch.float32)
             else:
                 buf = compress_prefill(ctx.k[:, heads], ctx.v[:, heads],
                                        None if ctx.scores is None else ctx.scores[:, heads],
@@ -103,8 +106,8 @@ class _ProbeRun:
                 full = self.full[layer]
                 n = max(self.n_ctx if full else 0, buf.k.shape[2])
                 shape = (1, self.arch.n_kv_heads, n, ctx.k.shape[-1])
-                k, v = torch.zeros(shape), torch.zeros(shape)
-                bias = torch.full(shape[:3], float("-inf"))
+                k, v = ctx.k.new_zeros(shape), ctx.k.new_zeros(shape)
+                bias = ctx.k.new_full(shape[:3], float("-inf"), dtype=torch.float32)
                 k[:, heads, : buf.k.shape[2]], v[:, heads, : buf.k.shape[2]] = buf.k, buf.v
                 bias[:, heads, : buf.k.shape[2]] = buf.bias
                 if full:
@@ -125,7 +128,7 @@ class _ProbeRun:
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             ck, cv, cbias = self._context(layer, capacities[layer])
-            bias = torch.cat([cbias, torch.zeros(k.shape[:3])], dim=2)
+            bias = torch.cat([cbias, cbias.new_zeros(k.shape[:3])], dim=2)
             window = arch.sliding_windows[layer] or 0  # sliding layers always see their full context
             return budgeted_attention(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2), bias,
                                       causal=True, window=window, scale=arch.attention_scale)

@@ -32,7 +32,7 @@ def validate_plan(model: CompactLM, plan: Plan, tokenizer: Any, length: int, see
         for name, p in (("full", baseline_plan), ("plan", plan))
     }
     last = engine.prefill(torch.tensor([context]), list(caches.values()))
-    target = torch.tensor(continuation)
+    target = torch.tensor(continuation, device=engine.device)
     logps = {}
     for name, cache in caches.items():
         rest = engine.extend(torch.tensor([continuation[:-1]]), cache, all_logits=True)[0]
