@@ -256,7 +256,7 @@ def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_to
 def inspect(artifact: Path) -> None:
     """Print an artifact's plan and its KV memory against the uncompressed model."""
     from kvcompile.artifact import load_engine
-    from kvcompile.profiling import memory_table
+    from kvcompile.memory import memory_table, plan_bytes
     from kvcompile.summary import memory_rows_table, plan_table
 
     console = _console()
@@ -270,7 +270,7 @@ def inspect(artifact: Path) -> None:
     bytes_per_value = engine.model.dtype.itemsize
     console.print(memory_rows_table(memory_table(engine.plan, arch, bytes_per_value, extra=(engine.max_context,))))
     cache = engine.allocate(1)
-    predicted = engine.plan.kv_bytes(engine.max_context, arch.head_dim, bytes_per_value)
+    predicted = plan_bytes(engine.plan, arch, engine.max_context, bytes_per_value)
     console.print(f"allocated KV buffers at max_context={engine.max_context}: {cache.nbytes} B "
                   f"(plan predicts {predicted} B{'' if cache.nbytes == predicted else ' — MISMATCH'}); "
                   f"bias/counters overhead {cache.overhead_bytes} B")

@@ -53,10 +53,6 @@ class ArchSpec:
     def n_kv_total(self) -> int:
         return self.n_layers * self.n_kv_heads
 
-    def kv_bytes_uncompressed(self, context: int, bytes_per_value: int = 2) -> int:
-        """``n_kv_heads · L · 2 · d · bytes`` summed over layers (DESIGN's reference)."""
-        return self.n_layers * self.n_kv_heads * context * 2 * self.head_dim * bytes_per_value
-
     def describe(self) -> dict[str, Any]:
         sliding = [i for i, w in enumerate(self.sliding_windows) if w]
         return {

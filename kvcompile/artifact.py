@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from kvcompile import __version__
 from kvcompile.errors import ArtifactError, ProfileError
+from kvcompile.memory import memory_table, plan_bytes
 from kvcompile.models import LoadedModel, fingerprint_weights
 from kvcompile.passes import DEFAULT_PASSES, CompiledModel, run_passes
 from kvcompile.plan import Plan
 from kvcompile.profile_io import Profile, _Reader, plan_from_dict, plan_to_dict
-from kvcompile.profiling import memory_table
 from kvcompile.yamlio import atomic_write_text, current_umask, dump_yaml
 
 ARTIFACT_FORMAT = "kvcompile-artifact/1"
@@ -115,7 +115,7 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     context = engine.max_context
     cache = engine.allocate(1, max_context=context)
     allocated = cache.nbytes
-    predicted = compiled.plan.kv_bytes(context, arch.head_dim, 4)
+    predicted = plan_bytes(compiled.plan, arch, context, 4)
     del cache
     report = {
         "format": "kvcompile-build-report/1",
@@ -126,7 +126,7 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
             "allocated_kv_bytes": allocated,
             "predicted_kv_bytes": predicted,
             "equal": allocated == predicted,
-            "table": memory_table(compiled.plan, arch, 4),
+            "table": memory_table(compiled.plan, arch, 4, extra=(context,)),
         },
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import torch
 
 from kvcompile import __version__
 from kvcompile.errors import ContextLengthError, KVCompileError
+from kvcompile.memory import kv_ratio, plan_bytes, uncompressed_bytes
 from kvcompile.plan import Plan
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
@@ -157,7 +158,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
                 if progress is not None:
                     progress(done, total, f"{task}@{length}")
             for name, plan in plans.items():
-                ratio = plan.kv_slots(length) / baseline_plan.kv_slots(length)
+                ratio = kv_ratio(plan, arch, length)
                 row_of = _continuation_row if task == "continuation" else _accuracy_row
                 rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratio, group))
     wall = round(time.perf_counter() - started_all, 2)
@@ -175,9 +176,9 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
                          "agreement_tokens": config.agreement_tokens, "systems_in_run": list(all_plans)},
             "kv_memory": {
                 "context": reference,
-                "artifact_bytes": plan.kv_bytes(reference, arch.head_dim, itemsize),
-                "baseline_bytes": baseline_plan.kv_bytes(reference, arch.head_dim, itemsize),
-                "ratio": round(plan.kv_slots(reference) / baseline_plan.kv_slots(reference), 6),
+                "artifact_bytes": plan_bytes(plan, arch, reference, itemsize),
+                "baseline_bytes": uncompressed_bytes(arch, reference, itemsize),
+                "ratio": round(kv_ratio(plan, arch, reference), 6),
             },
             "wall_time_s": wall,
             "tasks": rows[name],

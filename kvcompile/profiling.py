@@ -10,32 +10,19 @@ from typing import Any
 
 import torch
 
-from kvcompile.arch import ArchSpec
 from kvcompile.calibration import CalibConfig, CalibPrompt, build_calibration_set
 from kvcompile.errors import ContextLengthError
 from kvcompile.fitting import FitRequest, FitResult, check_request, fit
+from kvcompile.memory import memory_table
 from kvcompile.models import LoadedModel
 from kvcompile.plan import Plan
 from kvcompile.profile_io import Profile
 from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
 from kvcompile.runtime.model import CompactLM
 from kvcompile.sensitivity import SensitivitySettings, answer_probes, layer_sensitivity
-from kvcompile.yamlio import FlowList, rounded
+from kvcompile.yamlio import FlowList
 
-MEMORY_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 VALIDATION_LENGTH = 2048  # held-out prompt for the plan's KL check (fitting step 3)
-
-
-def memory_table(plan: Plan, arch: ArchSpec, bytes_per_value: int, extra: Sequence[int] = ()) -> list[dict[str, Any]]:
-    """Predicted KV bytes next to the uncompressed size at several context lengths."""
-    contexts = sorted({c for c in (*MEMORY_CONTEXTS, *extra) if c <= arch.max_context} | set(extra))
-    rows = []
-    for context in contexts:
-        kv = plan.kv_bytes(context, arch.head_dim, bytes_per_value)
-        full = arch.kv_bytes_uncompressed(context, bytes_per_value)
-        rows.append({"context": context, "kv_bytes": kv, "uncompressed_bytes": full,
-                     "ratio": rounded(kv / full, 4)})
-    return rows
 
 
 def head_records(stats: HeadStatistics, plan: Plan) -> list[dict[str, Any]]:
