@@ -1,11 +1,14 @@
 """Compare plans at equal memory: profiled vs uniform (StreamingLLM) vs pyramid (PyramidKV).
 
-Refits the profile's statistics at each KV budget (fractions of the uncompressed cache at
---at-context), then evaluates every plan and the uncompressed baseline on the same cases
-in one run (one exact prefill per case, shared by all plans). Prints a Markdown table and,
-with --write-docs, replaces the "Policies at equal memory" section of docs/BENCHMARKS.md.
+Refits the profile's statistics at each KV budget (fractions of the source model's own cache
+at --at-context): the profiled plan by the measured choice on held-out calibration prompts
+(``kvcompile fit --model``; --proxy keeps the proxy fit), then evaluates every plan and the
+uncompressed baseline on the same cases in one run (one exact prefill per case, shared by
+all plans), on --genre text. Prints a Markdown table; --write-docs replaces that genre's
+"Policies at equal memory" section of docs/BENCHMARKS.md and writes docs/policies-GENRE.png
+(accuracy and NLL against memory).
 
-    python bench/policies.py --profile profiles/smollm2-135m-instruct.yaml --samples 20
+    python bench/policies.py --profile profiles/smollm2-135m-instruct.yaml --samples 20 --genre licenses
 """
 from __future__ import annotations
 
@@ -13,31 +16,36 @@ import argparse
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from kvcompile.evaluate import EvalConfig, evaluate_systems
-from kvcompile.fitting import FitRequest, fit
 from kvcompile.models import load_model
 from kvcompile.profile_io import load_profile
-from kvcompile.profiling import stats_from_profile
+from kvcompile.profiling import refit_profile, request_from_profile
 from kvcompile.runtime.engine import Engine
+from kvcompile.textsource import GENRES
 
 SECTION = "## Policies at equal memory"
+SWEEP = (1 / 4, 1 / 6, 1 / 8, 1 / 10, 1 / 12, 1 / 16)
+POLICY_STYLE = {"profiled": ("tab:blue", "o"), "uniform": ("tab:orange", "s"), "pyramid": ("tab:green", "^")}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--profile", type=Path, default=Path("profiles/smollm2-135m-instruct.yaml"))
-    parser.add_argument("--budgets", default="0.25,0.125,0.0625")
+    parser.add_argument("--budgets", default=",".join(f"{b:.4g}" for b in SWEEP))
     parser.add_argument("--policies", default="profiled,uniform,pyramid")
     parser.add_argument("--at-context", type=int, default=4096)
     parser.add_argument("--lengths", default="4096")
     parser.add_argument("--tasks", default="passkey,multikey,continuation")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--genre", default="pydoc", choices=sorted(GENRES), help="text the cases are built on")
+    parser.add_argument("--proxy", action="store_true", help="profiled: the proxy fit, no measured choice")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw reports here")
     parser.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
@@ -76,18 +84,61 @@ def table(reports: dict[str, dict], names: list[str], context: int) -> str:
     return "\n".join(lines)
 
 
+def plot(reports: dict[str, dict], names: list[str], path: Path, title: str) -> None:
+    """Accuracy per retrieval task and continuation NLL increase against KV memory, one line per policy."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = next(iter(reports.values()))["tasks"]
+    panels = [(row["task"], row["length"]) for row in rows]
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    FigureCanvasAgg(fig)
+    for index, (task, length) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), index + 1)
+        for policy, (color, marker) in POLICY_STYLE.items():
+            points = []
+            for name in names:
+                if name.split(":")[1] != policy:
+                    continue
+                report = reports[name]
+                row = next(r for r in report["tasks"] if (r["task"], r["length"]) == (task, length))
+                value = 100 * (row["nll_increase"] if task == "continuation" else row["artifact"]["accuracy"])
+                points.append((report["kv_memory"]["ratio"], value))
+            points.sort()
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=policy)
+        if task != "continuation":
+            base = next(r for r in rows if (r["task"], r["length"]) == (task, length))["baseline"]["accuracy"]
+            ax.axhline(100 * base, color="black", linestyle="--", linewidth=1, label="uncompressed")
+            ax.set_ylabel("accuracy (%)")
+        else:
+            ax.axhline(0, color="black", linestyle="--", linewidth=1, label="uncompressed")
+            ax.set_ylabel("NLL increase (%)")
+        ax.set_xlabel(f"KV memory / uncompressed at {length} tokens")
+        ax.set_title(f"{task}@{length}")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    tmp.replace(path)
+
+
 def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
     path = Path("docs/BENCHMARKS.md")
     text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{SECTION}: {args.genre} text"
+    fit = "proxy fit" if args.proxy else "measured choice on held-out calibration prompts"
     body = (
-        f"{SECTION}\n\nSmolLM2-135M-Instruct, plans refitted from `{args.profile}` at each budget "
-        f"(fraction of the uncompressed KV cache at {args.at_context} tokens); {args.samples} cases per "
-        f"task and length, seed {args.seed}; accuracy with 95% Wilson intervals; continuation: NLL "
-        f"increase and KL against the uncompressed model, greedy agreement over 32 tokens. "
-        f"2 CPU cores, {seconds / 60:.0f} min. Reproduce: `python bench/policies.py --samples {args.samples} "
-        f"--write-docs`.\n\n{markdown}\n"
+        f"{section}\n\nSmolLM2-135M-Instruct, plans refitted from `{args.profile}` at each budget "
+        f"(fraction of the source model's KV cache at {args.at_context} tokens; profiled: {fit}); "
+        f"{args.samples} cases per task and length on {args.genre} text, seed {args.seed}; accuracy with 95% "
+        f"Wilson intervals; continuation: NLL increase and KL against the uncompressed model, greedy "
+        f"agreement over 32 tokens. 2 CPU cores, {seconds / 60:.0f} min. Plot: `docs/policies-{args.genre}.png`. "
+        f"Reproduce: `python bench/policies.py --samples {args.samples} --genre {args.genre} --write-docs`."
+        f"\n\n{markdown}\n"
     )
-    pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
+    pattern = re.compile(rf"{re.escape(section)}\n.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(body.rstrip("\n") + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
     path.write_text(text)
 
@@ -95,23 +146,27 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     loaded = load_model(args.model)
     profile = load_profile(args.profile)
-    stats = stats_from_profile(profile)
     plans = {}
     full_heads = {}
+    chosen = {}
     for budget in [float(b) for b in args.budgets.split(",")]:
         for policy in args.policies.split(","):
-            request = FitRequest(kv_budget=budget, at_context=args.at_context, policy=policy)
-            result = fit(stats if policy == "profiled" else None, loaded.arch, request)
-            name = f"{budget:g}:{policy}"
-            plans[name] = result.plan
-            full_heads[name] = result.plan.n_full
+            request = replace(request_from_profile(profile, budget, args.at_context), policy=policy)
+            measured = policy == "profiled" and not args.proxy
+            refit = refit_profile(profile, request, loaded if measured else None)
+            name = f"{budget:.4g}:{policy}"
+            plans[name] = refit.plan
+            full_heads[name] = refit.plan.n_full
+            if refit.choice is not None:
+                chosen[name] = refit.choice["chosen"]
+                print(f"[{time.perf_counter() - started:7.0f} s] {name}: chose {chosen[name]}", flush=True)
     model = loaded.build()
     engine = Engine(model, next(iter(plans.values())), loaded.tokenizer)
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=tuple(int(x) for x in args.lengths.split(",")),
-                        samples=args.samples, seed=args.seed)
-    started = time.perf_counter()
+                        samples=args.samples, seed=args.seed, genre=args.genre)
 
     def progress(done: int, total: int, label: str) -> None:
         print(f"[{time.perf_counter() - started:7.0f} s] {done}/{total} {label}", flush=True)
@@ -119,6 +174,8 @@ def main() -> None:
     reports = evaluate_systems(engine, plans, config, reorder=True, progress=progress)
     for name in reports:
         reports[name]["full_heads"] = full_heads[name]
+        if name in chosen:
+            reports[name]["chosen"] = chosen[name]
     seconds = time.perf_counter() - started
     markdown = table(reports, list(plans), args.at_context)
     print(markdown)
@@ -126,6 +183,8 @@ def main() -> None:
         args.json.write_text(json.dumps(reports, indent=2))
     if args.write_docs:
         write_docs(markdown, args, seconds)
+        plot(reports, list(plans), Path(f"docs/policies-{args.genre}.png"),
+             f"SmolLM2-135M, {args.genre} text, {args.samples} cases per task, seed {args.seed}")
 
 
 if __name__ == "__main__":
