@@ -23,7 +23,7 @@ import torch
 
 from kvcompile.evaluate import EvalConfig, evaluate_systems
 from kvcompile.models import load_model
-from kvcompile.profile_io import load_profile
+from kvcompile.profile_io import load_profile, save_profile
 from kvcompile.profiling import refit_profile, request_from_profile
 from kvcompile.runtime.engine import Engine
 from kvcompile.textsource import GENRES
@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--genre", default="pydoc", choices=sorted(GENRES), help="text the cases are built on")
     parser.add_argument("--proxy", action="store_true", help="profiled: the proxy fit, no measured choice")
+    parser.add_argument("--refits", type=Path, default=None,
+                        help="directory keeping the refitted profiles (reused when present, e.g. across genres)")
+    parser.add_argument("--plans-only", action="store_true", help="refit (and save to --refits), then stop")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw reports here")
     parser.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
@@ -156,13 +159,22 @@ def main() -> None:
         for policy in args.policies.split(","):
             request = replace(request_from_profile(profile, budget, args.at_context), policy=policy)
             measured = policy == "profiled" and not args.proxy
-            refit = refit_profile(profile, request, loaded if measured else None)
             name = f"{budget:.4g}:{policy}"
+            kept = args.refits / f"{name.replace(':', '-')}{'-proxy' if args.proxy else ''}.yaml" if args.refits else None
+            if kept is not None and kept.is_file():
+                refit = load_profile(kept)
+            else:
+                refit = refit_profile(profile, request, loaded if measured else None)
+                if kept is not None:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    save_profile(refit, kept)
             plans[name] = refit.plan
             full_heads[name] = refit.plan.n_full
             if refit.choice is not None:
                 chosen[name] = refit.choice["chosen"]
                 print(f"[{time.perf_counter() - started:7.0f} s] {name}: chose {chosen[name]}", flush=True)
+    if args.plans_only:
+        return
     model = loaded.build()
     engine = Engine(model, next(iter(plans.values())), loaded.tokenizer)
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=tuple(int(x) for x in args.lengths.split(",")),

@@ -8,7 +8,8 @@ the unpermuted model) and scored on two things: the answer log-probability of ne
 and the NLL and KL of real text against the uncompressed model. Only candidates at least as
 good as ``uniform`` on all three are eligible; ``uniform`` always is, so the chosen plan never
 measures worse than ``uniform`` on these prompts, by construction. Among the eligible, the
-lowest sum of the three losses, each relative to ``uniform``'s, wins.
+lowest loss relative to ``uniform``'s wins: half the answer loss, half the text (NLL and KL
+equally), so retrieval weighs as much as text.
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ class ChoiceConfig:
     """Held-out prompts of the measured choice: calibration text, seeds apart from the profiler's."""
 
     length: int = 2048  # context tokens of every prompt (capped by the fit's reference context)
-    n_passkey: int = 3
-    n_multikey: int = 3
-    n_text: int = 3
-    text_tokens: int = 64  # scored continuation tokens per text prompt
+    n_passkey: int = 2
+    n_multikey: int = 2
+    n_text: int = 2
+    text_tokens: int = 48  # scored continuation tokens per text prompt
     seed: int = 0
 
 
@@ -174,11 +175,15 @@ def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> li
     return out
 
 
+SCORE_WEIGHTS = (0.5, 0.25, 0.25)  # answer NLL, text NLL, text KL
+
+
 def choose(losses: dict[str, Losses], names: Sequence[str]) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The eligible candidate (no loss above ``uniform``'s) with the lowest relative loss sum.
+    """The eligible candidate (no loss above ``uniform``'s) with the lowest relative loss.
 
     Losses are taken as increases over the uncompressed model (KL already is one), each
-    divided by ``uniform``'s increase; ``uniform`` scores 3 and is always eligible.
+    divided by ``uniform``'s increase and weighted by ``SCORE_WEIGHTS``; ``uniform`` scores 1
+    and is always eligible.
     """
     base = losses[UNCOMPRESSED]
 
@@ -190,8 +195,8 @@ def choose(losses: dict[str, Losses], names: Sequence[str]) -> tuple[str, dict[s
     for name in names:
         mine = increases(losses[name])
         eligible = all(m <= r for m, r in zip(mine, reference, strict=True))
-        score = sum(m / r if r > 1e-9 else (0.0 if m <= 1e-9 else float("inf"))
-                    for m, r in zip(mine, reference, strict=True))
+        score = sum(w * (m / r if r > 1e-9 else (0.0 if m <= 1e-9 else float("inf")))
+                    for w, m, r in zip(SCORE_WEIGHTS, mine, reference, strict=True))
         table[name] = {"eligible": eligible, "score": score}
     chosen = min((n for n in names if table[n]["eligible"]), key=lambda n: (table[n]["score"], n != UNIFORM))
     return chosen, table
@@ -214,8 +219,8 @@ def choose_plan(model: CompactLM, tokenizer: Any, stats: HeadStatistics, request
         "context_tokens": config.length,
         "prompts": {"passkey": config.n_passkey, "multikey": config.n_multikey, "text": config.n_text,
                     "text_tokens": config.text_tokens, "seed": config.seed},
-        "rule": "eligible: answer NLL, text NLL and text KL no higher than uniform's; chosen: the lowest sum of "
-                "the three increases over uncompressed, each divided by uniform's",
+        "rule": "eligible: answer NLL, text NLL and text KL no higher than uniform's; chosen: the lowest "
+                "0.5 answer + 0.25 text NLL + 0.25 text KL, each an increase over uncompressed divided by uniform's",
         "uncompressed": losses[UNCOMPRESSED].as_dict(),
         "candidates": [
             {"name": c.name, "policy": c.result.plan.policy, "full_heads": c.result.plan.n_full,

@@ -157,10 +157,15 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
     """
     arch = engine.arch
     groups = _case_groups(cases) if cases else _generated_groups(engine, config)
-    longest = max(len(c.context_ids) + max(len(c.question_ids) + ANSWER_TOKENS,
-                                           len(c.continuation_ids) + config.agreement_tokens)
+    # tokens a case puts in the cache: context, question + answer, or continuation + agreement steps
+    context = max(len(c.context_ids) + max(len(c.question_ids) + ANSWER_TOKENS,
+                                           len(c.continuation_ids) - 1 + config.agreement_tokens)
                   for _, _, group in groups for c in group)
-    context = min(engine.max_context, longest)
+    if context > engine.max_context:
+        raise ContextLengthError(
+            f"the cases need {context} tokens of cache (context, question or continuation, generated tokens), "
+            f"more than the context of {engine.max_context}; use shorter --lengths or fewer --agreement-tokens"
+        )
     baseline_plan = engine.uncompressed_plan()
     all_plans = {BASELINE: baseline_plan, **plans}
     total = sum(len(group) for _, _, group in groups)

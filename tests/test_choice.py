@@ -106,20 +106,20 @@ def test_chosen_plan_is_never_worse_than_uniform_at_every_budget(tiny, budget: f
 
 
 def test_choose_by_hand() -> None:
-    """Eligible = no loss above uniform's; then the lowest sum of increases relative to uniform's."""
+    """Eligible = no loss above uniform's; then the lowest weighted increase relative to uniform's."""
     base = Losses(1.0, 2.0, 0.0)
     losses = {
         UNCOMPRESSED: base,
-        UNIFORM: Losses(3.0, 2.2, 0.10),  # increases 2.0, 0.2, 0.10 -> score 3
+        UNIFORM: Losses(3.0, 2.2, 0.10),  # increases 2.0, 0.2, 0.10 -> score 1
         "retrieval": Losses(1.2, 2.3, 0.05),  # text NLL above uniform's: not eligible
-        "both": Losses(2.0, 2.1, 0.09),  # 0.5 + 0.5 + 0.9 = 1.9
-        "text": Losses(2.9, 2.02, 0.02),  # 0.95 + 0.1 + 0.2 = 1.25: the winner
+        "both": Losses(2.0, 2.1, 0.09),  # 0.5 x 0.5 + 0.25 x 0.5 + 0.25 x 0.9 = 0.6
+        "text": Losses(2.9, 2.02, 0.02),  # 0.5 x 0.95 + 0.25 x 0.1 + 0.25 x 0.2 = 0.55: the winner
     }
     chosen, table = choose(losses, ["retrieval", "both", "text", UNIFORM])
     assert chosen == "text"
     assert not table["retrieval"]["eligible"]
-    assert table["both"]["score"] == pytest.approx(1.9)
-    assert table[UNIFORM]["score"] == pytest.approx(3.0)
+    assert table["both"]["score"] == pytest.approx(0.6)
+    assert table[UNIFORM]["score"] == pytest.approx(1.0)
     # nothing beats uniform on all three: uniform itself
     worse = {**losses, "text": Losses(3.1, 2.0, 0.0), "both": Losses(1.0, 2.3, 0.0)}
     assert choose(worse, ["both", "text", UNIFORM])[0] == UNIFORM
