@@ -148,17 +148,22 @@ def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prom
 
 
 def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> list[Candidate]:
-    """The proxy fit, other numbers of full heads, an equal split, and ``uniform``; distinct plans only.
+    """The proxy fit, other full heads, an equal split, and ``uniform``; distinct plans only.
 
-    Full-head counts around the proxy's (none, half, the proxy's, every head above the score
-    threshold, two more), each affordable under the hard minimum layout.
+    Full heads in retrieval-score order: none, half of those above the score threshold, all of
+    them; in needle-mass order (the heads answers read most, which the combined score can rank
+    lower): half of them and two fewer than all. Each is skipped where it does not fit the
+    hard minimum layout.
     """
     proxy = fit(stats, arch, request)
     k = proxy.plan.n_full
     wanted = k + len(proxy.demoted)
-    counts = [request.full_heads] if request.full_heads is not None else sorted({0, wanted // 2, k, wanted, wanted + 2})
     requests = [(f"profiled, {k} full heads (proxy fit)", request)]
-    requests += [(f"profiled, {n} full heads", replace(request, full_heads=n)) for n in counts if n != k]
+    if request.full_heads is None:
+        requests += [(f"profiled, {n} full heads", replace(request, full_heads=n))
+                     for n in sorted({0, wanted // 2, wanted}) if n != k]
+        requests += [(f"profiled, {n} full heads by needle mass", replace(request, full_heads=n, full_rank="needle"))
+                     for n in sorted({wanted // 2, wanted - 2}) if n > 0]
     requests.append((f"profiled, {k} full heads, equal capacities", replace(request, full_heads=k, equal_weight=1.0)))
     requests.append((UNIFORM, replace(request, policy="uniform", full_heads=None)))
     out: list[Candidate] = []

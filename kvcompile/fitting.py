@@ -22,6 +22,7 @@ from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.profiler import HeadStatistics
 
 POLICIES = ("profiled", "uniform", "pyramid")
+FULL_RANKS = ("retrieval", "needle")  # the head statistic that orders candidates for full heads
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class FitRequest:
     at_context: int = 8192
     policy: str = "profiled"
     full_heads: int | None = None  # override the fitted number of full heads
+    full_rank: str = "retrieval"  # with full_heads: rank heads by the retrieval score or the needle mass alone
     retrieval_threshold: float = 0.5  # full when score >= threshold x best score
     sinks: int = 4
     compensation: int = 1
@@ -50,6 +52,8 @@ class FitRequest:
             raise BudgetError(f"--at-context must be positive, got {self.at_context}")
         if self.policy not in POLICIES:
             raise BudgetError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.full_rank not in FULL_RANKS:
+            raise BudgetError(f"full-head ranking must be one of {', '.join(FULL_RANKS)}, got {self.full_rank!r}")
         if self.full_heads is not None and self.full_heads < 0:
             raise BudgetError(f"--full-heads must be >= 0, got {self.full_heads}")
         if not 0 <= self.selected_fraction < 1:
@@ -146,8 +150,9 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
     ranked = sorted(candidates, key=lambda lh: (-float(scores[lh]), lh))
     best = max((float(scores[lh]) for lh in candidates), default=0.0)  # sliding heads can't be full
     if request.full_heads is not None:
-        wanted = ranked[: request.full_heads]
-        rule = f"--full-heads {request.full_heads} (user override)"
+        by = stats.needle if request.full_rank == "needle" else scores
+        wanted = sorted(candidates, key=lambda lh: (-float(by[lh]), lh))[: request.full_heads]
+        rule = f"--full-heads {request.full_heads} (set; heads in {request.full_rank}-score order)"
     else:
         threshold = request.retrieval_threshold * best
         wanted = [lh for lh in ranked if best > 0 and float(scores[lh]) >= threshold]
