@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
                         help="directory keeping the refitted profiles (reused when present, e.g. across genres)")
     parser.add_argument("--plans-only", action="store_true", help="refit (and save to --refits), then stop")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--agreement-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw reports here")
     parser.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     return parser.parse_args()
@@ -80,7 +81,8 @@ def table(reports: dict[str, dict], names: list[str], context: int) -> str:
         cells = [budget, policy, str(report["full_heads"]), f"{report['kv_memory']['ratio']:.3f}"]
         for row in report["tasks"]:
             if row["task"] == "continuation":
-                cells += [f"{100 * row['nll_increase']:+.2f}%", f"{row['kl']:.3f}", f"{100 * row['agreement']:.0f}%"]
+                agreement = f"{100 * row['agreement']:.0f}%" if "agreement" in row else "—"
+                cells += [f"{100 * row['nll_increase']:+.2f}%", f"{row['kl']:.3f}", agreement]
             else:
                 cells.append(fmt_acc(row["artifact"]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -137,8 +139,9 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
         f"(fraction of the source model's KV cache at {args.at_context} tokens; profiled: {fit}); "
         f"{args.samples} cases per task and length on {args.genre} text, seed {args.seed}; accuracy with 95% "
         f"Wilson intervals; continuation: NLL increase and KL against the uncompressed model, greedy "
-        f"agreement over 32 tokens. 2 CPU cores, {seconds / 60:.0f} min. Plot: `docs/policies-{args.genre}.png`. "
-        f"Reproduce: `python bench/policies.py --samples {args.samples} --genre {args.genre} --write-docs`."
+        f"agreement over {args.agreement_tokens} tokens. 2 shared CPU cores, {seconds / 60:.0f} min. Plot: "
+        f"`docs/policies-{args.genre}.png`. Reproduce: `python bench/policies.py --samples {args.samples} "
+        f"--genre {args.genre} --agreement-tokens {args.agreement_tokens} --write-docs`."
         f"\n\n{markdown}\n"
     )
     pattern = re.compile(rf"{re.escape(section)}\n.*?(?=\n## |\Z)", re.S)
@@ -178,7 +181,8 @@ def main() -> None:
     model = loaded.build()
     engine = Engine(model, next(iter(plans.values())), loaded.tokenizer)
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=tuple(int(x) for x in args.lengths.split(",")),
-                        samples=args.samples, seed=args.seed, genre=args.genre)
+                        samples=args.samples, seed=args.seed, genre=args.genre,
+                        agreement_tokens=args.agreement_tokens)
 
     def progress(done: int, total: int, label: str) -> None:
         print(f"[{time.perf_counter() - started:7.0f} s] {done}/{total} {label}", flush=True)

@@ -45,7 +45,7 @@ class ChoiceConfig:
     n_passkey: int = 2
     n_multikey: int = 2
     n_text: int = 2
-    text_tokens: int = 48  # scored continuation tokens per text prompt
+    text_tokens: int = 32  # scored continuation tokens per text prompt
     seed: int = 0
 
 
@@ -148,12 +148,13 @@ def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prom
 
 
 def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> list[Candidate]:
-    """The proxy fit, other full heads, an equal split, and ``uniform``; distinct plans only.
+    """The proxy fit, other full heads, and ``uniform``; distinct plans only.
 
-    Full heads in retrieval-score order: none, half of those above the score threshold, all of
-    them; in needle-mass order (the heads answers read most, which the combined score can rank
+    Full heads in retrieval-score order: half of those above the score threshold, all of them;
+    in needle-mass order (the heads answers read most, which the combined score can rank
     lower): half of them and two fewer than all. Each is skipped where it does not fit the
-    hard minimum layout.
+    hard minimum layout. (Also measured, rarely chosen, dropped for time: no full heads, an
+    equal split of the capacities; docs/BENCHMARKS.md.)
     """
     proxy = fit(stats, arch, request)
     k = proxy.plan.n_full
@@ -161,10 +162,9 @@ def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> li
     requests = [(f"profiled, {k} full heads (proxy fit)", request)]
     if request.full_heads is None:
         requests += [(f"profiled, {n} full heads", replace(request, full_heads=n))
-                     for n in sorted({0, wanted // 2, wanted}) if n != k]
+                     for n in sorted({wanted // 2, wanted}) if n != k]
         requests += [(f"profiled, {n} full heads by needle mass", replace(request, full_heads=n, full_rank="needle"))
                      for n in sorted({wanted // 2, wanted - 2}) if n > 0]
-    requests.append((f"profiled, {k} full heads, equal capacities", replace(request, full_heads=k, equal_weight=1.0)))
     requests.append((UNIFORM, replace(request, policy="uniform", full_heads=None)))
     out: list[Candidate] = []
     seen: set[Plan] = set()
