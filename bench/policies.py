@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+# sleeping OpenMP workers: spinning ones stall every small op on a shared machine (bench/decode.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from kvcompile.evaluate import EvalConfig, evaluate_systems
 from kvcompile.models import load_model
@@ -49,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refits", type=Path, default=None,
                         help="directory keeping the refitted profiles (reused when present, e.g. across genres)")
     parser.add_argument("--plans-only", action="store_true", help="refit (and save to --refits), then stop")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="no run: one table (and docs, plot) from --json files of runs with the same seed, genre "
+                             "and cases but different budgets; the wall time is their sum")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--agreement-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw reports here")
@@ -149,8 +156,33 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
     path.write_text(text)
 
 
+def merged(paths: list[Path]) -> tuple[dict[str, dict], float]:
+    """Reports of several runs (same cases: same baseline rows), ordered by budget then policy."""
+    reports: dict[str, dict] = {}
+    for path in paths:
+        reports.update(json.loads(path.read_text()))
+    settings = {json.dumps({k: v for k, v in r["settings"].items() if k != "systems_in_run"}, sort_keys=True)
+                for r in reports.values()}
+    if len(settings) != 1 or len({r["seed"] for r in reports.values()}) != 1:
+        raise SystemExit("--from-json: runs differ in seed, genre, tasks, lengths or samples")
+    order = {policy: i for i, policy in enumerate(POLICY_STYLE)}
+    names = sorted(reports, key=lambda n: (-float(n.split(":")[0]), order.get(n.split(":")[1], 9)))
+    walls = {path: json.loads(path.read_text()) for path in paths}
+    seconds = sum(next(iter(run.values()))["wall_time_s"] for run in walls.values())
+    return {name: reports[name] for name in names}, seconds
+
+
 def main() -> None:
     args = parse_args()
+    if args.from_json:
+        reports, seconds = merged(args.from_json)
+        markdown = table(reports, list(reports), args.at_context)
+        print(markdown)
+        if args.write_docs:
+            write_docs(markdown, args, seconds)
+            plot(reports, list(reports), Path(f"docs/policies-{args.genre}.png"),
+                 f"SmolLM2-135M, {args.genre} text, {args.samples} cases per task, seed {args.seed}")
+        return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     loaded = load_model(args.model)
