@@ -54,8 +54,8 @@ def parse_args() -> argparse.Namespace:
                         help="directory keeping the refitted profiles (reused when present, e.g. across genres)")
     parser.add_argument("--plans-only", action="store_true", help="refit (and save to --refits), then stop")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None,
-                        help="no run: one table (and docs, plot) from --json files of runs with the same seed, genre "
-                             "and cases but different budgets; the wall time is their sum")
+                        help="no run: one table (and docs, plot) from --json files of runs with the same seed, genre, "
+                             "lengths and samples but other budgets or tasks; the wall time is their sum")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--agreement-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw reports here")
@@ -157,18 +157,26 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
 
 
 def merged(paths: list[Path]) -> tuple[dict[str, dict], float]:
-    """Reports of several runs (same cases: same baseline rows), ordered by budget then policy."""
+    """Reports of several runs, ordered by budget then policy; a system's task rows from every
+    run that has it (cases depend only on seed, genre, task, length and samples)."""
+    runs = [json.loads(path.read_text()) for path in paths]
     reports: dict[str, dict] = {}
-    for path in paths:
-        reports.update(json.loads(path.read_text()))
-    settings = {json.dumps({k: v for k, v in r["settings"].items() if k != "systems_in_run"}, sort_keys=True)
-                for r in reports.values()}
+    for run in runs:
+        for name, report in run.items():
+            if name in reports:
+                reports[name] = {**reports[name], "tasks": reports[name]["tasks"] + report["tasks"]}
+            else:
+                reports[name] = report
+    keep = ("lengths", "samples", "genre")
+    settings = {json.dumps({k: r["settings"].get(k) for k in keep}, sort_keys=True) for r in reports.values()}
     if len(settings) != 1 or len({r["seed"] for r in reports.values()}) != 1:
-        raise SystemExit("--from-json: runs differ in seed, genre, tasks, lengths or samples")
+        raise SystemExit("--from-json: runs differ in seed, genre, lengths or samples")
+    task_order = {"passkey": 0, "multikey": 1, "continuation": 2}
+    for report in reports.values():
+        report["tasks"] = sorted(report["tasks"], key=lambda row: (task_order.get(row["task"], 9), row["length"]))
     order = {policy: i for i, policy in enumerate(POLICY_STYLE)}
     names = sorted(reports, key=lambda n: (-float(n.split(":")[0]), order.get(n.split(":")[1], 9)))
-    walls = {path: json.loads(path.read_text()) for path in paths}
-    seconds = sum(next(iter(run.values()))["wall_time_s"] for run in walls.values())
+    seconds = sum(next(iter(run.values()))["wall_time_s"] for run in runs)
     return {name: reports[name] for name in names}, seconds
 
 
