@@ -174,6 +174,46 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
     console.print(f"profile written to {output} in {elapsed:.1f} s")
 
 
+@main.command(name="fit")
+@click.argument("profile_path", metavar="PROFILE", type=click.Path(path_type=Path))
+@click.option("--kv-budget", type=float, required=True,
+              help="Memory target: fraction of the source model's own KV cache at --at-context, in (0, 1].")
+@click.option("--at-context", type=int, default=None,
+              help="Reference context length (tokens) of --kv-budget (default: the profile's).")
+@click.option("--model", "model_source", default=None,
+              help="The profile's model: also re-run the measured choice among candidate plans and the "
+              "held-out validation at the new budget (minutes instead of seconds).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the refitted profile (written atomically).")
+@friendly_errors
+def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, model_source: str | None,
+                output: Path) -> None:
+    """Refit a profile at another memory target from its stored statistics.
+
+    Without --model: the proxy fit alone, in seconds, no model needed. With --model: the
+    plan is chosen by measured loss on held-out prompts, as `kvcompile profile` does.
+    """
+    from kvcompile.profile_io import load_profile, save_profile
+    from kvcompile.profiling import refit_profile, request_from_profile
+    from kvcompile.summary import print_profile_summary
+
+    started = time.perf_counter()
+    profile = load_profile(profile_path)
+    request = request_from_profile(profile, kv_budget, at_context or int(profile.fit["at_context"]))
+    console = _console()
+    if model_source is None:
+        result = refit_profile(profile, request)
+    else:
+        from kvcompile.models import load_model
+
+        with console.status(f"loading {model_source}"):
+            loaded = load_model(model_source)
+        result = _with_progress(console, "measuring", lambda tick: refit_profile(profile, request, loaded,
+                                                                                 progress=tick))
+    save_profile(result, output)
+    print_profile_summary(console, result)
+    console.print(f"profile written to {output} in {time.perf_counter() - started:.1f} s")
+
 
 @main.command()
 @MODEL_ARG
@@ -278,7 +318,7 @@ def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_to
 def inspect(artifact: Path) -> None:
     """Print an artifact's plan and its KV memory against the uncompressed model."""
     from kvcompile.artifact import load_engine
-    from kvcompile.profiling import memory_table
+    from kvcompile.memory import memory_table, plan_bytes
     from kvcompile.summary import memory_rows_table, plan_table
 
     console = _console()
@@ -292,7 +332,7 @@ def inspect(artifact: Path) -> None:
     bytes_per_value = engine.model.dtype.itemsize
     console.print(memory_rows_table(memory_table(engine.plan, arch, bytes_per_value, extra=(engine.max_context,))))
     cache = engine.allocate(1)
-    predicted = engine.plan.kv_bytes(engine.max_context, arch.head_dim, bytes_per_value)
+    predicted = plan_bytes(engine.plan, arch, engine.max_context, bytes_per_value)
     console.print(f"allocated KV buffers at max_context={engine.max_context}: {cache.nbytes} B "
                   f"(plan predicts {predicted} B{'' if cache.nbytes == predicted else ' — MISMATCH'}); "
                   f"bias/counters overhead {cache.overhead_bytes} B")
@@ -310,12 +350,18 @@ def inspect(artifact: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated cases.")
 @click.option("--agreement-tokens", type=int, default=32, show_default=True,
               help="Greedy tokens over which agreement with the baseline is measured.")
+@click.option("--genre", type=click.Choice(["pydoc", "licenses"]), default="pydoc", show_default=True,
+              help="Text the generated cases are built on: pydoc (held-out half of the calibration genre) or "
+              "licenses (legal prose that calibration never sees, /usr/share/common-licenses).")
+@click.option("--cases", "cases_path", type=click.Path(path_type=Path), default=None,
+              help="Your own cases instead of the generated tasks: .jsonl with context + question + answers "
+              "(a list of accepted strings), or context + continuation, one object per line.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("report.json"), show_default=True,
               help="Report path or stem: writes STEM.json, STEM.md and STEM.png.")
 @friendly_errors
 def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: int, agreement_tokens: int,
-                 output: Path) -> None:
-    """Measure an artifact against the uncompressed model on generated tasks.
+                 genre: str, cases_path: Path | None, output: Path) -> None:
+    """Measure an artifact against the uncompressed model on generated tasks or your own cases.
 
     The context is prefilled and compressed, then the question is fed through the same
     static-budget cache. Baseline (all heads full) and artifact run the same cases in the
@@ -323,18 +369,26 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
     KV memory ratio and wall time.
     """
     from kvcompile.artifact import load_engine
-    from kvcompile.evaluate import EvalConfig, evaluate
+    from kvcompile.cases import read_cases, tokenize_cases
+    from kvcompile.evaluate import ANSWER_TOKENS, EvalConfig, evaluate
     from kvcompile.report import render_markdown, write_report
 
     default, per_task = _samples(samples)
     config = EvalConfig(tasks=_split(tasks, str, "--tasks"), lengths=_split(lengths, int, "--lengths"),
-                        samples=default, task_samples=per_task, seed=seed, agreement_tokens=agreement_tokens)
+                        samples=default, task_samples=per_task, seed=seed, agreement_tokens=agreement_tokens,
+                        genre=genre)
+    raw_cases = read_cases(cases_path) if cases_path is not None else None  # bad files fail before loading
     console = _console()
     engine = load_engine(artifact)
+    cases = None
+    if raw_cases is not None:
+        cases = tokenize_cases(engine.tokenizer, raw_cases, cases_path, engine.max_context,
+                               max(ANSWER_TOKENS, agreement_tokens))
     manifest = engine.manifest or {}
     info = {"path": str(artifact), "model_id": manifest.get("source_model", {}).get("source"),
             "fingerprint": manifest.get("source_model", {}).get("fingerprint"), "policy": engine.plan.policy}
-    report = _with_progress(console, "evaluating", lambda tick: evaluate(engine, config, info, progress=tick))
+    report = _with_progress(console, "evaluating",
+                            lambda tick: evaluate(engine, config, info, progress=tick, cases=cases))
     paths = write_report(report, output)
     click.echo(render_markdown(report))  # plain: rich would re-wrap the Markdown table rows
     click.echo(f"report: {paths.json}, {paths.markdown}, {paths.png}")

@@ -1,44 +1,63 @@
 """Compare plans at equal memory: profiled vs uniform (StreamingLLM) vs pyramid (PyramidKV).
 
-Refits the profile's statistics at each KV budget (fractions of the uncompressed cache at
---at-context), then evaluates every plan and the uncompressed baseline on the same cases
-in one run (one exact prefill per case, shared by all plans). Prints a Markdown table and,
-with --write-docs, replaces the "Policies at equal memory" section of docs/BENCHMARKS.md.
+Refits the profile's statistics at each KV budget (fractions of the source model's own cache
+at --at-context): the profiled plan by the measured choice on held-out calibration prompts
+(``kvcompile fit --model``; --proxy keeps the proxy fit), then evaluates every plan and the
+uncompressed baseline on the same cases in one run (one exact prefill per case, shared by
+all plans), on --genre text. Prints a Markdown table; --write-docs replaces that genre's
+"Policies at equal memory" section of docs/BENCHMARKS.md and writes docs/policies-GENRE.png
+(accuracy and NLL against memory).
 
-    python bench/policies.py --profile profiles/smollm2-135m-instruct.yaml --samples 20
+    python bench/policies.py --profile profiles/smollm2-135m-instruct.yaml --samples 20 --genre licenses
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+# sleeping OpenMP workers: spinning ones stall every small op on a shared machine (bench/decode.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from kvcompile.evaluate import EvalConfig, evaluate_systems
-from kvcompile.fitting import FitRequest, fit
 from kvcompile.models import load_model
-from kvcompile.profile_io import load_profile
-from kvcompile.profiling import stats_from_profile
+from kvcompile.profile_io import load_profile, save_profile
+from kvcompile.profiling import refit_profile, request_from_profile
 from kvcompile.runtime.engine import Engine
+from kvcompile.textsource import GENRES
 
 SECTION = "## Policies at equal memory"
+SWEEP = (1 / 4, 1 / 6, 1 / 8, 1 / 10, 1 / 12, 1 / 16)
+POLICY_STYLE = {"profiled": ("tab:blue", "o"), "uniform": ("tab:orange", "s"), "pyramid": ("tab:green", "^")}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--profile", type=Path, default=Path("profiles/smollm2-135m-instruct.yaml"))
-    parser.add_argument("--budgets", default="0.25,0.125,0.0625")
+    parser.add_argument("--budgets", default=",".join(f"{b:.4g}" for b in SWEEP))
     parser.add_argument("--policies", default="profiled,uniform,pyramid")
     parser.add_argument("--at-context", type=int, default=4096)
     parser.add_argument("--lengths", default="4096")
     parser.add_argument("--tasks", default="passkey,multikey,continuation")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--genre", default="pydoc", choices=sorted(GENRES), help="text the cases are built on")
+    parser.add_argument("--proxy", action="store_true", help="profiled: the proxy fit, no measured choice")
+    parser.add_argument("--refits", type=Path, default=None,
+                        help="directory keeping the refitted profiles (reused when present, e.g. across genres)")
+    parser.add_argument("--plans-only", action="store_true", help="refit (and save to --refits), then stop")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="no run: one table (and docs, plot) from --json files of runs with the same seed, genre, "
+                             "lengths and samples but other budgets or tasks; the wall time is their sum")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--agreement-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw reports here")
     parser.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     return parser.parse_args()
@@ -69,49 +88,141 @@ def table(reports: dict[str, dict], names: list[str], context: int) -> str:
         cells = [budget, policy, str(report["full_heads"]), f"{report['kv_memory']['ratio']:.3f}"]
         for row in report["tasks"]:
             if row["task"] == "continuation":
-                cells += [f"{100 * row['nll_increase']:+.2f}%", f"{row['kl']:.3f}", f"{100 * row['agreement']:.0f}%"]
+                agreement = f"{100 * row['agreement']:.0f}%" if "agreement" in row else "—"
+                cells += [f"{100 * row['nll_increase']:+.2f}%", f"{row['kl']:.3f}", agreement]
             else:
                 cells.append(fmt_acc(row["artifact"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def plot(reports: dict[str, dict], names: list[str], path: Path, title: str) -> None:
+    """Accuracy per retrieval task and continuation NLL increase against KV memory, one line per policy."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = next(iter(reports.values()))["tasks"]
+    panels = [(row["task"], row["length"]) for row in rows]
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    FigureCanvasAgg(fig)
+    for index, (task, length) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), index + 1)
+        for policy, (color, marker) in POLICY_STYLE.items():
+            points = []
+            for name in names:
+                if name.split(":")[1] != policy:
+                    continue
+                report = reports[name]
+                row = next(r for r in report["tasks"] if (r["task"], r["length"]) == (task, length))
+                value = 100 * (row["nll_increase"] if task == "continuation" else row["artifact"]["accuracy"])
+                points.append((report["kv_memory"]["ratio"], value))
+            points.sort()
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=policy)
+        if task != "continuation":
+            base = next(r for r in rows if (r["task"], r["length"]) == (task, length))["baseline"]["accuracy"]
+            ax.axhline(100 * base, color="black", linestyle="--", linewidth=1, label="uncompressed")
+            ax.set_ylabel("accuracy (%)")
+        else:
+            ax.axhline(0, color="black", linestyle="--", linewidth=1, label="uncompressed")
+            ax.set_ylabel("NLL increase (%)")
+        ax.set_xlabel(f"KV memory / uncompressed at {length} tokens")
+        ax.set_title(f"{task}@{length}")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    tmp.replace(path)
+
+
 def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
     path = Path("docs/BENCHMARKS.md")
     text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{SECTION}: {args.genre} text"
+    fit = "proxy fit" if args.proxy else "measured choice on held-out calibration prompts"
     body = (
-        f"{SECTION}\n\nSmolLM2-135M-Instruct, plans refitted from `{args.profile}` at each budget "
-        f"(fraction of the uncompressed KV cache at {args.at_context} tokens); {args.samples} cases per "
-        f"task and length, seed {args.seed}; accuracy with 95% Wilson intervals; continuation: NLL "
-        f"increase and KL against the uncompressed model, greedy agreement over 32 tokens. "
-        f"2 CPU cores, {seconds / 60:.0f} min. Reproduce: `python bench/policies.py --samples {args.samples} "
-        f"--write-docs`.\n\n{markdown}\n"
+        f"{section}\n\nSmolLM2-135M-Instruct, plans refitted from `{args.profile}` at each budget "
+        f"(fraction of the source model's KV cache at {args.at_context} tokens; profiled: {fit}); "
+        f"{args.samples} cases per task and length on {args.genre} text, seed {args.seed}; accuracy with 95% "
+        f"Wilson intervals; continuation: NLL increase and KL against the uncompressed model, greedy "
+        f"agreement over {args.agreement_tokens} tokens. 2 shared CPU cores, {seconds / 60:.0f} min. Plot: "
+        f"`docs/policies-{args.genre}.png`. Reproduce: `python bench/policies.py --samples {args.samples} "
+        f"--genre {args.genre} --agreement-tokens {args.agreement_tokens} --write-docs`."
+        f"\n\n{markdown}\n"
     )
-    pattern = re.compile(rf"{re.escape(SECTION)}\n.*?(?=\n## |\Z)", re.S)
+    pattern = re.compile(rf"{re.escape(section)}\n.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(body.rstrip("\n") + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
     path.write_text(text)
 
 
+def merged(paths: list[Path]) -> tuple[dict[str, dict], float]:
+    """Reports of several runs, ordered by budget then policy; a system's task rows from every
+    run that has it (cases depend only on seed, genre, task, length and samples)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    reports: dict[str, dict] = {}
+    for run in runs:
+        for name, report in run.items():
+            if name in reports:
+                reports[name] = {**reports[name], "tasks": reports[name]["tasks"] + report["tasks"]}
+            else:
+                reports[name] = report
+    keep = ("lengths", "samples", "genre")
+    settings = {json.dumps({k: r["settings"].get(k) for k in keep}, sort_keys=True) for r in reports.values()}
+    if len(settings) != 1 or len({r["seed"] for r in reports.values()}) != 1:
+        raise SystemExit("--from-json: runs differ in seed, genre, lengths or samples")
+    task_order = {"passkey": 0, "multikey": 1, "continuation": 2}
+    for report in reports.values():
+        report["tasks"] = sorted(report["tasks"], key=lambda row: (task_order.get(row["task"], 9), row["length"]))
+    order = {policy: i for i, policy in enumerate(POLICY_STYLE)}
+    names = sorted(reports, key=lambda n: (-float(n.split(":")[0]), order.get(n.split(":")[1], 9)))
+    seconds = sum(next(iter(run.values()))["wall_time_s"] for run in runs)
+    return {name: reports[name] for name in names}, seconds
+
+
 def main() -> None:
     args = parse_args()
+    if args.from_json:
+        reports, seconds = merged(args.from_json)
+        markdown = table(reports, list(reports), args.at_context)
+        print(markdown)
+        if args.write_docs:
+            write_docs(markdown, args, seconds)
+            plot(reports, list(reports), Path(f"docs/policies-{args.genre}.png"),
+                 f"SmolLM2-135M, {args.genre} text, {args.samples} cases per task, seed {args.seed}")
+        return
     torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     loaded = load_model(args.model)
     profile = load_profile(args.profile)
-    stats = stats_from_profile(profile)
     plans = {}
     full_heads = {}
+    chosen = {}
     for budget in [float(b) for b in args.budgets.split(",")]:
         for policy in args.policies.split(","):
-            request = FitRequest(kv_budget=budget, at_context=args.at_context, policy=policy)
-            result = fit(stats if policy == "profiled" else None, loaded.arch, request)
-            name = f"{budget:g}:{policy}"
-            plans[name] = result.plan
-            full_heads[name] = result.plan.n_full
+            request = replace(request_from_profile(profile, budget, args.at_context), policy=policy)
+            measured = policy == "profiled" and not args.proxy
+            name = f"{budget:.4g}:{policy}"
+            kept = args.refits / f"{name.replace(':', '-')}{'-proxy' if args.proxy else ''}.yaml" if args.refits else None
+            if kept is not None and kept.is_file():
+                refit = load_profile(kept)
+            else:
+                refit = refit_profile(profile, request, loaded if measured else None)
+                if kept is not None:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    save_profile(refit, kept)
+            plans[name] = refit.plan
+            full_heads[name] = refit.plan.n_full
+            if refit.choice is not None:
+                chosen[name] = refit.choice["chosen"]
+                print(f"[{time.perf_counter() - started:7.0f} s] {name}: chose {chosen[name]}", flush=True)
+    if args.plans_only:
+        return
     model = loaded.build()
     engine = Engine(model, next(iter(plans.values())), loaded.tokenizer)
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=tuple(int(x) for x in args.lengths.split(",")),
-                        samples=args.samples, seed=args.seed)
-    started = time.perf_counter()
+                        samples=args.samples, seed=args.seed, genre=args.genre,
+                        agreement_tokens=args.agreement_tokens)
 
     def progress(done: int, total: int, label: str) -> None:
         print(f"[{time.perf_counter() - started:7.0f} s] {done}/{total} {label}", flush=True)
@@ -119,6 +230,8 @@ def main() -> None:
     reports = evaluate_systems(engine, plans, config, reorder=True, progress=progress)
     for name in reports:
         reports[name]["full_heads"] = full_heads[name]
+        if name in chosen:
+            reports[name]["chosen"] = chosen[name]
     seconds = time.perf_counter() - started
     markdown = table(reports, list(plans), args.at_context)
     print(markdown)
@@ -126,6 +239,8 @@ def main() -> None:
         args.json.write_text(json.dumps(reports, indent=2))
     if args.write_docs:
         write_docs(markdown, args, seconds)
+        plot(reports, list(plans), Path(f"docs/policies-{args.genre}.png"),
+             f"SmolLM2-135M, {args.genre} text, {args.samples} cases per task, seed {args.seed}")
 
 
 if __name__ == "__main__":

@@ -53,10 +53,6 @@ class ArchSpec:
     def n_kv_total(self) -> int:
         return self.n_layers * self.n_kv_heads
 
-    def kv_bytes_uncompressed(self, context: int, bytes_per_value: int = 2) -> int:
-        """``n_kv_heads · L · 2 · d · bytes`` summed over layers (DESIGN's reference)."""
-        return self.n_layers * self.n_kv_heads * context * 2 * self.head_dim * bytes_per_value
-
     def describe(self) -> dict[str, Any]:
         sliding = [i for i, w in enumerate(self.sliding_windows) if w]
         return {
@@ -134,4 +130,23 @@ def arch_from_config(config: Any) -> ArchSpec:
         activation=str(activation),
         tie_embeddings=bool(_get(config, "tie_word_embeddings", False)),
         final_softcap=_get(config, "final_logit_softcapping", None),
+    )
+
+
+def arch_from_description(described: dict[str, Any]) -> ArchSpec:
+    """The cache-sizing fields of an ArchSpec from ``describe()`` (a profile's record).
+
+    Enough for fitting and memory tables without the model; the fields that only the forward
+    pass needs are left neutral.
+    """
+    n_layers = int(described["layers"])
+    sliding = set(described.get("sliding_layers") or [])
+    window = described.get("sliding_window")
+    return ArchSpec(
+        family=str(described["family"]), n_layers=n_layers, n_heads=int(described["query_heads"]),
+        n_kv_heads=int(described["kv_heads"]), head_dim=int(described["head_dim"]), hidden_size=0,
+        intermediate_size=0, vocab_size=0, max_context=int(described["max_context"]), rms_eps=0.0,
+        sliding_windows=tuple(int(window) if i in sliding and window else None for i in range(n_layers)),
+        rope=(), attention_scale=1.0, attention_bias=False, mlp_bias=False, qk_norm=False, gemma_norms=False,
+        activation="", tie_embeddings=False, final_softcap=None,
     )

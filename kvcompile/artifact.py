@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 
 from kvcompile import __version__
 from kvcompile.errors import ArtifactError, ProfileError
+from kvcompile.memory import memory_table, plan_bytes
 from kvcompile.models import LoadedModel, fingerprint_weights
 from kvcompile.passes import DEFAULT_PASSES, CompiledModel, run_passes
 from kvcompile.plan import Plan
 from kvcompile.plan_io import plan_to_dict
 from kvcompile.profile_io import Profile
-from kvcompile.profiling import memory_table
 from kvcompile.runtime.artifact import (
     ARTIFACT_FORMAT,
     MANIFEST,
@@ -161,7 +161,7 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     itemsize = stored.itemsize
     allocated = StaticKVCache.allocate(compiled.plan, 1, context, arch.head_dim, arch.group_size,
                                        dtype=stored).nbytes
-    predicted = compiled.plan.kv_bytes(context, arch.head_dim, itemsize)
+    predicted = plan_bytes(compiled.plan, arch, context, itemsize)
     report = {
         "format": "kvcompile-build-report/1",
         "parity": parity,
@@ -172,7 +172,7 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
             "allocated_kv_bytes": allocated,
             "predicted_kv_bytes": predicted,
             "equal": allocated == predicted,
-            "table": memory_table(compiled.plan, arch, itemsize),
+            "table": memory_table(compiled.plan, arch, itemsize, extra=(context,)),
         },
     }
     compiled.state = {name: tensor.to(stored) if tensor.is_floating_point() else tensor

@@ -212,7 +212,7 @@ def build_probe(
 # ----------------------------------------------------------------- built-in set
 
 
-def _probe_prompt(name: str, kind: str, probe: Probe) -> CalibPrompt:
+def probe_prompt(name: str, kind: str, probe: Probe) -> CalibPrompt:
     ids = probe.context_ids + probe.question_ids + probe.answer_ids
     start = len(probe.context_ids) + len(probe.question_ids)
     positions = tuple(start + k - 1 for k in probe.answer_offsets)
@@ -250,7 +250,7 @@ def _needle_prompts(
             )
         except ValueError as err:
             raise CalibrationError(f"{kind} probe: {err}: raise probe_length") from None
-        prompts.append(_probe_prompt(f"{kind}-{i}", kind, probe))
+        prompts.append(probe_prompt(f"{kind}-{i}", kind, probe))
     return prompts
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from kvcompile.stats import mean_ci, relative_increase_ci, wilson_interval
 from kvcompile.tasks import TASKS, EvalCase, build_cases, score_answer
+from kvcompile.textsource import GENRES
 
 ANSWER_TOKENS = 8  # greedy tokens generated for an answer (5-digit numbers need 5-6)
 BASELINE = "baseline"
@@ -35,8 +36,11 @@ class EvalConfig:
     seed: int = 0
     agreement_tokens: int = 32
     task_samples: tuple[tuple[str, int], ...] = ()  # (task, cases) pairs overriding ``samples``
+    genre: str = "pydoc"  # text the cases are built on (kvcompile.textsource.GENRES)
 
     def __post_init__(self) -> None:
+        if self.genre not in GENRES:
+            raise KVCompileError(f"--genre must be one of {', '.join(GENRES)}, got {self.genre!r}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise KVCompileError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
@@ -130,53 +134,86 @@ def _continue(engine: Engine, case: EvalCase, caches: Mapping[str, Any], tallies
             tallies[name].agree_total += agreement_tokens
 
 
-def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConfig, reorder: bool = False,
-                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict[str, Any]]:
-    """One report per plan, each against the shared uncompressed baseline.
-
-    ``reorder``: the engine's weights are unpermuted, so each plan's full heads are moved
-    first at attention time (same function as baking the order into the weights).
-    """
-    arch = engine.arch
-    context = min(engine.max_context, max(config.lengths) + 64 + config.agreement_tokens)
+def _generated_groups(engine: Engine, config: EvalConfig) -> list[tuple[str, int, list[EvalCase]]]:
+    """(task, length, cases) of the generated tasks, task-major."""
     if max(config.lengths) + 64 > engine.max_context:
         raise ContextLengthError(
             f"context length {max(config.lengths)} leaves no room for the question within the max "
             f"context {engine.max_context}; use --lengths up to {engine.max_context - 64}"
         )
+    groups = []
+    for task in config.tasks:
+        cases = build_cases(engine.tokenizer, task, list(config.lengths), config.samples_for(task),
+                            config.seed, config.genre)
+        groups += [(task, length, [c for c in cases if c.length == length]) for length in config.lengths]
+    return groups
+
+
+def _case_groups(cases: Sequence[EvalCase]) -> list[tuple[str, int, list[EvalCase]]]:
+    """A team's cases (``kvcompile.cases``): one group per task, reported at its longest context."""
+    groups = []
+    for task in dict.fromkeys(case.task for case in cases):
+        group = [case for case in cases if case.task == task]
+        groups.append((task, max(case.length for case in group), group))
+    return groups
+
+
+def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConfig, reorder: bool = False,
+                     progress: Callable[[int, int, str], None] | None = None,
+                     cases: Sequence[EvalCase] | None = None) -> dict[str, dict[str, Any]]:
+    """One report per plan, each against the shared uncompressed baseline.
+
+    ``reorder``: the engine's weights are unpermuted, so each plan's full heads are moved
+    first at attention time (same function as baking the order into the weights).
+    ``cases``: a team's own cases instead of the generated tasks (``config`` keeps the rest).
+    """
+    arch = engine.arch
+    groups = _case_groups(cases) if cases else _generated_groups(engine, config)
+    # tokens a case puts in the cache: context, question + answer, or continuation + agreement steps
+    context = max(len(c.context_ids) + max(len(c.question_ids) + ANSWER_TOKENS,
+                                           len(c.continuation_ids) - 1 + config.agreement_tokens)
+                  for _, _, group in groups for c in group)
+    if context > engine.max_context:
+        raise ContextLengthError(
+            f"the cases need {context} tokens of cache (context, question or continuation, generated tokens), "
+            f"more than the context of {engine.max_context}; use shorter --lengths or fewer --agreement-tokens"
+        )
     baseline_plan = engine.uncompressed_plan()
     all_plans = {BASELINE: baseline_plan, **plans}
-    cases = {task: build_cases(engine.tokenizer, task, list(config.lengths), config.samples_for(task), config.seed)
-             for task in config.tasks}
-    total = sum(len(c) for c in cases.values())
+    total = sum(len(group) for _, _, group in groups)
     done = 0
     started_all = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in plans}
-    for task in config.tasks:
-        for length in config.lengths:
-            group = [case for case in cases[task] if case.length == length]
-            caches = {}
-            for name, plan in all_plans.items():
-                cache = engine.allocate(1, max_context=context, plan=plan)
-                caches[name] = ReorderedCache(cache, plan, arch.group_size) if reorder else cache
-            tallies = {name: _Tally() for name in all_plans}
-            for case in group:
-                if task == "continuation":
-                    _continue(engine, case, caches, tallies, config.agreement_tokens)
-                else:
-                    _answer(engine, case, caches, tallies)
-                done += 1
-                if progress is not None:
-                    progress(done, total, f"{task}@{length}")
-            base_bytes = allocated_kv_bytes(engine, baseline_plan, length)
-            for name, plan in plans.items():
-                ratio = allocated_kv_bytes(engine, plan, length) / base_bytes
-                row_of = _continuation_row if task == "continuation" else _accuracy_row
-                rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratio, group))
+    for task, length, group in groups:
+        caches = {}
+        for name, plan in all_plans.items():
+            cache = engine.allocate(1, max_context=context, plan=plan)
+            caches[name] = ReorderedCache(cache, plan, arch.group_size) if reorder else cache
+        tallies = {name: _Tally() for name in all_plans}
+        for case in group:
+            if task == "continuation":
+                _continue(engine, case, caches, tallies, config.agreement_tokens)
+            else:
+                _answer(engine, case, caches, tallies)
+            done += 1
+            if progress is not None:
+                progress(done, total, f"{task}@{length}")
+        base_bytes = allocated_kv_bytes(engine, baseline_plan, length)
+        for name, plan in plans.items():
+            ratio = allocated_kv_bytes(engine, plan, length) / base_bytes
+            row_of = _continuation_row if task == "continuation" else _accuracy_row
+            rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratio, group))
     wall = round(time.perf_counter() - started_all, 2)
-    reference = max(config.lengths)
+    reference = max(length for _, length, _ in groups)
     baseline_bytes = allocated_kv_bytes(engine, baseline_plan, reference)
     plan_bytes = {name: allocated_kv_bytes(engine, plan, reference) for name, plan in plans.items()}
+    tasks = list(dict.fromkeys(task for task, _, _ in groups))
+    settings: dict[str, Any] = {"tasks": tasks, "lengths": sorted({length for _, length, _ in groups})}
+    if cases:
+        settings["cases"] = len(cases)
+    else:
+        settings.update({"samples": {task: config.samples_for(task) for task in tasks},
+                         "genre": config.genre})
     return {
         name: {
             "format": "kvcompile-report/1",
@@ -184,9 +221,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
             "created_with": {"python": platform.python_version(), "torch": torch.__version__,
                              "transformers": _version("transformers")},
             "seed": config.seed,
-            "settings": {"tasks": list(config.tasks), "lengths": list(config.lengths),
-                         "samples": {task: config.samples_for(task) for task in config.tasks},
-                         "answer_tokens": ANSWER_TOKENS,
+            "settings": {**settings, "answer_tokens": ANSWER_TOKENS,
                          "agreement_tokens": config.agreement_tokens, "systems_in_run": list(all_plans)},
             "kv_memory": {
                 "context": reference,
@@ -212,9 +247,11 @@ def allocated_kv_bytes(engine: Engine, plan: Plan, context: int) -> int:
 
 
 def evaluate(engine: Engine, config: EvalConfig, artifact_info: dict[str, Any] | None = None,
-             progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int, int, str], None] | None = None,
+             cases: Sequence[EvalCase] | None = None) -> dict[str, Any]:
     """The artifact's report: its own plan (weights already permuted) against the baseline."""
-    report = evaluate_systems(engine, {"artifact": engine.plan}, config, progress=progress)["artifact"]
+    report = evaluate_systems(engine, {"artifact": engine.plan}, config, progress=progress,
+                              cases=cases)["artifact"]
     report["artifact"] = artifact_info or {}
     return report
 
@@ -239,7 +276,8 @@ def _continuation_row(task: str, length: int, base: _Tally, system: _Tally, rati
     _, inc_lo, inc_hi = relative_increase_ci(system.nll, base.nll)
     kl_mean, kl_lo, kl_hi = mean_ci(system.kl)
     row: dict[str, Any] = {
-        "task": task, "length": length, "n": len(group), "tokens": len(group[0].continuation_ids),
+        "task": task, "length": length, "n": len(group),
+        "tokens": round(sum(len(case.continuation_ids) for case in group) / len(group)),
         "baseline": {"nll": round(base_nll, 6), "wall_time_s": round(base.seconds, 3)},
         "artifact": {"nll": round(art_nll, 6), "wall_time_s": round(system.seconds, 3)},
         "nll_increase": round(art_nll / base_nll - 1, 6),

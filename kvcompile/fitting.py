@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 
 from kvcompile.arch import ArchSpec
 from kvcompile.errors import BudgetError
+from kvcompile.memory import sliding_slots, uncompressed_slots
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.profiler import HeadStatistics
 
 POLICIES = ("profiled", "uniform", "pyramid")
+FULL_RANKS = ("retrieval", "needle")  # the head statistic that orders candidates for full heads
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class FitRequest:
     at_context: int = 8192
     policy: str = "profiled"
     full_heads: int | None = None  # override the fitted number of full heads
+    full_rank: str = "retrieval"  # with full_heads: rank heads by the retrieval score or the needle mass alone
     retrieval_threshold: float = 0.5  # full when score >= threshold x best score
     sinks: int = 4
     compensation: int = 1
@@ -49,6 +52,8 @@ class FitRequest:
             raise BudgetError(f"--at-context must be positive, got {self.at_context}")
         if self.policy not in POLICIES:
             raise BudgetError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.full_rank not in FULL_RANKS:
+            raise BudgetError(f"full-head ranking must be one of {', '.join(FULL_RANKS)}, got {self.full_rank!r}")
         if self.full_heads is not None and self.full_heads < 0:
             raise BudgetError(f"--full-heads must be >= 0, got {self.full_heads}")
         if not 0 <= self.selected_fraction < 1:
@@ -101,38 +106,53 @@ def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitRequest) -> Fi
 
 
 def _budget_slots(arch: ArchSpec, request: FitRequest) -> int:
-    return math.floor(request.kv_budget * arch.n_layers * arch.n_kv_heads * request.at_context)
+    """The target in KV slots: a fraction of the cache the source model allocates (``memory``)."""
+    return math.floor(request.kv_budget * uncompressed_slots(arch, request.at_context))
 
 
 def _min_capacity(request: FitRequest) -> int:
     return request.sinks + request.compensation + request.min_window
 
 
-def _sliding_cost(arch: ArchSpec) -> int:
-    return sum(arch.n_kv_heads * w for w in arch.sliding_windows if w)
+def smallest_budget(arch: ArchSpec, context: int, per_head: int) -> float:
+    """The smallest ``--kv-budget`` at ``context`` that leaves ``per_head`` slots to every
+    non-sliding KV head once the sliding layers hold their windows (4 decimals, rounded up)."""
+    n_other = arch.n_kv_heads * sum(1 for w in arch.sliding_windows if not w)
+    needed = sliding_slots(arch, context) + n_other * min(per_head, context)
+    return math.ceil(needed / uncompressed_slots(arch, context) * 1e4) / 1e4
+
+
+def _refuse(arch: ArchSpec, request: FitRequest, budget: int, per_head: int) -> BudgetError:
+    ctx = request.at_context
+    sliding = sliding_slots(arch, ctx)
+    parts = [f"{per_head} slots per KV head"]
+    if sliding:
+        parts.insert(0, f"{sliding} slots for the sliding-window layers' own windows")
+    return BudgetError(
+        f"--kv-budget {request.kv_budget:g} at {ctx} tokens ({budget} KV slots) is below the smallest "
+        f"layout ({' + '.join(parts)}); the smallest feasible budget at {ctx} tokens is "
+        f"{smallest_budget(arch, ctx, per_head):g}"
+    )
 
 
 def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> FitResult:
     budget = _budget_slots(arch, request)
     ctx = request.at_context
     cmin = min(_min_capacity(request), ctx)
-    fixed = _sliding_cost(arch)
+    fixed = sliding_slots(arch, ctx)
     candidates = [(layer, head) for layer in range(arch.n_layers) if not arch.sliding_windows[layer]
                   for head in range(arch.n_kv_heads)]
     n_candidates = len(candidates)
     floor_cost = fixed + n_candidates * cmin
     if floor_cost > budget:
-        raise BudgetError(
-            f"the target ({request.kv_budget:g} of the KV cache at {ctx} tokens = {budget} slots) "
-            f"is below the minimum layout ({floor_cost} slots: every head with {cmin} slots); "
-            f"raise --kv-budget or --at-context"
-        )
+        raise _refuse(arch, request, budget, cmin)
     scores = stats.retrieval
     ranked = sorted(candidates, key=lambda lh: (-float(scores[lh]), lh))
     best = max((float(scores[lh]) for lh in candidates), default=0.0)  # sliding heads can't be full
     if request.full_heads is not None:
-        wanted = ranked[: request.full_heads]
-        rule = f"--full-heads {request.full_heads} (user override)"
+        by = stats.needle if request.full_rank == "needle" else scores
+        wanted = sorted(candidates, key=lambda lh: (-float(by[lh]), lh))[: request.full_heads]
+        rule = f"--full-heads {request.full_heads} (set; heads in {request.full_rank}-score order)"
     else:
         threshold = request.retrieval_threshold * best
         wanted = [lh for lh in ranked if best > 0 and float(scores[lh]) >= threshold]
@@ -312,16 +332,13 @@ def _fit_baseline(arch: ArchSpec, request: FitRequest) -> FitResult:
     """``uniform``: StreamingLLM everywhere; ``pyramid``: PyramidKV's linear schedule."""
     budget = _budget_slots(arch, request)
     ctx = request.at_context
-    fixed = _sliding_cost(arch)
+    fixed = sliding_slots(arch, ctx)
     layers_idx = [i for i in range(arch.n_layers) if not arch.sliding_windows[i]]
     n = arch.n_kv_heads
-    per_layer = (budget - fixed) // (n * len(layers_idx)) if layers_idx else 0
     sinks = request.sinks
-    if per_layer < sinks + 1:
-        raise BudgetError(
-            f"the target ({request.kv_budget:g} at {ctx} tokens) leaves {per_layer} slots per head, "
-            f"fewer than {sinks} sinks + 1; raise --kv-budget"
-        )
+    if budget < fixed or (layers_idx and (budget - fixed) // (n * len(layers_idx)) < sinks + 1):
+        raise _refuse(arch, request, budget, sinks + 1)
+    per_layer = (budget - fixed) // (n * len(layers_idx)) if layers_idx else 0
     if request.policy == "uniform":
         capacities = {i: min(per_layer, ctx) for i in layers_idx}
         rule = "uniform: every head sinks + recent window (StreamingLLM)"
@@ -370,8 +387,4 @@ def _pyramid_schedule(
 def error_at(stats: HeadStatistics, layer: int, head: int, capacity: int, ctx: int) -> float:
     """Interpolated error of one head, for reports and plots."""
     return _interp(stats.error[layer, head].tolist(), stats.capacity_grid, capacity, ctx)
-
-
-def kv_ratio(plan: Plan, arch: ArchSpec, context: int) -> float:
-    return plan.kv_slots(context) / (arch.n_layers * arch.n_kv_heads * context)
 

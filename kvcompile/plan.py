@@ -67,11 +67,16 @@ class LayerPlan:
         return tuple(self.full_heads) + tuple(self.budgeted_heads)
 
     def kv_slots(self, context: int) -> int:
-        """KV slots (tokens x heads) this layer allocates for ``context`` tokens (DESIGN formula)."""
+        """KV slots (tokens x heads) this layer allocates for ``context`` tokens (DESIGN formula).
+
+        A sliding layer's ring never needs more than ``context`` slots, as in transformers'
+        static sliding cache (``kvcompile.memory``); budgeted layouts are fixed in size.
+        """
         budgeted = 0
         if self.budgeted_heads:
             assert self.layout is not None
-            budgeted = len(self.budgeted_heads) * self.layout.capacity
+            capacity = min(self.layout.capacity, context) if self.sliding else self.layout.capacity
+            budgeted = len(self.budgeted_heads) * capacity
         return len(self.full_heads) * context + budgeted
 
 

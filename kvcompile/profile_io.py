@@ -34,6 +34,8 @@ class Profile:
     kvcompile_version: str = __version__
     # end-to-end answer loss per layer (``sensitivity``): settings + one curve per layer
     sensitivity: dict[str, Any] | None = None
+    # the measured choice among candidate plans (``kvcompile.choice``): prompts, losses, winner
+    choice: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,6 +67,11 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         sensitivity["reference_full_heads"] = [FlowList(lh) for lh in sensitivity["reference_full_heads"]]
         sensitivity["answer_loss"] = [FlowList(rounded(x) for x in row) for row in sensitivity["answer_loss"]]
         data["sensitivity"] = sensitivity
+    if profile.choice is not None:
+        choice = dict(profile.choice)
+        choice["uncompressed"] = FlowDict(choice["uncompressed"])
+        choice["candidates"] = [FlowDict(row) for row in choice["candidates"]]
+        data["choice"] = choice
     data.update(profile.extra)
     return data
 
@@ -117,11 +124,53 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
     sensitivity = None
     if "sensitivity" in data:
         sensitivity = _sensitivity_from_dict(reader, data["sensitivity"], n_layers, n_kv, len(grid))
+    choice = _choice_from_dict(reader, data["choice"]) if "choice" in data else None
     known = {"format", "kvcompile_version", "model", "calibration", "profiling", "fit", "plan", "memory", "heads",
-             "sensitivity"}
+             "sensitivity", "choice"}
     extra = {k: v for k, v in data.items() if k not in known}
     return Profile(model, calibration, profiling, heads, fit, plan, memory,
-                   kvcompile_version=str(data.get("kvcompile_version", "?")), sensitivity=sensitivity, extra=extra)
+                   kvcompile_version=str(data.get("kvcompile_version", "?")), sensitivity=sensitivity,
+                   choice=choice, extra=extra)
+
+
+CHOICE_LOSSES = ("answer_nll", "text_nll", "text_kl")
+
+
+def _choice_from_dict(reader: _Reader, data: Any) -> dict[str, Any]:
+    path = "choice"
+    data = reader.mapping(data, path)
+    if reader.get(data, "context_tokens", path, int) < 1:
+        raise reader.fail(f"{path}.context_tokens", "must be positive")
+    reader.get(data, "prompts", path, dict)
+    reader.get(data, "rule", path, str)
+
+    def losses(row: dict[str, Any], at: str) -> None:
+        for name in CHOICE_LOSSES:
+            value = reader.get(row, name, at, (int, float))
+            if not value >= 0:
+                raise reader.fail(f"{at}.{name}", f"expected a non-negative number, got {value!r}")
+
+    losses(reader.mapping(reader.get(data, "uncompressed", path, dict), f"{path}.uncompressed"), f"{path}.uncompressed")
+    rows = reader.get(data, "candidates", path, list)
+    if not rows:
+        raise reader.fail(f"{path}.candidates", "expected at least one candidate")
+    names = []
+    for i, row in enumerate(rows):
+        at = f"{path}.candidates[{i}]"
+        row = reader.mapping(row, at)
+        names.append(reader.get(row, "name", at, str))
+        reader.get(row, "policy", at, str)
+        reader.get(row, "full_heads", at, int)
+        reader.get(row, "equal_weight", at, (int, float))
+        reader.get(row, "eligible", at, bool)
+        reader.get(row, "score", at, (int, float))
+        losses(row, at)
+    chosen = reader.get(data, "chosen", path, str)
+    if chosen not in names:
+        raise reader.fail(f"{path}.chosen", f"{chosen!r} is not one of the candidates")
+    if not rows[names.index(chosen)]["eligible"]:
+        raise reader.fail(f"{path}.chosen", f"{chosen!r} is not eligible (measured worse than uniform)")
+    return data
 
 
 def _sensitivity_from_dict(reader: _Reader, data: Any, n_layers: int, n_kv: int, n_grid: int) -> dict[str, Any]:

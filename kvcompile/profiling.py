@@ -4,38 +4,27 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvcompile.arch import ArchSpec
+from kvcompile.arch import arch_from_description
 from kvcompile.calibration import CalibConfig, CalibPrompt, build_calibration_set
-from kvcompile.errors import ContextLengthError
+from kvcompile.choice import ChoiceConfig, choose_plan
+from kvcompile.errors import CalibrationError, ContextLengthError
 from kvcompile.fitting import FitRequest, FitResult, check_request, fit
+from kvcompile.memory import memory_table
 from kvcompile.models import LoadedModel
 from kvcompile.plan import Plan
 from kvcompile.profile_io import Profile
 from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
 from kvcompile.runtime.model import CompactLM
 from kvcompile.sensitivity import SensitivitySettings, answer_probes, layer_sensitivity
-from kvcompile.yamlio import FlowList, rounded
+from kvcompile.yamlio import FlowList
 
-MEMORY_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 VALIDATION_LENGTH = 2048  # held-out prompt for the plan's KL check (fitting step 3)
-
-
-def memory_table(plan: Plan, arch: ArchSpec, bytes_per_value: int, extra: Sequence[int] = ()) -> list[dict[str, Any]]:
-    """Predicted KV bytes next to the uncompressed size at several context lengths."""
-    contexts = sorted({c for c in (*MEMORY_CONTEXTS, *extra) if c <= arch.max_context} | set(extra))
-    rows = []
-    for context in contexts:
-        kv = plan.kv_bytes(context, arch.head_dim, bytes_per_value)
-        full = arch.kv_bytes_uncompressed(context, bytes_per_value)
-        rows.append({"context": context, "kv_bytes": kv, "uncompressed_bytes": full,
-                     "ratio": rounded(kv / full, 4)})
-    return rows
 
 
 def head_records(stats: HeadStatistics, plan: Plan) -> list[dict[str, Any]]:
@@ -104,10 +93,30 @@ def fit_summary(result: FitResult, request: FitRequest) -> dict[str, Any]:
         "min_budgeted_capacity": request.min_budgeted_capacity,
         "equal_weight": request.equal_weight,
         "answer_weight": request.answer_weight,
+        "settings": {name: getattr(request, name) for name in REFIT_SETTINGS},
         "budget_slots": result.budget_slots,
         "used_slots": result.used_slots,
         "notes": list(result.notes),
     }
+
+
+# FitRequest fields a refit takes from the profile (everything but the budget and the context)
+REFIT_SETTINGS = ("policy", "full_heads", "retrieval_threshold", "sinks", "compensation", "selected_fraction",
+                  "min_window", "min_budgeted_capacity", "equal_weight", "answer_weight", "selection",
+                  "observation_window")
+
+
+def request_from_profile(profile: Profile, kv_budget: float, at_context: int) -> FitRequest:
+    """The profile's fit settings at another budget; profiles older than ``settings`` keep
+    the weights they recorded and the defaults for the rest."""
+    fit_data = profile.fit
+    stored = dict(fit_data.get("settings") or {})
+    for name in ("retrieval_threshold", "min_budgeted_capacity", "equal_weight", "answer_weight"):
+        stored.setdefault(name, fit_data.get(name, getattr(FitRequest, name)))
+    stored.setdefault("observation_window", profile.plan.observation_window)
+    stored.setdefault("selection", profile.plan.selection)
+    values = {name: stored[name] for name in REFIT_SETTINGS if name in stored}
+    return FitRequest(kv_budget=kv_budget, at_context=at_context, **values)
 
 
 def run_profile(
@@ -119,7 +128,13 @@ def run_profile(
     progress: Callable[[int, int, CalibPrompt], None] | None = None,
     bytes_per_value: int = 4,
     validate: bool = True,
+    choice: ChoiceConfig | None = ChoiceConfig(),
 ) -> Profile:
+    """Calibrate, fit and (``choice``) choose the plan by measurement; ``None`` keeps the proxy fit.
+
+    The held-out prompts of the measured choice are as long as the calibration probes
+    (``calib.probe_length``, at most the fit's reference context) and use the calibration seed.
+    """
     arch = loaded.arch
     check_request(arch, request)
     if max(calib.text_length, calib.probe_length, calib.repeat_block * calib.repeat_times) > arch.max_context:
@@ -131,7 +146,12 @@ def run_profile(
     model = loaded.build()
     probes = answer_probes(prompts)
     measure_answers = request.policy == "profiled" and settings.answer_reference > 0 and bool(probes)
-    total = len(prompts) + (len(probes) if measure_answers else 0)
+    if choice is not None and request.policy == "profiled":
+        choice = replace(choice, seed=calib.seed, length=min(calib.probe_length, request.at_context))
+    else:
+        choice = None
+    total = (len(prompts) + (len(probes) if measure_answers else 0)
+             + (choice.n_passkey + choice.n_multikey + choice.n_text if choice else 0))
     done = 0
 
     def tick(prompt: CalibPrompt) -> None:
@@ -142,10 +162,18 @@ def run_profile(
 
     stats = profile_heads(model, prompts, settings, progress=tick)
     sensitivity = measure_answer_loss(model, prompts, stats, request, settings, tick) if measure_answers else None
-    result = fit(stats, arch, request)
+    measured = None
+    if choice is not None:
+        try:
+            result, measured = choose_plan(model, loaded.tokenizer, stats, request, choice, progress=tick)
+        except ValueError as err:  # a probe that does not fit the held-out length
+            raise CalibrationError(f"held-out prompts of the measured choice: {err}: raise --calib-length") from None
+    else:
+        result = fit(stats, arch, request)
     profile = make_profile(loaded, stats, result, request, calibration_summary(prompts, calib, user_files),
                            settings, bytes_per_value)
     profile.sensitivity = sensitivity
+    profile.choice = measured
     if validate:
         from kvcompile.validation import validate_plan
 
@@ -206,4 +234,55 @@ def make_profile(
         fit=fit_summary(result, request),
         plan=result.plan,
         memory=memory_table(result.plan, arch, bytes_per_value, extra=(request.at_context,)),
+    )
+
+
+def refit_profile(profile: Profile, request: FitRequest, loaded: LoadedModel | None = None,
+                  choice: ChoiceConfig = ChoiceConfig(),
+                  progress: Callable[[int, int, Any], None] | None = None) -> Profile:
+    """``profile`` refitted at another budget from its stored statistics.
+
+    Without a model this is the proxy fit alone (seconds; the profile says the choice was not
+    measured). With the profile's model it re-runs the measured choice and the held-out
+    validation at the new budget.
+    """
+    stats = stats_from_profile(profile)
+    arch = arch_from_description(profile.model["architecture"]) if loaded is None else loaded.arch
+    check_request(arch, request)
+    measured = None
+    validation = None
+    if loaded is None or request.policy != "profiled":
+        result = fit(stats, arch, request)
+        if loaded is None and request.policy == "profiled":
+            result.notes.append("refitted without the model: the proxy fit, not a measured choice "
+                                "(pass --model to measure)")
+    else:
+        from kvcompile.artifact import check_profile_matches
+        from kvcompile.validation import validate_plan
+
+        check_profile_matches(profile, loaded)
+        model = loaded.build()
+        seed = int(profile.calibration.get("seed", 0))
+        length = int(profile.calibration.get("settings", {}).get("probe_length", choice.length))
+        choice = replace(choice, seed=seed, length=min(length, request.at_context))
+        total = choice.n_passkey + choice.n_multikey + choice.n_text
+        done = 0
+
+        def tick(prompt: Any) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total, prompt)
+
+        result, measured = choose_plan(model, loaded.tokenizer, stats, request, choice, progress=tick)
+        validation = validate_plan(model, result.plan, loaded.tokenizer, min(request.at_context, VALIDATION_LENGTH),
+                                   seed)
+    fit_record = fit_summary(result, request)
+    if validation is not None:
+        fit_record["validation"] = validation
+    return Profile(
+        model=profile.model, calibration=profile.calibration, profiling=profile.profiling,
+        heads=head_records(stats, result.plan), fit=fit_record, plan=result.plan,
+        memory=memory_table(result.plan, arch, 4, extra=(request.at_context,)),
+        sensitivity=profile.sensitivity, choice=measured, extra=dict(profile.extra),
     )

@@ -40,6 +40,20 @@ def memory_rows_table(rows: list[dict[str, Any]], title: str = "KV memory (plan 
     return table
 
 
+def choice_table(choice: dict[str, Any]) -> Table:
+    """Candidates of the measured choice: loss increases over the uncompressed model."""
+    base = choice["uncompressed"]
+    table = Table(title=f"measured choice on held-out prompts ({choice['context_tokens']} tokens)")
+    for column in ("candidate", "full", "answer NLL Δ", "text NLL Δ", "text KL", "eligible", "chosen"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for row in choice["candidates"]:
+        text = row["text_nll"] / base["text_nll"] - 1 if base["text_nll"] else 0.0
+        table.add_row(row["name"], str(row["full_heads"]), f"{row['answer_nll'] - base['answer_nll']:+.3f}",
+                      f"{text:+.2%}", f"{row['text_kl']:.4f}", "yes" if row["eligible"] else "no",
+                      "◀" if row["name"] == choice["chosen"] else "")
+    return table
+
+
 def print_profile_summary(console: Any, profile: Profile) -> None:
     labels: dict[str, int] = {}
     for head in profile.heads:
@@ -66,6 +80,8 @@ def print_profile_summary(console: Any, profile: Profile) -> None:
             f"answer loss of one layer cut to {grid[at]} slots ({sensitivity['probes']} probes, "
             f"nats per answer token): {top}"
         )
+    if profile.choice is not None:
+        console.print(choice_table(profile.choice))
     validation = fit.get("validation")
     if validation:
         console.print(

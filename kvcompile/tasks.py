@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcompile.calibration import build_probe, multikey_spec, passkey_spec
-from kvcompile.textsource import bos_prefix, evaluation_paragraphs, haystack_ids
+from kvcompile.textsource import bos_prefix, genre_paragraphs, haystack_ids
 
 TASKS = ("passkey", "multikey", "continuation")
 CONTINUATION_TOKENS = 64
@@ -42,6 +42,11 @@ class EvalCase:
     question_ids: tuple[int, ...]
     answer: str
     continuation_ids: tuple[int, ...] = ()
+    answers: tuple[str, ...] = ()  # every accepted answer (user cases); empty: just ``answer``
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        return self.answers or (self.answer,)
 
 
 def depth_grid(samples: int) -> list[float]:
@@ -52,13 +57,14 @@ def depth_grid(samples: int) -> list[float]:
     return [round(low + (high - low) * i / (samples - 1), 4) for i in range(samples)]
 
 
-def build_cases(tokenizer: Any, task: str, lengths: list[int], samples: int, seed: int) -> list[EvalCase]:
-    """``samples`` cases per length (depths over the grid), in order length-major."""
+def build_cases(tokenizer: Any, task: str, lengths: list[int], samples: int, seed: int,
+                genre: str = "pydoc") -> list[EvalCase]:
+    """``samples`` cases per length (depths over the grid), in order length-major, on ``genre`` text."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    paragraphs = evaluation_paragraphs()
+    paragraphs = genre_paragraphs(genre)
     depths = depth_grid(samples)
     cases = []
     for length in lengths:
@@ -104,13 +110,18 @@ def score_answer(generated_text: str, case: EvalCase) -> bool:
     ("The pass key is 73841." is right); another number first, a longer or shorter
     number ("738410", "7384"), digits split by spaces ("7 3 8 4 1" reads as 7) or no
     number at all are wrong. Not splitting on whitespace keeps "73841 73841" right.
-    Non-numeric answers must start the stripped text (case-insensitive). Continuation
-    cases are scored by NLL, not here: they raise ValueError.
+    Non-numeric answers must start the stripped text (case-insensitive). A case with several
+    accepted answers is right when any of them is. Continuation cases are scored by NLL, not
+    here: they raise ValueError.
     """
     if case.task == "continuation" or not case.answer:
         raise ValueError("continuation cases are scored by NLL, not by score_answer")
     text = generated_text.strip()
-    if case.answer.isdigit():
+    return any(_matches(text, answer) for answer in case.accepted)
+
+
+def _matches(text: str, answer: str) -> bool:
+    if answer.isdigit():
         match = _NUMBER.search(text)
-        return match is not None and match.group(0) == case.answer
-    return text.lower().startswith(case.answer.strip().lower())
+        return match is not None and match.group(0) == answer
+    return text.lower().startswith(answer.strip().lower())

@@ -4,13 +4,18 @@ The topics are split by name into two disjoint halves so that evaluation text is
 seen during calibration. The text depends on the Python version (topics differ slightly
 between releases) but is fixed for a given interpreter, so everything built from it is
 deterministic for a seed.
+
+A second genre that calibration never sees, for evaluation only: legal prose, the licence
+texts every Debian or Ubuntu system ships in ``/usr/share/common-licenses`` (``base-files``,
+an essential package: GPL, LGPL, MPL, Apache, GFDL, Artistic, CC0).
 """
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from kvcompile.errors import CalibrationError
@@ -88,6 +93,41 @@ def calibration_paragraphs() -> list[str]:
 def evaluation_paragraphs() -> list[str]:
     """Paragraphs used only for evaluation cases (never seen by calibration)."""
     return list(_halves()[1])
+
+
+LICENSE_DIR = Path("/usr/share/common-licenses")
+MIN_LICENSE_PARAGRAPHS = 100
+
+
+@lru_cache(maxsize=1)
+def _license_paragraphs() -> tuple[str, ...]:
+    files = sorted({path.resolve() for path in LICENSE_DIR.glob("*") if path.is_file()}) \
+        if LICENSE_DIR.is_dir() else []
+    paragraphs = _unique(p for path in files for p in clean_paragraphs(path.read_text(errors="replace")))
+    if len(paragraphs) < MIN_LICENSE_PARAGRAPHS:
+        raise CalibrationError(
+            f"the licences genre needs the texts in {LICENSE_DIR} (Debian's base-files package), "
+            f"found {len(paragraphs)} paragraphs: run on Debian/Ubuntu or choose --genre pydoc"
+        )
+    return tuple(paragraphs)
+
+
+def license_paragraphs() -> list[str]:
+    """Legal prose (an unseen genre): paragraphs of the system's licence texts, deduplicated."""
+    return list(_license_paragraphs())
+
+
+GENRES: dict[str, Callable[[], list[str]]] = {
+    "pydoc": evaluation_paragraphs,  # the calibration genre's held-out half
+    "licenses": license_paragraphs,  # never seen by calibration
+}
+
+
+def genre_paragraphs(genre: str) -> list[str]:
+    """Evaluation paragraphs of ``genre`` (one of ``GENRES``)."""
+    if genre not in GENRES:
+        raise CalibrationError(f"unknown text genre {genre!r}: choose one of {', '.join(GENRES)}")
+    return GENRES[genre]()
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:

@@ -297,11 +297,17 @@ class LayerKV:
             full = FullBuffer.empty(batch, len(layer.full_heads), max_context, head_dim,
                                     dtype, device)
         budgeted = None
+        layout = layer.layout
+        window = 0
+        if layer.sliding and layout is not None:
+            # the model's window, but never more slots than the cache can hold tokens
+            # (transformers' static sliding layer: min(window, max_cache_len); kvcompile.memory)
+            window = min(layout.window, max_context)
+            layout = BudgetLayout(0, 0, 0, window)
         if layer.budgeted_heads:
-            assert layer.layout is not None
+            assert layout is not None
             budgeted = BudgetedBuffer.empty(batch, len(layer.budgeted_heads), head_dim,
-                                            layer.layout, dtype, device)
-        window = layer.layout.window if layer.sliding and layer.layout is not None else 0
+                                            layout, dtype, device)
         return cls(full, budgeted, group_size, sliding_window=window)
 
     @property

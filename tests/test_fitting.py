@@ -13,7 +13,8 @@ import torch
 
 from kvcompile.arch import ArchSpec, arch_from_config
 from kvcompile.errors import BudgetError
-from kvcompile.fitting import POLICIES, FitRequest, fit, kv_ratio
+from kvcompile.fitting import POLICIES, FitRequest, fit
+from kvcompile.memory import kv_ratio
 from kvcompile.plan import BudgetLayout, Plan
 from kvcompile.profiler import DEFAULT_GRID, HeadStatistics
 from tests.tiny import tiny_config

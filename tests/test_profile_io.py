@@ -256,7 +256,8 @@ SMOL_REQUEST = FitRequest(kv_budget=0.25, at_context=2048)
 @pytest.fixture(scope="module")
 def smol_run(smollm2: LoadedModel) -> tuple[Profile, list[tuple[int, int, str]]]:
     ticks: list[tuple[int, int, str]] = []
-    profile = run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST,
+    # the proxy fit alone (no measured choice): this module checks its labels and budget
+    profile = run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST, choice=None,
                           progress=lambda done, total, prompt: ticks.append((done, total, prompt.kind)))
     return profile, ticks
 
@@ -302,8 +303,10 @@ def test_smollm2_profile_labels_heads_and_meets_budget(
 def test_smollm2_profile_is_deterministic(
     smol_run: tuple[Profile, list[tuple[int, int, str]]], smollm2: LoadedModel, tmp_path: Path
 ) -> None:
-    save_profile(smol_run[0], tmp_path / "first.yaml")
+    # the default path, measured choice included, twice
+    save_profile(run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST), tmp_path / "first.yaml")
     save_profile(run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST), tmp_path / "second.yaml")
+    assert load_profile(tmp_path / "first.yaml").choice is not None
     assert (tmp_path / "first.yaml").read_bytes() == (tmp_path / "second.yaml").read_bytes()
 
 

@@ -1,0 +1,243 @@
+"""Fitting step 3: the plan is chosen by measured loss, not by the proxies alone.
+
+The proxy fit (retrieval scores, error curves, answer-loss curves) proposes several plans at
+the same memory: different numbers of full heads, the fitted capacities or an equal split,
+and ``uniform`` itself. Each is served by the runtime on held-out calibration prompts (one
+exact prefill per prompt fills every candidate's cache, ``ReorderedCache`` serves a plan on
+the unpermuted model) and scored on two things: the answer log-probability of needle probes,
+and the NLL and KL of real text against the uncompressed model. Only candidates at least as
+good as ``uniform`` on answers (NLL increase) and on text (NLL increase plus KL, nats per
+token) are eligible; ``uniform`` always is, so the chosen plan never measures worse than
+``uniform`` on these prompts, by construction. Among the eligible, the lowest mean of the two
+losses, each relative to ``uniform``'s, wins.
+
+The prompts are shorter than the fit's reference context when that is long (8K: 2K prompts,
+for time), where ``uniform``'s windows cover more of the prompt than they would at 8K: the
+comparison then favours ``uniform``, never the other way.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from kvcompile.arch import ArchSpec
+from kvcompile.calibration import build_probe, multikey_spec, passkey_spec, probe_prompt
+from kvcompile.errors import BudgetError
+from kvcompile.fitting import FitRequest, FitResult, fit
+from kvcompile.plan import Plan
+from kvcompile.profiler import HeadStatistics
+from kvcompile.runtime.engine import Engine
+from kvcompile.runtime.head_order import ReorderedCache
+from kvcompile.runtime.model import CompactLM
+from kvcompile.textsource import bos_prefix, calibration_paragraphs, haystack_ids
+from kvcompile.yamlio import rounded
+
+UNCOMPRESSED = "uncompressed"
+UNIFORM = "uniform"
+LOSSES = ("answer_nll", "text_nll", "text_kl")
+
+
+@dataclass(frozen=True)
+class ChoiceConfig:
+    """Held-out prompts of the measured choice: calibration text, seeds apart from the profiler's."""
+
+    length: int = 2048  # context tokens of every prompt (capped by the fit's reference context)
+    n_passkey: int = 2
+    n_multikey: int = 2
+    n_text: int = 2
+    text_tokens: int = 32  # scored continuation tokens per text prompt
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HeldOutPrompt:
+    """``ids[:context_length]`` is prefilled and compressed; tokens at ``targets`` are scored."""
+
+    name: str
+    kind: str  # "answer" (needle probe) or "text"
+    ids: tuple[int, ...]
+    context_length: int
+    targets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Losses:
+    answer_nll: float  # mean over probes of the answer tokens' mean NLL
+    text_nll: float  # mean NLL of the scored text tokens
+    text_kl: float  # mean KL(uncompressed || plan) over the scored text tokens
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: rounded(getattr(self, name), 6) for name in LOSSES}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    request: FitRequest
+    result: FitResult
+
+
+def held_out_prompts(tokenizer: Any, config: ChoiceConfig) -> list[HeldOutPrompt]:
+    """Needle probes and text continuations from calibration paragraphs, on their own seeds."""
+    paragraphs = calibration_paragraphs()
+    prompts = []
+    for kind, count in (("passkey", config.n_passkey), ("multikey", config.n_multikey)):
+        for i in range(count):
+            key = f"choice:{config.seed}:{kind}:{i}"
+            rng = random.Random(key)
+            depth = round(rng.uniform(0.1, 0.9), 3)
+            spec = passkey_spec(str(rng.randrange(10000, 100000)), depth) if kind == "passkey" \
+                else multikey_spec(rng, depth)
+            probe = build_probe(tokenizer, paragraphs, spec, config.length, f"{key}:filler")
+            prompt = probe_prompt(f"{kind}-{i}", kind, probe)
+            targets = tuple(p + 1 for p in prompt.answer_positions)
+            prompts.append(HeldOutPrompt(prompt.name, "answer", prompt.input_ids, prompt.context_length, targets))
+    bos = bos_prefix(tokenizer)
+    for i in range(config.n_text):
+        n_context = config.length - len(bos)
+        ids = bos + haystack_ids(tokenizer, paragraphs, n_context + config.text_tokens,
+                                 f"choice:{config.seed}:text:{i}")
+        targets = tuple(range(config.length, config.length + config.text_tokens))
+        prompts.append(HeldOutPrompt(f"text-{i}", "text", tuple(ids), config.length, targets))
+    return prompts
+
+
+def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prompts: Sequence[HeldOutPrompt],
+                  progress: Callable[[HeldOutPrompt], None] | None = None) -> dict[str, Losses]:
+    """Losses of every plan and of the uncompressed model (key ``UNCOMPRESSED``) on ``prompts``.
+
+    Each prompt's context is prefilled once, exactly, into every plan's cache; the rest of the
+    prompt is then fed through each cache separately, as ``kvcompile eval`` does.
+    """
+    arch = model.arch
+    engine = Engine(model, next(iter(plans.values())), tokenizer, eos_token_ids=(-1,))
+    all_plans = {UNCOMPRESSED: engine.uncompressed_plan(), **plans}
+    longest = max(len(p.ids) for p in prompts)
+    caches = {name: ReorderedCache(engine.allocate(1, max_context=longest, plan=plan), plan, arch.group_size)
+              for name, plan in all_plans.items()}
+    answer: dict[str, list[float]] = {name: [] for name in all_plans}
+    text_nll: dict[str, list[float]] = {name: [] for name in all_plans}
+    text_kl: dict[str, list[float]] = {name: [] for name in all_plans}
+    for prompt in prompts:
+        for cache in caches.values():
+            cache.reset()
+        n_ctx = prompt.context_length
+        last = engine.prefill(torch.tensor([prompt.ids[:n_ctx]]), list(caches.values()))
+        suffix = torch.tensor([prompt.ids[n_ctx:max(prompt.targets)]])
+        rows = torch.tensor(prompt.targets) - n_ctx  # row r of [last, extend] predicts token n_ctx + r
+        target = torch.tensor([prompt.ids[j] for j in prompt.targets])
+        logps = {}
+        for name, cache in caches.items():
+            logits = last if suffix.shape[1] == 0 else torch.cat([last, engine.extend(suffix, cache, True)[0]])
+            logps[name] = torch.log_softmax(logits[rows].float(), dim=-1)
+        for name, logp in logps.items():
+            nll = float(-logp.gather(1, target[:, None]).mean())
+            if prompt.kind == "answer":
+                answer[name].append(nll)
+            else:
+                base = logps[UNCOMPRESSED]
+                text_nll[name].append(nll)
+                text_kl[name].append(float((base.exp() * (base - logp)).sum(-1).clamp_min(0).mean()))
+        if progress is not None:
+            progress(prompt)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else 0.0
+
+    return {name: Losses(mean(answer[name]), mean(text_nll[name]), mean(text_kl[name])) for name in all_plans}
+
+
+def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> list[Candidate]:
+    """The proxy fit, other full heads, and ``uniform``; distinct plans only.
+
+    Full heads in retrieval-score order: half of those above the score threshold, all of them;
+    in needle-mass order (the heads answers read most, which the combined score can rank
+    lower): half of them and two fewer than all. Each is skipped where it does not fit the
+    hard minimum layout. (Also measured, rarely chosen, dropped for time: no full heads, an
+    equal split of the capacities; docs/BENCHMARKS.md.)
+    """
+    proxy = fit(stats, arch, request)
+    k = proxy.plan.n_full
+    wanted = k + len(proxy.demoted)
+    requests = [(f"profiled, {k} full heads (proxy fit)", request)]
+    if request.full_heads is None:
+        requests += [(f"profiled, {n} full heads", replace(request, full_heads=n))
+                     for n in sorted({wanted // 2, wanted}) if n != k]
+        requests += [(f"profiled, {n} full heads by needle mass", replace(request, full_heads=n, full_rank="needle"))
+                     for n in sorted({wanted // 2, wanted - 2}) if n > 0]
+    requests.append((UNIFORM, replace(request, policy="uniform", full_heads=None)))
+    out: list[Candidate] = []
+    seen: set[Plan] = set()
+    for name, req in requests:
+        try:
+            result = proxy if req is request else fit(stats, arch, req)
+        except BudgetError:
+            continue  # that many full heads do not fit this budget
+        if result.plan in seen:
+            continue
+        seen.add(result.plan)
+        out.append(Candidate(name, req, result))
+    return out
+
+
+SCORE_WEIGHTS = (0.5, 0.5)  # answer loss, text loss (each relative to uniform's)
+
+
+def losses_over(base: Losses, item: Losses) -> tuple[float, float]:
+    """(answer loss, text loss) in nats per token: the answer NLL's increase over ``base``, and
+    the text NLL's increase plus the KL from ``base``."""
+    return item.answer_nll - base.answer_nll, item.text_nll - base.text_nll + item.text_kl
+
+
+def choose(losses: dict[str, Losses], names: Sequence[str]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The eligible candidate (neither loss above ``uniform``'s) with the lowest relative loss.
+
+    Each loss (:func:`losses_over` the uncompressed model) is divided by ``uniform``'s and
+    weighted by ``SCORE_WEIGHTS``; ``uniform`` scores 1 and is always eligible.
+    """
+    base = losses[UNCOMPRESSED]
+    reference = losses_over(base, losses[UNIFORM])
+    table: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine = losses_over(base, losses[name])
+        eligible = all(m <= r for m, r in zip(mine, reference, strict=True))
+        score = sum(w * (m / r if r > 1e-9 else (0.0 if m <= 1e-9 else float("inf")))
+                    for w, m, r in zip(SCORE_WEIGHTS, mine, reference, strict=True))
+        table[name] = {"eligible": eligible, "score": score}
+    chosen = min((n for n in names if table[n]["eligible"]), key=lambda n: (table[n]["score"], n != UNIFORM))
+    return chosen, table
+
+
+def choose_plan(model: CompactLM, tokenizer: Any, stats: HeadStatistics, request: FitRequest,
+                config: ChoiceConfig = ChoiceConfig(),
+                progress: Callable[[HeldOutPrompt], None] | None = None) -> tuple[FitResult, dict[str, Any]]:
+    """The measured choice among :func:`candidates`; returns the chosen fit and the profile's record."""
+    arch = model.arch
+    config = replace(config, length=min(config.length, request.at_context))
+    pool = candidates(stats, arch, request)
+    prompts = held_out_prompts(tokenizer, config)
+    losses = measure_plans(model, tokenizer, {c.name: c.result.plan for c in pool}, prompts, progress)
+    chosen, table = choose(losses, [c.name for c in pool])
+    picked = next(c for c in pool if c.name == chosen)
+    result = picked.result
+    result.notes.append(f"measured choice: {chosen} (of {len(pool)} candidates, {len(prompts)} held-out prompts)")
+    record = {
+        "context_tokens": config.length,
+        "prompts": {"passkey": config.n_passkey, "multikey": config.n_multikey, "text": config.n_text,
+                    "text_tokens": config.text_tokens, "seed": config.seed},
+        "rule": "eligible: answer loss (answer NLL increase) and text loss (text NLL increase + KL) no higher "
+                "than uniform's; chosen: the lowest 0.5 answer + 0.5 text loss, each divided by uniform's",
+        "uncompressed": losses[UNCOMPRESSED].as_dict(),
+        "candidates": [
+            {"name": c.name, "policy": c.result.plan.policy, "full_heads": c.result.plan.n_full,
+             "equal_weight": c.request.equal_weight, **losses[c.name].as_dict(),
+             "eligible": table[c.name]["eligible"], "score": rounded(table[c.name]["score"], 6)}
+            for c in pool
+        ],
+        "chosen": chosen,
+    }
+    return result, record

@@ -1,0 +1,165 @@
+"""The measured choice: never worse than ``uniform`` on its held-out prompts, at every budget.
+
+The losses of the chosen plan and of ``uniform`` are recomputed here independently: one cache
+per plan, its own prefill, and plain NLL / KL arithmetic, not ``measure_plans``' shared prefill.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvcompile.choice import (
+    UNCOMPRESSED,
+    UNIFORM,
+    ChoiceConfig,
+    HeldOutPrompt,
+    Losses,
+    candidates,
+    choose,
+    choose_plan,
+    held_out_prompts,
+    measure_plans,
+)
+from kvcompile.fitting import FitRequest, fit
+from kvcompile.plan import Plan
+from kvcompile.profiler import HeadStatistics
+from kvcompile.runtime.engine import Engine
+from kvcompile.runtime.head_order import ReorderedCache
+from kvcompile.runtime.model import CompactLM
+from tests.tiny import VOCAB, tiny_loaded
+
+SWEEP = (1 / 4, 1 / 6, 1 / 8, 1 / 10, 1 / 12, 1 / 16)
+
+
+def reference_losses(model: CompactLM, plan: Plan, prompts: list[HeldOutPrompt]) -> tuple[float, float, float]:
+    """(answer NLL, text NLL, text KL) of ``plan``, one fresh prefill per plan and prompt."""
+    engine = Engine(model, plan, None, eos_token_ids=(-1,))
+
+    def logprobs(p: Plan, prompt: HeldOutPrompt) -> torch.Tensor:
+        cache = ReorderedCache(engine.allocate(1, max_context=len(prompt.ids), plan=p), p, model.arch.group_size)
+        n = prompt.context_length
+        first = engine.prefill(torch.tensor([prompt.ids[:n]]), [cache])
+        rest = engine.extend(torch.tensor([prompt.ids[n:max(prompt.targets)]]), cache, all_logits=True)[0]
+        rows = [j - n for j in prompt.targets]
+        return torch.log_softmax(torch.cat([first, rest])[rows].float(), dim=-1)
+
+    answers, nlls, kls = [], [], []
+    for prompt in prompts:
+        logp = logprobs(plan, prompt)
+        target = torch.tensor([prompt.ids[j] for j in prompt.targets])
+        nll = -logp[torch.arange(len(target)), target].mean().item()
+        if prompt.kind == "answer":
+            answers.append(nll)
+        else:
+            full = logprobs(engine.uncompressed_plan(), prompt)
+            nlls.append(nll)
+            kls.append((full.exp() * (full - logp)).sum(-1).mean().item())
+    return sum(answers) / len(answers), sum(nlls) / len(nlls), sum(kls) / len(kls)
+
+
+def random_prompts(n_answer: int, n_text: int, context: int, scored: int, seed: int) -> list[HeldOutPrompt]:
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n_answer + n_text):
+        kind = "answer" if i < n_answer else "text"
+        ids = tuple(rng.randrange(3, VOCAB) for _ in range(context + scored))
+        prompts.append(HeldOutPrompt(f"{kind}-{i}", kind, ids, context, tuple(range(context, context + scored))))
+    return prompts
+
+
+def random_stats(n_layers: int, n_kv: int, seed: int) -> HeadStatistics:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n_layers, n_kv)
+    grid = (8, 16, 32, 64, 128)
+    error = torch.rand((*shape, len(grid)), generator=gen).sort(dim=-1, descending=True).values
+    return HeadStatistics(grid, *(torch.rand(shape, generator=gen) for _ in range(6)), error=error)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    loaded = tiny_loaded("llama", seed=3, num_hidden_layers=4, max_position_embeddings=512)
+    return loaded, loaded.build()
+
+
+@pytest.mark.parametrize("budget", SWEEP)
+def test_chosen_plan_is_never_worse_than_uniform_at_every_budget(tiny, budget: float) -> None:
+    loaded, model = tiny
+    arch = loaded.arch
+    stats = random_stats(arch.n_layers, arch.n_kv_heads, seed=int(budget * 1000))
+    request = FitRequest(kv_budget=budget, at_context=256, min_window=4, min_budgeted_capacity=16)
+    prompts = random_prompts(2, 2, context=240, scored=12, seed=int(budget * 1000))
+    pool = candidates(stats, arch, request)
+    losses = measure_plans(model, None, {c.name: c.result.plan for c in pool}, prompts)
+    chosen, table = choose(losses, [c.name for c in pool])
+    plan = next(c for c in pool if c.name == chosen).result.plan
+    uniform = fit(None, arch, FitRequest(kv_budget=budget, at_context=256, policy="uniform"))
+    mine = reference_losses(model, plan, prompts)
+    theirs = reference_losses(model, uniform.plan, prompts)
+    base = reference_losses(model, Plan.uncompressed(arch.n_layers, arch.n_kv_heads), prompts)
+    assert mine[0] - base[0] <= theirs[0] - base[0] + 1e-5  # answer loss
+    assert mine[1] + mine[2] <= theirs[1] + theirs[2] + 1e-5  # text loss: NLL (same base) + KL
+    # the shared-prefill measurement agrees with the independent one
+    assert losses[chosen].answer_nll == pytest.approx(mine[0], abs=1e-4)
+    assert losses[UNIFORM].text_kl == pytest.approx(theirs[2], abs=1e-4)
+    assert table[chosen]["eligible"]
+
+
+def test_choose_by_hand() -> None:
+    """Eligible = neither loss above uniform's; then the lowest mean loss relative to uniform's.
+
+    Answer loss: answer NLL increase; text loss: text NLL increase + KL (nats per token).
+    """
+    base = Losses(1.0, 2.0, 0.0)
+    losses = {
+        UNCOMPRESSED: base,
+        UNIFORM: Losses(3.0, 2.2, 0.10),  # answer 2.0, text 0.2 + 0.1 = 0.3 -> score 1
+        "retrieval": Losses(1.2, 2.3, 0.05),  # text 0.35 > 0.3: not eligible
+        "both": Losses(2.0, 2.1, 0.11),  # 0.5 x 1.0 / 2.0 + 0.5 x 0.21 / 0.3 = 0.6
+        "text": Losses(2.9, 2.02, 0.04),  # 0.5 x 0.95 + 0.5 x 0.2 = 0.575: the winner
+        "mixed": Losses(2.5, 2.05, 0.12),  # KL above uniform's, text loss 0.17 below: eligible
+    }
+    chosen, table = choose(losses, ["retrieval", "both", "text", "mixed", UNIFORM])
+    assert not table["retrieval"]["eligible"]
+    assert table["mixed"]["eligible"]
+    assert table["both"]["score"] == pytest.approx(0.6)
+    assert table[UNIFORM]["score"] == pytest.approx(1.0)
+    assert table["mixed"]["score"] == pytest.approx(0.5 * 0.75 + 0.5 * 0.17 / 0.3)
+    assert chosen == "text"
+    # nothing beats uniform on both: uniform itself
+    worse = {**losses, "text": Losses(3.1, 2.0, 0.0), "both": Losses(1.0, 2.31, 0.0)}
+    assert choose(worse, ["both", "text", UNIFORM])[0] == UNIFORM
+
+
+def test_candidates_are_distinct_plans_within_budget(tiny) -> None:
+    loaded, _ = tiny
+    arch = loaded.arch
+    from kvcompile.memory import kv_ratio
+
+    request = FitRequest(kv_budget=0.25, at_context=256, min_window=4, min_budgeted_capacity=16)
+    pool = candidates(random_stats(arch.n_layers, arch.n_kv_heads, 0), arch, request)
+    plans = [c.result.plan for c in pool]
+    assert len(set(plans)) == len(plans) >= 2
+    assert pool[-1].name == UNIFORM and plans[-1].policy == "uniform"
+    assert all(kv_ratio(p, arch, 256) <= 0.25 for p in plans)
+
+
+@pytest.mark.slow
+def test_smollm2_measured_choice_beats_uniform_on_its_held_out_prompts(smollm2) -> None:
+    """The real model and the shipped profile's statistics, small held-out prompts, every budget."""
+    from kvcompile.profile_io import load_profile
+    from kvcompile.profiling import stats_from_profile
+
+    model = smollm2.build()
+    stats = stats_from_profile(load_profile("profiles/smollm2-135m-instruct.yaml"))
+    config = ChoiceConfig(length=512, n_passkey=1, n_multikey=1, n_text=1, text_tokens=32)
+    prompts = held_out_prompts(smollm2.tokenizer, config)
+    for budget in SWEEP:
+        request = FitRequest(kv_budget=budget, at_context=4096)
+        result, record = choose_plan(model, smollm2.tokenizer, stats, request, config)
+        uniform = fit(None, smollm2.arch, FitRequest(kv_budget=budget, at_context=4096, policy="uniform"))
+        mine = reference_losses(model, result.plan, prompts)
+        theirs = reference_losses(model, uniform.plan, prompts)
+        assert mine[0] <= theirs[0] + 1e-4, (budget, record["chosen"], mine, theirs)
+        assert mine[1] + mine[2] <= theirs[1] + theirs[2] + 1e-4, (budget, record["chosen"], mine, theirs)
