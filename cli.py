@@ -113,12 +113,14 @@ def dtype_option(what: str, default: str | None) -> Callable[[Callable[..., Any]
               help="Number of each built-in prompt kind (text, passkey, multi-key).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every generated prompt.")
 @click.option("--plot", is_flag=True, help="Also write PNG plots next to the YAML.")
+@device_option("the model")
+@dtype_option("the model while profiling (statistics are accumulated in float64)", "float32")
 @friendly_errors
 def profile(model: str, output: Path, kv_budget: float, at_context: int, policy: str,
             full_heads: int | None, threshold: float | None, selected_fraction: float | None,
             equal_weight: float | None, answer_weight: float | None, observation_window: int | None,
             calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
-            seed: int, plot: bool) -> None:
+            seed: int, plot: bool, device: str, dtype: str) -> None:
     """Learn which KV heads need the whole context and fit per-layer KV budgets.
 
     Runs the built-in calibration prompts (Python's own documentation, passkey and
@@ -155,12 +157,13 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
 
     for path in calib_files:  # parse before loading the model: a bad file fails in a second
         read_user_prompts(path)
+    target, precision = _placement(device, dtype)
     console = _console()
     started = time.perf_counter()
     with console.status(f"loading {model}"):
         loaded = load_model(model)
     result = _with_progress(console, "calibrating", lambda tick: run_profile(
-        loaded, calib, request, list(calib_files), progress=tick))
+        loaded, calib, request, list(calib_files), progress=tick, device=target, dtype=precision))
     save_profile(result, output)
     elapsed = time.perf_counter() - started
     from kvcompile.summary import print_profile_summary
@@ -185,9 +188,11 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
               "held-out validation at the new budget (minutes instead of seconds).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the refitted profile (written atomically).")
+@device_option("the model (with --model)")
+@dtype_option("the model (with --model)", "float32")
 @friendly_errors
 def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, model_source: str | None,
-                output: Path) -> None:
+                output: Path, device: str, dtype: str) -> None:
     """Refit a profile at another memory target from its stored statistics.
 
     Without --model: the proxy fit alone, in seconds, no model needed. With --model: the
@@ -206,10 +211,11 @@ def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, mo
     else:
         from kvcompile.models import load_model
 
+        target, precision = _placement(device, dtype)
         with console.status(f"loading {model_source}"):
             loaded = load_model(model_source)
-        result = _with_progress(console, "measuring", lambda tick: refit_profile(profile, request, loaded,
-                                                                                 progress=tick))
+        result = _with_progress(console, "measuring", lambda tick: refit_profile(
+            profile, request, loaded, progress=tick, device=target, dtype=precision))
     save_profile(result, output)
     print_profile_summary(console, result)
     console.print(f"profile written to {output} in {time.perf_counter() - started:.1f} s")
@@ -358,9 +364,11 @@ def inspect(artifact: Path) -> None:
               "(a list of accepted strings), or context + continuation, one object per line.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("report.json"), show_default=True,
               help="Report path or stem: writes STEM.json, STEM.md and STEM.png.")
+@device_option("the artifact and the uncompressed baseline")
+@dtype_option("weights and KV buffers (default: what the artifact stores)", None)
 @friendly_errors
 def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: int, agreement_tokens: int,
-                 genre: str, cases_path: Path | None, output: Path) -> None:
+                 genre: str, cases_path: Path | None, output: Path, device: str, dtype: str | None) -> None:
     """Measure an artifact against the uncompressed model on generated tasks or your own cases.
 
     The context is prefilled and compressed, then the question is fed through the same
@@ -379,7 +387,7 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
                         genre=genre)
     raw_cases = read_cases(cases_path) if cases_path is not None else None  # bad files fail before loading
     console = _console()
-    engine = load_engine(artifact)
+    engine = load_engine(artifact, device=device, dtype=dtype)
     cases = None
     if raw_cases is not None:
         cases = tokenize_cases(engine.tokenizer, raw_cases, cases_path, engine.max_context,
@@ -423,6 +431,13 @@ def gate(report: Path | None, rules: Path | None, plan_rules: Path | None) -> No
     outcome = run_gate(report, rules)
     click.echo(render_table(outcome, color=sys.stdout.isatty()))
     sys.exit(0 if outcome.passed else 1)
+
+
+def _placement(device: str, dtype: str | None) -> tuple[Any, Any]:
+    """Resolve --device/--dtype before any model loads: a bad choice fails in a second."""
+    from kvcompile.runtime.placement import resolve_device, resolve_dtype
+
+    return resolve_device(device), resolve_dtype(dtype)
 
 
 def _split(text: str, kind: type, option: str) -> tuple[Any, ...]:

@@ -128,8 +128,9 @@ def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prom
         n_ctx = prompt.context_length
         last = engine.prefill(torch.tensor([prompt.ids[:n_ctx]]), list(caches.values()))
         suffix = torch.tensor([prompt.ids[n_ctx:max(prompt.targets)]])
-        rows = torch.tensor(prompt.targets) - n_ctx  # row r of [last, extend] predicts token n_ctx + r
-        target = torch.tensor([prompt.ids[j] for j in prompt.targets])
+        # row r of [last, extend] predicts token n_ctx + r
+        rows = torch.tensor(prompt.targets, device=engine.device) - n_ctx
+        target = torch.tensor([prompt.ids[j] for j in prompt.targets], device=engine.device)
         logps = {}
         for name, cache in caches.items():
             logits = last if suffix.shape[1] == 0 else torch.cat([last, engine.extend(suffix, cache, True)[0]])

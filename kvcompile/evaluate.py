@@ -106,7 +106,7 @@ def _continue(engine: Engine, case: EvalCase, caches: Mapping[str, Any], tallies
               agreement_tokens: int) -> None:
     """NLL of the held-out continuation, KL(baseline || system), greedy agreement."""
     last, prefill_s = _prefill(engine, case, caches)
-    target = torch.tensor(case.continuation_ids)
+    target = torch.tensor(case.continuation_ids, device=engine.device)
     logps: dict[str, torch.Tensor] = {}
     for name, cache in caches.items():
         started = time.perf_counter()

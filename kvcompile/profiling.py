@@ -21,6 +21,7 @@ from kvcompile.plan import Plan
 from kvcompile.profile_io import Profile
 from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
 from kvcompile.runtime.model import CompactLM
+from kvcompile.runtime.placement import dtype_name
 from kvcompile.sensitivity import SensitivitySettings, answer_probes, layer_sensitivity
 from kvcompile.yamlio import FlowList
 
@@ -129,11 +130,15 @@ def run_profile(
     bytes_per_value: int = 4,
     validate: bool = True,
     choice: ChoiceConfig | None = ChoiceConfig(),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Profile:
     """Calibrate, fit and (``choice``) choose the plan by measurement; ``None`` keeps the proxy fit.
 
     The held-out prompts of the measured choice are as long as the calibration probes
     (``calib.probe_length``, at most the fit's reference context) and use the calibration seed.
+    The model runs on ``device`` in ``dtype`` (statistics are accumulated in float64 on the
+    host whatever the precision); the profile records the precision.
     """
     arch = loaded.arch
     check_request(arch, request)
@@ -143,7 +148,7 @@ def run_profile(
             f"lower --calib-length"
         )
     prompts = build_calibration_set(loaded.tokenizer, calib, list(user_files))
-    model = loaded.build()
+    model = loaded.build().to(device=device, dtype=dtype)
     probes = answer_probes(prompts)
     measure_answers = request.policy == "profiled" and settings.answer_reference > 0 and bool(probes)
     if choice is not None and request.policy == "profiled":
@@ -172,6 +177,7 @@ def run_profile(
         result = fit(stats, arch, request)
     profile = make_profile(loaded, stats, result, request, calibration_summary(prompts, calib, user_files),
                            settings, bytes_per_value)
+    profile.profiling["dtype"] = dtype_name(dtype)
     profile.sensitivity = sensitivity
     profile.choice = measured
     if validate:
@@ -239,7 +245,8 @@ def make_profile(
 
 def refit_profile(profile: Profile, request: FitRequest, loaded: LoadedModel | None = None,
                   choice: ChoiceConfig = ChoiceConfig(),
-                  progress: Callable[[int, int, Any], None] | None = None) -> Profile:
+                  progress: Callable[[int, int, Any], None] | None = None,
+                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Profile:
     """``profile`` refitted at another budget from its stored statistics.
 
     Without a model this is the proxy fit alone (seconds; the profile says the choice was not
@@ -261,7 +268,7 @@ def refit_profile(profile: Profile, request: FitRequest, loaded: LoadedModel | N
         from kvcompile.validation import validate_plan
 
         check_profile_matches(profile, loaded)
-        model = loaded.build()
+        model = loaded.build().to(device=device, dtype=dtype)
         seed = int(profile.calibration.get("seed", 0))
         length = int(profile.calibration.get("settings", {}).get("probe_length", choice.length))
         choice = replace(choice, seed=seed, length=min(length, request.at_context))

@@ -279,3 +279,20 @@ def test_profile_heads_rejects_prompt_longer_than_context(model: CompactLM) -> N
     too_long = CalibPrompt("x", "text", (1,) * (model.arch.max_context + 1))
     with pytest.raises(ValueError, match="longer than the model context"):
         profile_heads(model, [too_long], ProfileSettings(capacity_grid=GRID))
+
+
+def test_profiling_in_bfloat16_keeps_the_statistics() -> None:
+    """``profile --dtype bfloat16`` (a GPU's precision): the observer upcasts, so scores and
+    error curves stay within bf16 noise of float32 and the retrieval ranking is the same."""
+    from tests.test_profile_io import SETTINGS, tiny_prompts
+    from tests.tiny import tiny_loaded
+
+    loaded = tiny_loaded("qwen2", seed=6)
+    full = profile_heads(loaded.build(), tiny_prompts(), SETTINGS)
+    half = profile_heads(loaded.build().to(torch.bfloat16), tiny_prompts(), SETTINGS)
+    assert not torch.equal(full.error, half.error)  # really ran in another precision
+    assert (full.retrieval - half.retrieval).abs().max() < 0.05
+    assert ((full.error - half.error).abs() / full.error.abs().clamp_min(1e-3)).max() < 0.05
+    top = 4
+    assert torch.equal(full.retrieval.flatten().argsort(descending=True)[:top],
+                       half.retrieval.flatten().argsort(descending=True)[:top])
