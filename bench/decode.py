@@ -6,7 +6,9 @@ For each context length ``L`` a seeded random prompt of ``L`` token ids is prefi
 * ``transformers``  — the source model in transformers with its own ``DynamicCache``
   (``use_cache=True``, ``past_key_values=``), the reference the goal is measured against;
 * ``kvcompile full`` — the kvcompile runtime with every head full (``engine.uncompressed_plan()``);
-* ``artifact``       — the kvcompile runtime with the artifact's static-budget plan.
+* ``artifact``       — the kvcompile runtime with the artifact's static-budget plan;
+* ``onnxruntime``    — with ``--backend onnx``, also the artifact's ONNX graphs in onnxruntime
+  (CPU provider, cache buffers bound as input and output), prefilled by its own prefill graph.
 
 The three systems are timed in interleaved rounds (``--rounds``) so that load from other
 processes on a shared machine hits them alike; the reported time is the median step.
@@ -132,6 +134,31 @@ class RuntimeDecoder(Decoder):
         self.cache = None
 
 
+class OnnxDecoder(Decoder):
+    """The artifact's ONNX graphs (``kvcompile.runtime.load(DIR, backend="onnx")``)."""
+
+    name = "onnxruntime artifact"
+
+    def __init__(self, engine, max_context: int) -> None:
+        self.engine = engine
+        self.cache = engine.allocate(1, max_context=max_context)
+        self.token = None
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        logits = self.engine.prefill(ids.numpy(), [self.cache])
+        self.prefill_logits = torch.from_numpy(logits)
+        self.token = logits.argmax(-1)[:, None]
+
+    def step(self) -> None:
+        self.token = self.engine.decode_step(self.token, self.cache).argmax(-1)[:, None]
+
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes
+
+    def close(self) -> None:
+        self.cache = None
+
+
 def load_transformers_model(loaded) -> torch.nn.Module:
     """The source model as a transformers model, from the weights kvcompile already loaded."""
     from transformers import AutoModelForCausalLM
@@ -163,7 +190,8 @@ def time_interleaved(decoders: list[Decoder], steps: int, rounds: int) -> dict[s
     return times
 
 
-def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: int) -> list[Result]:
+def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: int,
+                onnx_engine=None) -> list[Result]:
     gen = torch.Generator().manual_seed(args.seed + length)
     ids = torch.randint(0, vocab, (1, length), generator=gen)
     max_context = length + args.steps + 1
@@ -182,6 +210,13 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
         dec.prefill_logits = logits
         dec.set_logits(logits)
     print(f"[L={length}] prefill done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if onnx_engine is not None:
+        t0 = time.perf_counter()
+        decoders.append(OnnxDecoder(onnx_engine, max_context))
+        decoders[-1].prefill(ids)
+        diff = float((decoders[-1].prefill_logits - art.prefill_logits).abs().max())
+        print(f"[L={length}] onnxruntime prefill {time.perf_counter() - t0:.1f} s; last-position "
+              f"logits vs the torch runtime: max |diff| = {diff:.2e}", file=sys.stderr)
     if hf_model is not None:  # same weights, same function: the baselines must agree
         diff = float((decoders[0].prefill_logits - full.prefill_logits).abs().max())
         print(f"[L={length}] last-position logits, transformers vs kvcompile full: "
@@ -232,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-transformers", action="store_true",
                         help="skip the transformers baseline (kvcompile systems only)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="onnx: also time the artifact's ONNX graphs in onnxruntime (CPU)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
@@ -252,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
                              f"but {source.get('source')!r} now loads a different model")
         hf_model = load_transformers_model(loaded)
     vocab = engine.arch.vocab_size
+    onnx_engine = None
+    if args.backend == "onnx":
+        from kvcompile.runtime.onnx_backend import load_onnx_engine
+
+        onnx_engine = load_onnx_engine(args.artifact, verify=False, device="cpu",
+                                       threads=args.threads)
+        too_long = [c for c in args.contexts if c + args.steps + 1 > onnx_engine.max_context]
+        if too_long:
+            parser.error(f"--contexts {too_long}: context + steps + 1 must fit the "
+                         f"{onnx_engine.max_context} tokens the ONNX graphs were built for")
 
     import transformers
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -262,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     with torch.inference_mode():
         for length in args.contexts:
-            results += run_context(length, args, engine, hf_model, vocab)
+            results += run_context(length, args, engine, hf_model, vocab, onnx_engine)
     print(format_table(results, args.markdown))
     return 0
 
