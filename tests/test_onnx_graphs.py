@@ -265,11 +265,22 @@ def test_attention_bodies_equal_the_torch_op() -> None:
                  [q3.numpy(), k.numpy(), v.numpy(), None, lengths.numpy()],
                  {"causal": 1, "window": 0, "scale": 0.3}, 1)[0]
     np.testing.assert_allclose(out, expected.numpy(), atol=1e-6, rtol=0)
-    q2 = torch.randn(b, hkv * g, s, d, generator=gen)
-    for window in (0, 4):
-        expected = budgeted_attention(q2, k, v, None, causal=True, window=window, scale=0.3)
-        out = run_op("BudgetedAttention", "plain", [q2.numpy(), k.numpy(), v.numpy()],
-                     {"causal": 1, "window": window, "scale": 0.3}, 1)[0]
+
+
+@pytest.mark.parametrize("chunk", [1024, 4])  # 4: eight query chunks, windows across them
+def test_prefill_attention_body_equals_the_torch_op(chunk: int, monkeypatch) -> None:
+    from kvcompile.passes.onnx import functions
+
+    monkeypatch.setattr(functions, "QUERY_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(4)
+    b, hkv, g, s, d = 2, 2, 3, 30, 8
+    q = torch.randn(b, hkv * g, s, d, generator=gen)
+    k, v = torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    for causal, window in ((1, 0), (1, 5), (1, 13), (0, 0)):
+        expected = budgeted_attention(q, k, v, None, causal=bool(causal), window=window,
+                                      scale=0.3)
+        out = run_op("BudgetedAttention", "plain", [q.numpy(), k.numpy(), v.numpy()],
+                     {"causal": causal, "window": window, "scale": 0.3}, 1)[0]
         np.testing.assert_allclose(out, expected.numpy(), atol=1e-6, rtol=0)
 
 

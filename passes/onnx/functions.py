@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kvcompile.runtime.onnx_io import DOMAIN, OPSET
+from kvcompile.runtime.ops import QUERY_CHUNK
 
 ATTENTION = "BudgetedAttention"
 CACHE_UPDATE = "BudgetedCacheUpdate"
@@ -114,6 +115,79 @@ def _safe_softmax(b: _Body, scores: ir.Value) -> ir.Value:
     return b.Div(exp, total)
 
 
+def _attend(b: _Body, q: ir.Value, k: ir.Value, v: ir.Value, bias: ir.Value | None,
+            filled: ir.Value, queries: ir.Value, query_start: ir.Value, key_start: ir.Value,
+            rule: tuple[ir.Value, ir.Value, ir.Value]) -> ir.Value:
+    """Queries ``q [B, Hq, Tq, D]`` (numbers ``query_start..`` of the ``queries`` last ones)
+    over keys ``k, v [B, Hkv, Sk, D]`` (positions ``key_start..``) of rows holding ``filled
+    [B]`` keys; ``rule`` = (causal, window, scale) values. Returns ``[B, Hq, Tq, D]``."""
+    causal, window, scale = rule
+    batch, hq, tq, d = (b.dim(q, axis) for axis in range(4))
+    hkv, sk = b.dim(k, 1), b.dim(k, 2)
+    group = b.Div(hq, hkv)
+    rows = b.Mul(group, tq)
+    scaled = b.Mul(b.Reshape(q, b.Concat(batch, hkv, rows, d, axis=0)), scale)
+    scores = b.MatMul(scaled, b.Transpose(k, perm=[0, 1, 3, 2]))  # [B, Hkv, g*Tq, Sk]
+    scores = b.Reshape(scores, b.Concat(batch, hkv, group, tq, sk, axis=0))
+    if bias is not None:
+        scores = b.Add(scores, b.Unsqueeze(bias, b.const([2, 3])))
+    # visible keys [B, Tq, Sk]: filled, causal, in the window
+    zero, one = b.const(0), b.const(1)
+    key_pos = b.Add(key_start, b.Range(zero, b.scalar(sk), one))
+    query_pos = b.Add(b.Add(b.Sub(b.Unsqueeze(filled, b.const([1])), queries), query_start),
+                      b.Range(zero, b.scalar(tq), one))  # [B, Tq]
+    query_pos = b.Unsqueeze(query_pos, b.const([2]))
+    visible = b.Less(key_pos, b.Unsqueeze(filled, b.const([1, 2])))
+    visible = b.And(visible, b.Or(b.Equal(causal, zero), b.LessOrEqual(key_pos, query_pos)))
+    visible = b.And(visible, b.Or(b.Equal(window, zero),
+                                  b.Greater(key_pos, b.Sub(query_pos, window))))
+    scores = b.Where(b.Unsqueeze(visible, b.const([1, 2])), scores,
+                     b.const(float("-inf"), np.float32))
+    probs = b.Reshape(_safe_softmax(b, scores), b.Concat(batch, hkv, rows, sk, axis=0))
+    return b.Reshape(b.MatMul(probs, v), b.Concat(batch, hq, tq, d, axis=0))
+
+
+def _attend_in_chunks(b: _Body, q: ir.Value, k: ir.Value, v: ir.Value,
+                      rule: tuple[ir.Value, ir.Value, ir.Value]) -> ir.Value:
+    """Prefill attention (every slot a key) in chunks of ``QUERY_CHUNK`` queries, each over
+    only the keys it can see, as ``ops._attention_chunked`` does: memory follows the chunk,
+    not ``T x S``. A ``Loop`` whose scan output is the chunks padded to the chunk size."""
+    causal, window, _ = rule
+    batch, hq, t, d = (b.dim(q, axis) for axis in range(4))
+    keys = b.dim(k, 2)
+    filled = b.Expand(keys, batch)
+    chunk = b.const(QUERY_CHUNK)
+    trips = b.Div(b.Add(b.scalar(t), b.const(QUERY_CHUNK - 1)), chunk)
+    offset = b.scalar(b.Sub(keys, t))  # query i sits at key position offset + i
+    loop = _Body(["chunk_iteration", "chunk_condition"])
+    loop.inputs[0].type, loop.inputs[0].shape = ir.TensorType(_INT64), ir.Shape([])
+    loop.inputs[1].type, loop.inputs[1].shape = ir.TensorType(ir.DataType.BOOL), ir.Shape([])
+    iteration, condition = loop.inputs
+    first = loop.Mul(iteration, chunk)
+    last = loop.Min(loop.Add(first, chunk), loop.scalar(t))
+    zero = loop.const(0)
+    hi = loop.Where(loop.Equal(causal, zero), loop.scalar(keys), loop.Add(offset, last))
+    lo = loop.Where(loop.Or(loop.Equal(causal, zero), loop.Equal(window, zero)), zero,
+                    loop.Max(zero, loop.Sub(loop.Add(offset, first),
+                                            loop.Sub(window, loop.const(1)))))
+    axis = loop.const([2])
+    part = _attend(loop, loop.Slice(q, loop.vec(first), loop.vec(last), axis),
+                   loop.Slice(k, loop.vec(lo), loop.vec(hi), axis),
+                   loop.Slice(v, loop.vec(lo), loop.vec(hi), axis),
+                   None, filled, t, loop.vec(first), lo, rule)
+    missing = loop.Sub(chunk, loop.Sub(last, first))
+    pads = loop.Concat(loop.const([0, 0, 0, 0, 0, 0]), loop.vec(missing), loop.const([0]), axis=0)
+    outputs = [loop.Identity(condition), loop.Pad(part, pads)]
+    for index, node in enumerate(loop.tape.nodes):  # names apart from the enclosing body's
+        for value in node.outputs:
+            value.name = value.name or f"chunk_{index}_{value.index()}"
+    body = ir.Graph(loop.inputs, outputs, nodes=loop.tape.nodes, name="query_chunk")
+    stacked = b.Loop(trips, None, body=body)  # [chunks, B, Hq, QUERY_CHUNK, D]
+    stacked = b.Transpose(stacked, perm=[1, 2, 0, 3, 4])
+    flat = b.Reshape(stacked, b.Concat(batch, hq, b.const([-1]), d, axis=0))
+    return b.Slice(flat, b.const([0]), t, b.const([2]))
+
+
 def budgeted_attention(overload: str) -> ir.Function:
     """``kvcompile::BudgetedAttention``: ``ops.budgeted_attention`` in standard ops.
 
@@ -122,44 +196,26 @@ def budgeted_attention(overload: str) -> ir.Function:
     ``kv_length[b]`` slots (the buffer is cut to the longest, so the cost follows the filled
     part); the queries are the last ``T`` of those ``n_b`` keys: ``causal`` lets query ``t``
     see keys ``j <= n_b - T + t``, ``window > 0`` also needs ``j > n_b - T + t - window``.
+    The ``plain`` overload (prefill) runs in query chunks, each over the keys it can see.
     """
     if overload not in ATTENTION_OVERLOADS:
         raise ValueError(f"unknown BudgetedAttention overload {overload!r}")
     b = _Body(["q", "k", "v", "bias", "kv_length"])
     q, k, v, bias, kv_length = b.inputs
-    batch, hq, t, d = (b.dim(q, axis) for axis in range(4))
-    hkv = b.dim(k, 1)
-    if overload == "length":
-        keys = b.ReduceMax(kv_length, b.const([0]), keepdims=1)
-        k = b.Slice(k, b.const([0]), keys, b.const([2]))
-        v = b.Slice(v, b.const([0]), keys, b.const([2]))
-        filled = kv_length
+    rule = (b.attr("causal"), b.attr("window"), b.attr("scale", ir.AttributeType.FLOAT))
+    if overload == "plain":
+        out = _attend_in_chunks(b, q, k, v, rule)
     else:
-        keys = b.dim(k, 2)
-        filled = b.Expand(keys, batch)
-    group = b.Div(hq, hkv)
-    rows = b.Mul(group, t)
-    scaled = b.Mul(b.Reshape(q, b.Concat(batch, hkv, rows, d, axis=0)),
-                   b.attr("scale", ir.AttributeType.FLOAT))
-    scores = b.MatMul(scaled, b.Transpose(k, perm=[0, 1, 3, 2]))  # [B, Hkv, g*T, S]
-    scores = b.Reshape(scores, b.Concat(batch, hkv, group, t, keys, axis=0))
-    if overload == "bias":
-        scores = b.Add(scores, b.Unsqueeze(bias, b.const([2, 3])))
-    # visible keys [B, T, S]: filled, causal, in the window
-    zero, one = b.const(0), b.const(1)
-    key_pos = b.Range(zero, b.scalar(keys), one)
-    query_pos = b.Add(b.Sub(b.Unsqueeze(filled, b.const([1])), t),
-                      b.Range(zero, b.scalar(t), one))  # [B, T]
-    query_pos = b.Unsqueeze(query_pos, b.const([2]))
-    visible = b.Less(key_pos, b.Unsqueeze(filled, b.const([1, 2])))
-    causal, window = b.attr("causal"), b.attr("window")
-    visible = b.And(visible, b.Or(b.Equal(causal, zero), b.LessOrEqual(key_pos, query_pos)))
-    visible = b.And(visible, b.Or(b.Equal(window, zero),
-                                  b.Greater(key_pos, b.Sub(query_pos, window))))
-    scores = b.Where(b.Unsqueeze(visible, b.const([1, 2])), scores,
-                     b.const(float("-inf"), np.float32))
-    probs = b.Reshape(_safe_softmax(b, scores), b.Concat(batch, hkv, rows, keys, axis=0))
-    out = b.Reshape(b.MatMul(probs, v), b.Concat(batch, hq, t, d, axis=0))
+        if overload == "length":
+            keys = b.ReduceMax(kv_length, b.const([0]), keepdims=1)
+            k = b.Slice(k, b.const([0]), keys, b.const([2]))
+            v = b.Slice(v, b.const([0]), keys, b.const([2]))
+            filled = kv_length
+        else:
+            filled = b.Expand(b.dim(k, 2), b.dim(q, 0))
+        zero = b.const(0)
+        out = _attend(b, q, k, v, bias if overload == "bias" else None, filled, b.dim(q, 2),
+                      zero, zero, rule)
     return b.function(ATTENTION, overload, [out], ["causal", "window", "scale"])
 
 
@@ -177,7 +233,7 @@ def budgeted_cache_update() -> ir.Function:
     sinks, comp, selected, window = (b.attr(name) for name in
                                      ("sinks", "compensation", "selected", "window"))
     zero, one = b.const(0), b.const(1)
-    batch, heads, d = b.dim(k_buf, 0), b.dim(k_buf, 1), b.dim(k_buf, 3)
+    batch, heads = b.dim(k_buf, 0), b.dim(k_buf, 1)
     # the only read of `counters`: every later use is of these copies
     sink_used, pushed, sel_used, comp_n = b.Split(counters, axis=1, num_outputs=4, outputs=4)
     in_sink = b.Less(sink_used, sinks)  # [B, 1]
@@ -195,21 +251,17 @@ def budgeted_cache_update() -> ir.Function:
                     b.vec(b.Greater(selected, zero)), axis=0)
     slots = b.Compress(b.Concat(new_slot, comp_slot, sel_slot, axis=1), keep, axis=1)  # [B, n]
 
-    one_vec = b.const([1])
-
-    def at(buffer: ir.Value, slot: ir.Value, rank: int) -> ir.Value:
-        """``buffer[b, :, slot[b]]`` keeping the slot axis: [B, H, 1(, D)]."""
-        index_shape = b.Concat(batch, heads, one_vec, *([d] if rank == 4 else []), axis=0)
-        index = b.Reshape(slot, b.const([-1] + [1] * (rank - 1)))
-        return b.GatherElements(buffer, b.Expand(index, index_shape), axis=2)
-
+    # one read per buffer of the three slots a step may change: [ring, compensation, selected]
+    read = b.Concat(ring_slot, comp_slot, sel_slot, axis=1)  # [B, 3]
+    read = b.Expand(b.Reshape(read, b.const([0, 1, 3, 1])),
+                    b.Concat(batch, heads, b.const([3, 1]), axis=0))  # [B, H, 3, 1]
     rows4 = b.const([-1, 1, 1, 1])
     n = b.Reshape(b.Cast(comp_n, to=_FLOAT), rows4)
     to_sel4, to_comp4 = b.Reshape(to_sel, rows4), b.Reshape(to_comp, rows4)
     outputs = []
     for buffer, new in ((k_buf, k_new), (v_buf, v_new)):
-        old = at(buffer, ring_slot, 4)
-        current_comp, current_sel = at(buffer, comp_slot, 4), at(buffer, sel_slot, 4)
+        old, current_comp, current_sel = b.Split(b.GatherND(buffer, read, batch_dims=2), axis=2,
+                                                 num_outputs=3, outputs=3)  # [B, H, 1, D] each
         mean = b.Div(b.Add(b.Mul(n, current_comp), old), b.Add(n, b.const(1.0, np.float32)))
         mean = b.Where(b.Equal(n, b.const(0.0, np.float32)), old, mean)  # first fold: copy
         values = b.Concat(new, b.Where(to_comp4, mean, current_comp),
@@ -218,11 +270,13 @@ def budgeted_cache_update() -> ir.Function:
         index = b.Expand(b.Reshape(slots, b.const([0, 1, -1, 1])), b.Shape(values))
         outputs.append(b.ScatterElements(buffer, index, values, axis=2))
     rows3 = b.const([-1, 1, 1])
+    _, bias_comp, bias_sel = b.Split(b.GatherND(bias, read, batch_dims=2), axis=2,
+                                     num_outputs=3, outputs=3)  # [B, H, 1] each
     log_count = b.Log(b.Cast(b.Add(comp_n, one), to=_FLOAT))
     bias_values = b.Concat(
-        b.Expand(b.const(0.0, np.float32), b.Concat(batch, heads, one_vec, axis=0)),
-        b.Where(b.Reshape(to_comp, rows3), b.Reshape(log_count, rows3), at(bias, comp_slot, 3)),
-        b.Where(b.Reshape(to_sel, rows3), b.const(0.0, np.float32), at(bias, sel_slot, 3)),
+        b.Expand(b.const(0.0, np.float32), b.Shape(bias_comp)),
+        b.Where(b.Reshape(to_comp, rows3), b.Reshape(log_count, rows3), bias_comp),
+        b.Where(b.Reshape(to_sel, rows3), b.const(0.0, np.float32), bias_sel),
         axis=2)
     bias_values = b.Compress(bias_values, keep, axis=2)  # [B, H, n]
     bias_index = b.Expand(b.Reshape(slots, b.const([0, 1, -1])), b.Shape(bias_values))
