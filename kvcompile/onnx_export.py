@@ -66,13 +66,16 @@ class _SourceDecoder(nn.Module):
         positions = torch.arange(max_context)
         tables = lm.rope_tables(positions, max_position=max_context - 1)
         self._table_of_layer: list[int] = []
-        seen: dict[int, int] = {}
+        distinct: list[tuple[torch.Tensor, torch.Tensor]] = []  # layers with equal RoPE share
         for cos, sin in tables:
-            if id(cos) not in seen:
-                seen[id(cos)] = len(seen)
-                self.register_buffer(f"rope_cos_{seen[id(cos)]}", cos.clone(), persistent=False)
-                self.register_buffer(f"rope_sin_{seen[id(cos)]}", sin.clone(), persistent=False)
-            self._table_of_layer.append(seen[id(cos)])
+            match = next((j for j, (c, s) in enumerate(distinct)
+                          if torch.equal(c, cos) and torch.equal(s, sin)), None)
+            if match is None:
+                match = len(distinct)
+                distinct.append((cos, sin))
+                self.register_buffer(f"rope_cos_{match}", cos.clone(), persistent=False)
+                self.register_buffer(f"rope_sin_{match}", sin.clone(), persistent=False)
+            self._table_of_layer.append(match)
 
     def _rope(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin rows per layer for ``positions`` ([T] or per row [B, T])."""

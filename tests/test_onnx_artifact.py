@@ -144,6 +144,9 @@ def test_the_rewritten_graphs_are_the_static_budget_form(artifact) -> None:
     static, and every kvcompile node has a body in standard ops."""
     plan = load_profile(SHIPPED).plan
     specs = onnx_io.cache_tensors(plan, CONTEXT, 64)
+    weights = (artifact / onnx_io.ONNX_DIR / onnx_io.WEIGHTS_FILE).stat().st_size
+    rope = 2 * CONTEXT * 64 * 4  # one cos and one sin table
+    assert weights <= (artifact / "model.safetensors").stat().st_size + rope + (1 << 20)
     for kind in ("prefill", "decode"):
         model = ir.load(artifact / onnx_io.ONNX_DIR / f"{kind}.onnx")
         graph, values = model.graph, _by_name(model.graph)

@@ -94,6 +94,8 @@ def test_source_graphs_equal_the_torch_model(family: str) -> None:
         assert {domain for domain, _ in op_counts(graph)} == {""}
         assert op_counts(graph)["", "Attention"] == n_layers
     assert op_counts(decode)["", "TensorScatter"] == 2 * n_layers
+    tables = [name for name in decode.graph.initializers if name.startswith("rope_")]
+    assert len(tables) == (4 if family == "gemma3_text" else 2)  # one cos/sin pair per RoPE
     tokens = ids(2, 24)
     reference = compact_logits(loaded.build(), torch.from_numpy(tokens)).numpy()
     prompt = 10
