@@ -301,8 +301,7 @@ class LayerKV:
             assert layer.layout is not None
             budgeted = BudgetedBuffer.empty(batch, len(layer.budgeted_heads), head_dim,
                                             layer.layout, dtype, device)
-        window = layer.layout.window if layer.sliding and layer.layout is not None else 0
-        return cls(full, budgeted, group_size, sliding_window=window)
+        return cls(full, budgeted, group_size, sliding_window=layer.prefill_window)
 
     @property
     def n_full(self) -> int:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from kvcompile.plan import SELECTIONS
 from kvcompile.runtime.onnx_io import DOMAIN, OPSET
 from kvcompile.runtime.ops import QUERY_CHUNK
 
@@ -38,7 +39,7 @@ ATTENTION = "BudgetedAttention"
 CACHE_UPDATE = "BudgetedCacheUpdate"
 COMPRESS_PREFILL = "CompressPrefill"
 ATTENTION_OVERLOADS = ("plain", "bias", "length")
-SELECTION_OVERLOADS = ("attention", "key_norm")  # the plan's selection rule
+SELECTION_OVERLOADS = SELECTIONS  # the plan's selection rule
 
 _FLOAT_MIN = float(np.finfo(np.float32).min)
 _FLOAT_TINY = float(np.finfo(np.float32).tiny)

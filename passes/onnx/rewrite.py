@@ -59,11 +59,6 @@ def _named(graph_values: Sequence[ir.Value]) -> dict[str, ir.Value]:
     return {value.name: value for value in graph_values}
 
 
-def _window(layer: LayerPlan) -> int:
-    """The window prefill attention uses: a sliding layer's own (``LayerKV.allocate``)."""
-    return layer.layout.window if layer.sliding and layer.layout is not None else 0
-
-
 def _attention_scale(node: ir.Node, head_dim: int) -> float:
     return node.attributes.get_float("scale", 1.0 / math.sqrt(head_dim))
 
@@ -161,7 +156,7 @@ class RewritePrefillAttention(ir.passes.InPlacePass):
             if name not in outputs:
                 raise ir.passes.PreconditionError(f"no output {name}: not a source prefill graph")
             key = _producer(outputs[name], "Pad").inputs[0]
-            windows[id(key)] = _window(layer)
+            windows[id(key)] = layer.prefill_window
         return windows
 
     def requires(self, model: ir.Model) -> None:
