@@ -73,6 +73,11 @@ def device_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any
                         help=f"Where {what} runs: cpu, cuda or cuda:N.")
 
 
+backend_option = click.option(
+    "--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+    help="torch: the kvcompile runtime; onnx: the artifact's ONNX graphs in onnxruntime.")
+
+
 def dtype_option(what: str, default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=default,
                         show_default=default is not None, help=f"Precision of {what}.")
@@ -232,9 +237,12 @@ def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, mo
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 @dtype_option("the stored weights (bfloat16 halves a float32 artifact; parity is checked in "
               "float32, the stored precision against it)", "float32")
+@click.option("--no-onnx", is_flag=True,
+              help="Skip the ONNX graphs (onnx/prefill.onnx, onnx/decode.onnx): a faster build "
+              "that only the torch runtime serves.")
 @friendly_errors
 def build(model: str, profile_path: Path, output: Path, max_context: int | None, force: bool,
-          dtype: str) -> None:
+          dtype: str, no_onnx: bool) -> None:
     """Compile MODEL with a profile into a static-budget artifact directory.
 
     Applies the passes (head permutation: full heads first; budgeted-attention install),
@@ -260,7 +268,7 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
         raise ContextLengthError(f"--max-context must be in 1..{loaded.arch.max_context}, got {max_context}")
     with console.status("compiling and checking parity"):
         report = build_artifact(loaded, profile_data, output, force=force, max_context=max_context,
-                                dtype=dtype)
+                                dtype=dtype, onnx=not no_onnx)
     parity = report["parity"]
     memory = report["memory"]
     console.print(f"passes: {', '.join(report['passes'])}")
@@ -273,6 +281,11 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
     if low:
         console.print(f"{low['dtype']} vs float32: max |dlogit| = {low['max_abs_logit_diff_vs_float32']:.2e}, "
                       f"greedy agreement {low['greedy_agreement_vs_float32']:.0%}")
+    graphs = report.get("onnx")
+    if graphs:
+        console.print(f"onnx: export {graphs['export_s']:.1f} s, passes {graphs['passes_s']:.1f} s; "
+                      f"onnxruntime vs torch runtime max |dlogit| = "
+                      f"{graphs['parity']['onnxruntime_vs_torch_runtime_max_abs_logit_diff']:.2e}")
     console.print(f"KV buffers at {memory['max_context']} tokens ({memory['dtype']}): allocated "
                   f"{memory['allocated_kv_bytes']} B, plan predicts {memory['predicted_kv_bytes']} B")
     console.print(f"artifact written to {output}")
@@ -289,10 +302,11 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @device_option("the artifact")
 @dtype_option("weights and KV buffers (default: what the artifact stores)", None)
+@backend_option
 @friendly_errors
 def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_tokens: int,
         temperature: float, top_p: float, seed: int, chat: bool, device: str,
-        dtype: str | None) -> None:
+        dtype: str | None, backend: str) -> None:
     """Generate from a built artifact with its static-budget KV cache (streams tokens)."""
     from kvcompile.errors import KVCompileError
     from kvcompile.runtime import load
@@ -308,7 +322,7 @@ def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_to
             raise KVCompileError(f"cannot read prompt file {prompt_file}: {exc}") from exc
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise KVCompileError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
-    engine = load(artifact, device=device, dtype=dtype)
+    engine = load(artifact, device=device, dtype=dtype, backend=backend)
     started = time.perf_counter()
     result = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              seed=seed, chat=chat, on_text=lambda text: click.echo(text, nl=False))
@@ -366,9 +380,11 @@ def inspect(artifact: Path) -> None:
               help="Report path or stem: writes STEM.json, STEM.md and STEM.png.")
 @device_option("the artifact and the uncompressed baseline")
 @dtype_option("weights and KV buffers (default: what the artifact stores)", None)
+@backend_option
 @friendly_errors
 def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: int, agreement_tokens: int,
-                 genre: str, cases_path: Path | None, output: Path, device: str, dtype: str | None) -> None:
+                 genre: str, cases_path: Path | None, output: Path, device: str, dtype: str | None,
+                 backend: str) -> None:
     """Measure an artifact against the uncompressed model on generated tasks or your own cases.
 
     The context is prefilled and compressed, then the question is fed through the same
@@ -376,7 +392,6 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
     same process. Reports accuracy with 95% Wilson intervals, NLL, KL, greedy agreement,
     KV memory ratio and wall time.
     """
-    from kvcompile.artifact import load_engine
     from kvcompile.cases import read_cases, tokenize_cases
     from kvcompile.evaluate import ANSWER_TOKENS, EvalConfig, evaluate
     from kvcompile.report import render_markdown, write_report
@@ -387,14 +402,18 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
                         genre=genre)
     raw_cases = read_cases(cases_path) if cases_path is not None else None  # bad files fail before loading
     console = _console()
-    engine = load_engine(artifact, device=device, dtype=dtype)
+    from kvcompile.backends import load_for_eval
+
+    # backend onnx: the artifact in onnxruntime, the baseline in the torch runtime
+    engine = load_for_eval(artifact, backend, device=device, dtype=dtype)
     cases = None
     if raw_cases is not None:
         cases = tokenize_cases(engine.tokenizer, raw_cases, cases_path, engine.max_context,
                                max(ANSWER_TOKENS, agreement_tokens))
     manifest = engine.manifest or {}
     info = {"path": str(artifact), "model_id": manifest.get("source_model", {}).get("source"),
-            "fingerprint": manifest.get("source_model", {}).get("fingerprint"), "policy": engine.plan.policy}
+            "fingerprint": manifest.get("source_model", {}).get("fingerprint"), "policy": engine.plan.policy,
+            "backend": backend}
     report = _with_progress(console, "evaluating",
                             lambda tick: evaluate(engine, config, info, progress=tick, cases=cases))
     paths = write_report(report, output)

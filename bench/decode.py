@@ -6,7 +6,9 @@ For each context length ``L`` a seeded random prompt of ``L`` token ids is prefi
 * ``transformers``  — the source model in transformers with its own ``DynamicCache``
   (``use_cache=True``, ``past_key_values=``), the reference the goal is measured against;
 * ``kvcompile full`` — the kvcompile runtime with every head full (``engine.uncompressed_plan()``);
-* ``artifact``       — the kvcompile runtime with the artifact's static-budget plan.
+* ``artifact``       — the kvcompile runtime with the artifact's static-budget plan;
+* ``onnxruntime``    — with ``--backend onnx``, also the artifact's ONNX graphs in onnxruntime
+  (CPU provider, cache buffers bound as input and output), prefilled by its own prefill graph.
 
 The three systems are timed in interleaved rounds (``--rounds``) so that load from other
 processes on a shared machine hits them alike; the reported time is the median step.
@@ -141,6 +143,31 @@ class RuntimeDecoder(Decoder):
         self.cache = None
 
 
+class OnnxDecoder(Decoder):
+    """The artifact's ONNX graphs (``kvcompile.runtime.load(DIR, backend="onnx")``)."""
+
+    name = "onnxruntime artifact"
+
+    def __init__(self, engine, max_context: int) -> None:
+        self.engine = engine
+        self.cache = engine.allocate(1, max_context=max_context)
+        self.token = None
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        logits = self.engine.prefill(ids.cpu().numpy(), [self.cache])
+        self.prefill_logits = torch.from_numpy(logits)
+        self.token = logits.argmax(-1)[:, None]
+
+    def step(self) -> None:
+        self.token = self.engine.decode_step(self.token, self.cache).argmax(-1)[:, None]
+
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes
+
+    def close(self) -> None:
+        self.cache = None
+
+
 def load_transformers_model(loaded, dtype: torch.dtype = torch.float32,
                             device: torch.device | str = "cpu") -> torch.nn.Module:
     """The source model as a transformers model, from the weights kvcompile already loaded."""
@@ -190,9 +217,10 @@ def time_interleaved(decoders: list[Decoder], steps: int, rounds: int,
 
 
 def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: int,
-                plan=None) -> list[Result]:
+                plan=None, onnx_engine=None) -> list[Result]:
     """Prefill a seeded random prompt of ``length`` ids, then time decode steps of every system;
-    ``plan`` (default: the artifact's) is the static-budget plan the artifact system serves."""
+    ``plan`` (default: the artifact's) is the static-budget plan the artifact system serves,
+    ``onnx_engine`` adds the artifact's ONNX graphs in onnxruntime."""
     gen = torch.Generator().manual_seed(args.seed + length)
     ids = torch.randint(0, vocab, (1, length), generator=gen).to(engine.device)
     max_context = length + args.steps + warmup_steps(engine.device)
@@ -211,6 +239,13 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
         dec.prefill_logits = logits
         dec.set_logits(logits)
     print(f"[L={length}] prefill done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if onnx_engine is not None:
+        t0 = time.perf_counter()
+        decoders.append(OnnxDecoder(onnx_engine, max_context))
+        decoders[-1].prefill(ids)
+        diff = float((decoders[-1].prefill_logits - art.prefill_logits).abs().max())
+        print(f"[L={length}] onnxruntime prefill {time.perf_counter() - t0:.1f} s; last-position "
+              f"logits vs the torch runtime: max |diff| = {diff:.2e}", file=sys.stderr)
     if hf_model is not None:  # same weights, same function: the baselines must agree
         diff = float((decoders[0].prefill_logits - full.prefill_logits).abs().max())
         print(f"[L={length}] last-position logits, transformers vs kvcompile full: "
@@ -264,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-transformers", action="store_true",
                         help="skip the transformers baseline (kvcompile systems only)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="onnx: also time the artifact's ONNX graphs in onnxruntime (CPU)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
@@ -284,6 +321,16 @@ def main(argv: list[str] | None = None) -> int:
                              f"but {source.get('source')!r} now loads a different model")
         hf_model = load_transformers_model(loaded, engine.model.dtype, engine.device)
     vocab = engine.arch.vocab_size
+    onnx_engine = None
+    if args.backend == "onnx":
+        from kvcompile.runtime.onnx_backend import load_onnx_engine
+
+        onnx_engine = load_onnx_engine(args.artifact, verify=False, device="cpu",
+                                       threads=args.threads)
+        too_long = [c for c in args.contexts if c + args.steps + 1 > onnx_engine.max_context]
+        if too_long:
+            parser.error(f"--contexts {too_long}: context + steps + 1 must fit the "
+                         f"{onnx_engine.max_context} tokens the ONNX graphs were built for")
 
     import transformers
     if engine.device.type == "cuda":
@@ -301,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     with torch.inference_mode():
         for length in args.contexts:
-            results += run_context(length, args, engine, hf_model, vocab)
+            results += run_context(length, args, engine, hf_model, vocab, onnx_engine=onnx_engine)
     print(format_table(results, args.markdown))
     return 0
 

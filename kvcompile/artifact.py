@@ -138,11 +138,14 @@ def low_precision_check(engine: Any, tokenizer: Any, dtype: torch.dtype) -> dict
 
 
 def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: bool = False,
-                   max_context: int | None = None, dtype: str = "float32") -> dict[str, Any]:
+                   max_context: int | None = None, dtype: str = "float32",
+                   onnx: bool = True) -> dict[str, Any]:
     """Compile ``loaded`` with ``profile`` into ``out_dir``; returns the build report.
 
     Parity is checked in float32; ``dtype`` is the precision the weights are stored (and by
-    default served) in, checked against float32 on the parity prompt.
+    default served) in, checked against float32 on the parity prompt. ``onnx`` also writes the
+    static-budget ONNX graphs (``onnx/``, float32, ``kvcompile.onnx_artifact``), checked in
+    onnxruntime against the torch runtime.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -181,7 +184,8 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
-        _write_files(tmp, loaded, profile, compiled, report, context)
+        _write_files(tmp, loaded, profile, compiled, report, context,
+                     onnx_engine=engine if onnx else None)
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(trash / "old")
@@ -195,9 +199,34 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     return report
 
 
+def _write_onnx(tmp: Path, loaded: LoadedModel, compiled: CompiledModel, engine: Any,
+                max_context: int) -> dict[str, Any]:
+    """The ONNX graphs into ``tmp/onnx`` and their parity with the torch runtime (fail-closed)."""
+    from kvcompile.onnx_artifact import onnx_parity, write_onnx
+    from kvcompile.runtime import onnx_io
+
+    section = write_onnx(tmp / onnx_io.ONNX_DIR, loaded.build(), compiled.plan, max_context)
+    ids = parity_ids(loaded.tokenizer, loaded.arch.vocab_size)
+    section["parity"] = onnx_parity(tmp, engine, ids, PARITY_DECODE_STEPS, max_context)
+    if not section["parity"]["passed"]:
+        raise ArtifactError(f"ONNX parity failed, nothing written: {section['parity']}; "
+                            f"build with --no-onnx to skip the ONNX graphs")
+    return section
+
+
 def _write_files(tmp: Path, loaded: LoadedModel, profile: Profile, compiled: CompiledModel,
-                 report: dict[str, Any], max_context: int) -> None:
+                 report: dict[str, Any], max_context: int, onnx_engine: Any = None) -> None:
     from kvcompile.profile_io import profile_to_dict
+    from kvcompile.runtime import onnx_io
+
+    onnx_section = None
+    if onnx_engine is not None:  # first: a failed export leaves nothing but the temporary dir
+        report["onnx"] = _write_onnx(tmp, loaded, compiled, onnx_engine, max_context)
+        onnx_section = {"prefill": f"{onnx_io.ONNX_DIR}/{onnx_io.PREFILL_FILE}",
+                        "decode": f"{onnx_io.ONNX_DIR}/{onnx_io.DECODE_FILE}",
+                        "weights": f"{onnx_io.ONNX_DIR}/{onnx_io.WEIGHTS_FILE}",
+                        **{key: report["onnx"][key] for key in ("opset", "domain", "dtype",
+                                                               "max_context")}}
 
     dtype = dtype_name(next(iter(compiled.state.values())).dtype)
     save_file({k: v.contiguous() for k, v in compiled.state.items()}, str(tmp / WEIGHTS),
@@ -220,6 +249,7 @@ def _write_files(tmp: Path, loaded: LoadedModel, profile: Profile, compiled: Com
         "attention": compiled.attention,
         "passes": compiled.log,
         "plan": plan_to_dict(compiled.plan),
+        "onnx": onnx_section,
         "files": files,
     }
     atomic_write_text(tmp / MANIFEST, dump_yaml(manifest))

@@ -62,6 +62,12 @@ class LayerPlan:
         return len(self.full_heads) + len(self.budgeted_heads)
 
     @property
+    def prefill_window(self) -> int:
+        """The window of this layer's exact prefill attention: a sliding layer's ring (the
+        model's own window, or the fit's shrunk one), 0 for full attention."""
+        return self.layout.window if self.sliding and self.layout is not None else 0
+
+    @property
     def permutation(self) -> tuple[int, ...]:
         """KV-head order after the permutation pass: full heads first."""
         return tuple(self.full_heads) + tuple(self.budgeted_heads)

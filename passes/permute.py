@@ -13,8 +13,9 @@ import torch
 from kvcompile.passes.base import CompiledModel, check_plan
 
 
-def _row_order(kv_order: tuple[int, ...], heads_per_kv: int, head_dim: int) -> torch.Tensor:
-    """Row indices of a projection whose heads are grouped per KV head."""
+def head_rows(kv_order: tuple[int, ...], heads_per_kv: int, head_dim: int) -> torch.Tensor:
+    """Row indices of a projection whose heads are grouped per KV head, in ``kv_order``
+    (also used by the ONNX pass that permutes the exported initializers)."""
     rows = []
     for kv in kv_order:
         for j in range(heads_per_kv):
@@ -38,8 +39,8 @@ class PermuteHeads:
             if order == tuple(range(arch.n_kv_heads)):
                 continue
             prefix = f"model.layers.{index}.self_attn."
-            q_rows = _row_order(order, arch.group_size, arch.head_dim)
-            kv_rows = _row_order(order, 1, arch.head_dim)
+            q_rows = head_rows(order, arch.group_size, arch.head_dim)
+            kv_rows = head_rows(order, 1, arch.head_dim)
             for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
                 for kind in ("weight", "bias"):
                     key = f"{prefix}{proj}.{kind}"

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from kvcompile import __version__
 from kvcompile.errors import ArtifactError, ProfileError
 from kvcompile.plan import Plan
 from kvcompile.plan_io import Reader, plan_from_dict
-from kvcompile.runtime.placement import resolve_device, resolve_dtype
+
+if TYPE_CHECKING:  # imported where used: the onnxruntime backend reads manifests without torch
+    import torch
 
 ARTIFACT_FORMAT = "kvcompile-artifact/1"
 MANIFEST = "manifest.yaml"
@@ -86,6 +87,8 @@ def artifact_plan(manifest: dict[str, Any], source: str) -> Plan:
 
 def artifact_dtype(manifest: dict[str, Any]) -> torch.dtype:
     """The precision the artifact's weights are stored in (``kvcompile build --dtype``)."""
+    from kvcompile.runtime.placement import resolve_dtype
+
     try:
         return resolve_dtype(manifest.get("dtype", "float32"))
     except Exception as exc:
@@ -107,6 +110,7 @@ def load_engine(directory: Path, verify: bool = True, max_context: int | None = 
     from kvcompile.arch import arch_from_config
     from kvcompile.runtime.engine import Engine
     from kvcompile.runtime.model import CompactLM
+    from kvcompile.runtime.placement import resolve_device, resolve_dtype
 
     target = resolve_device(device)
     if target.type == "cuda":  # the Triton kernels serve the kvcompile ops from here on

@@ -298,11 +298,11 @@ class LayerKV:
                                     dtype, device)
         budgeted = None
         layout = layer.layout
-        window = 0
-        if layer.sliding and layout is not None:
+        window = layer.prefill_window
+        if window:
             # the model's window, but never more slots than the cache can hold tokens
             # (transformers' static sliding layer: min(window, max_cache_len); kvcompile.memory)
-            window = min(layout.window, max_context)
+            window = min(window, max_context)
             layout = BudgetLayout(0, 0, 0, window)
         if layer.budgeted_heads:
             assert layout is not None

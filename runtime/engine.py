@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,18 +18,11 @@ import torch
 from kvcompile.errors import ContextLengthError
 from kvcompile.plan import Plan
 from kvcompile.runtime.cache import StaticKVCache
+from kvcompile.runtime.generation import Generation, encode_prompt
+from kvcompile.runtime.generation import eos_ids as _eos_ids
 from kvcompile.runtime.model import CompactLM
 
 CUDA_GRAPHS_ENV = "KVCOMPILE_CUDA_GRAPHS"  # "0" turns decode-step capture off (debugging)
-
-
-@dataclass
-class Generation:
-    prompt_tokens: int
-    token_ids: list[int]
-    text: str
-    stop_reason: str  # "eos" | "max_tokens"
-    kv_bytes: int
 
 
 class Engine:
@@ -143,11 +135,7 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        if chat:
-            messages = [{"role": "user", "content": prompt}]
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def session_cache(self, batch: int, tokens: int) -> StaticKVCache:
         """A cache for ``tokens`` tokens. With CUDA graphs one cache of ``max_context`` slots
@@ -273,9 +261,3 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
-
-def _eos_ids(tokenizer: Any) -> tuple[int, ...]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)

@@ -271,19 +271,21 @@ class CompactLM(nn.Module):
         start_layer: int = 0,
         start_hidden: torch.Tensor | None = None,
         max_position: int | None = None,
+        rope: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Run the blocks; ``attend`` decides what each attention sees (cache or not).
 
         ``start_layer`` with ``start_hidden`` (the residual stream entering that block) skips
         the blocks below it, for callers that replay only the top of the network.
-        ``max_position`` bounds ``positions`` (see :meth:`rope_tables`). Inputs are moved to
-        the model's device.
+        ``max_position`` bounds ``positions`` (see :meth:`rope_tables`). ``rope`` (cos/sin per
+        layer, broadcastable against ``[B, H, T, D]``) replaces the tables for callers that
+        gather them per row themselves (the ONNX export). Inputs are moved to the model's device.
         """
         if start_layer and start_hidden is None:
             raise ValueError("start_layer needs start_hidden, the residual stream entering that block")
         device = self.device
         x = self.embed(input_ids.to(device)) if start_hidden is None else start_hidden
-        tables = self.rope_tables(positions.to(device), max_position)
+        tables = rope if rope is not None else self.rope_tables(positions.to(device), max_position)
         b, t, _ = x.shape
         for i, block in enumerate(self.model.layers):
             if i < start_layer:

@@ -56,7 +56,8 @@ def profile_path(smollm2, workdir) -> Path:
 @pytest.fixture(scope="module")
 def artifact(profile_path, workdir) -> Path:
     out = workdir / "artifact"
-    result = invoke("build", "default", "--profile", profile_path, "-o", out, "--max-context", 1024)
+    result = invoke("build", "default", "--profile", profile_path, "-o", out, "--max-context", 1024,
+                    "--no-onnx")  # the ONNX graphs have their own module (test_onnx_artifact)
     assert result.exit_code == 0, result.output + result.stderr
     return out
 
@@ -70,6 +71,7 @@ def test_build_writes_a_verified_artifact(artifact: Path, profile_path: Path) ->
     assert report["parity"]["passed"]
     assert report["memory"]["allocated_kv_bytes"] == report["memory"]["predicted_kv_bytes"]
     assert manifest["source_model"]["fingerprint"] == load_profile(profile_path).fingerprint
+    assert manifest["onnx"] is None and not (artifact / "onnx").exists()  # --no-onnx
     # no temporary directories left beside it
     assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".artifact")]
 

@@ -37,7 +37,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for dtype in ("float32", "bfloat16"):
         out[dtype] = root / dtype
-        build_artifact(loaded, profile, out[dtype], max_context=96, dtype=dtype)
+        build_artifact(loaded, profile, out[dtype], max_context=96, dtype=dtype, onnx=False)
     return out
 
 

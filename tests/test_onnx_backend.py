@@ -1,0 +1,167 @@
+"""The ONNX graphs in an artifact and the onnxruntime backend, on a tiny model.
+
+References: the torch engine of the same artifact (tokens, cache bytes) and onnxruntime's own
+report of a scatter that had to copy its input (the in-place check's control).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from kvcompile.artifact import MANIFEST, build_artifact
+from kvcompile.cli import main
+from kvcompile.errors import ArtifactError, KVCompileError
+from kvcompile.models import load_model
+from kvcompile.profile_io import save_profile
+from kvcompile.runtime import load, onnx_io
+from kvcompile.runtime.onnx_backend import OnnxEngine
+from tests.test_profile_io import build_profile
+from tests.tiny import save_tokenizer, tiny_hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 96
+PROMPT = [5, 9, 11, 3, 40, 41, 7, 7, 19, 23, 60, 12, 8, 30, 31, 32, 33, 70, 71, 72]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """A tiny qwen2 model, its profile, and its artifact with and without the ONNX graphs."""
+    root = tmp_path_factory.mktemp("onnx-backend")
+    source = root / "model"
+    tiny_hf_model("qwen2", seed=6).save_pretrained(source)
+    save_tokenizer(source)
+    loaded = load_model(str(source), reuse=False)
+    profile, _ = build_profile(loaded)
+    save_profile(profile, root / "profile.yaml")
+    build_artifact(loaded, profile, root / "with-onnx", max_context=CONTEXT)
+    build_artifact(loaded, profile, root / "no-onnx", max_context=CONTEXT, onnx=False)
+    return {"model": source, "profile": root / "profile.yaml", "onnx": root / "with-onnx",
+            "plain": root / "no-onnx"}
+
+
+def test_build_writes_both_graphs_on_one_weights_file(built) -> None:
+    artifact = built["onnx"]
+    manifest = yaml.safe_load((artifact / MANIFEST).read_text())
+    graphs = manifest["onnx"]
+    assert graphs["max_context"] == CONTEXT and graphs["opset"] == onnx_io.OPSET
+    for key in ("prefill", "decode", "weights"):
+        assert graphs[key] in manifest["files"]  # sha256-checked like every file
+    report = json.loads((artifact / "build-report.json").read_text())
+    assert report["onnx"]["parity"]["passed"]
+    assert report["onnx"]["parity"]["onnxruntime_vs_torch_runtime_max_abs_logit_diff"] < 1e-4
+    locations = set()
+    for name in (onnx_io.PREFILL_FILE, onnx_io.DECODE_FILE):
+        model = onnx.load(str(artifact / "onnx" / name), load_external_data=False)
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                locations.add({e.key: e.value for e in tensor.external_data}["location"])
+    assert locations == {onnx_io.WEIGHTS_FILE}
+    plain = yaml.safe_load((built["plain"] / MANIFEST).read_text())
+    assert plain["onnx"] is None and not (built["plain"] / "onnx").exists()
+
+
+def test_onnx_backend_generates_the_torch_engines_tokens(built) -> None:
+    torch_engine, onnx_engine = load(built["onnx"]), load(built["onnx"], backend="onnx")
+    fed = []
+    for prompt in (PROMPT, PROMPT[:3], PROMPT[::-1]):
+        expected = torch_engine.generate(prompt, max_new_tokens=40)
+        found = onnx_engine.generate(prompt, max_new_tokens=40)
+        assert found.token_ids == expected.token_ids and found.text == expected.text
+        assert found.stop_reason == expected.stop_reason
+        fed.append(len(prompt) + len(found.token_ids))
+    capacity = min(layer.layout.capacity for layer in onnx_engine.plan.layers if layer.layout)
+    assert max(fed) > capacity  # the budgeted heads evicted tokens along the way
+    # same bytes for the same allocation: one definition of KV memory
+    assert onnx_engine.allocate(1).nbytes == torch_engine.allocate(1, CONTEXT).nbytes
+
+
+def test_extend_with_several_tokens_equals_the_torch_engine(built) -> None:
+    torch_engine, onnx_engine = load(built["onnx"]), load(built["onnx"], backend="onnx")
+    ids = np.array([PROMPT, PROMPT[::-1]])
+    torch_cache, onnx_cache = torch_engine.allocate(2, CONTEXT), onnx_engine.allocate(2)
+    torch_engine.prefill(torch.from_numpy(ids[:, :12]), [torch_cache])
+    onnx_engine.prefill(ids[:, :12], [onnx_cache])
+    expected = torch_engine.extend(torch.from_numpy(ids[:, 12:]), torch_cache, all_logits=True)
+    found = onnx_engine.extend(ids[:, 12:], onnx_cache, all_logits=True)
+    np.testing.assert_allclose(found, expected.numpy(), atol=1e-4, rtol=0)
+    assert onnx_cache.length == ids.shape[1]
+
+
+def test_decode_step_writes_the_bound_buffers_in_place(built, capfd) -> None:
+    """onnxruntime reports a TensorScatter that copies its whole input; bound as input and
+    output, the full heads' buffers never are. Control: a separate output buffer is copied."""
+    artifact = built["onnx"]
+    plain = load(artifact, backend="onnx")
+    engine = OnnxEngine(artifact, plain.plan, plain.tokenizer, CONTEXT, device="cpu",
+                        log_severity=2)
+    assert any(spec.part == "full_key" for spec in engine.cache_specs)
+    cache = engine.allocate(1)
+    engine.prefill(np.array([PROMPT]), [cache])
+    pointers = {spec: value.data_ptr() for spec, value in cache.values.items()}
+    capfd.readouterr()
+    for token in (4, 5, 6):
+        engine.decode_step(np.array([[token]]), cache)
+    assert "in-place optimization not activated" not in capfd.readouterr().err
+    assert {spec: value.data_ptr() for spec, value in cache.values.items()} == pointers
+    binding = cache.decode_binding()
+    spec = next(spec for spec in engine.cache_specs if spec.part == "full_key")
+    elsewhere = ort.OrtValue.ortvalue_from_shape_and_type(
+        [1, *spec.shape[1:]], np.float32, "cpu", 0)
+    binding.bind_ortvalue_output(spec.output_name, elsewhere)
+    engine.decode_session.run_with_iobinding(binding)
+    assert "in-place optimization not activated" in capfd.readouterr().err
+
+
+def test_the_graphs_serve_only_their_plan(built) -> None:
+    engine = load(built["onnx"], backend="onnx")
+    torch_engine = load(built["onnx"])
+    with pytest.raises(KVCompileError, match="only the artifact's own plan"):
+        engine.allocate(1, plan=torch_engine.uncompressed_plan())
+    with pytest.raises(KVCompileError, match="context"):
+        engine.generate(PROMPT * 5, max_new_tokens=4)
+    with pytest.raises(KVCompileError, match="float32"):
+        load(built["onnx"], backend="onnx", dtype="bfloat16")
+
+
+def test_no_onnx_artifact_is_refused_by_the_onnx_backend(built) -> None:
+    with pytest.raises(ArtifactError, match="--no-onnx") as info:
+        load(built["plain"], backend="onnx")
+    assert "\n" not in str(info.value)
+    result = CliRunner().invoke(main, ["run", str(built["plain"]), "--prompt", "w5 w6",
+                                       "--backend", "onnx"])
+    assert result.exit_code == 2 and "--no-onnx" in result.stderr
+
+
+def test_a_failed_export_is_refused_naming_no_onnx(built, tmp_path: Path, monkeypatch) -> None:
+    import kvcompile.onnx_export
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported: data-dependent operator\nmore detail")
+
+    monkeypatch.setattr(kvcompile.onnx_export, "export_source", refuse)
+    out = tmp_path / "art"
+    result = CliRunner().invoke(main, ["build", str(built["model"]), "--profile",
+                                       str(built["profile"]), "-o", str(out)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert "ONNX export" in lines[0] and "--no-onnx" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_backend_module_imports_no_torch() -> None:
+    script = ("import sys\nimport kvcompile.runtime.onnx_backend\n"
+              "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
