@@ -30,7 +30,7 @@ from kvcompile.passes.onnx.functions import function_for
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime import onnx_io
 from kvcompile.runtime.cache import BudgetedBuffer, compress_prefill, selection_scores
-from kvcompile.runtime.ops import budgeted_attention, budgeted_cache_update
+from kvcompile.runtime.ops import budgeted_attention, budgeted_cache_update, log_count
 from tests.tiny import compact_logits, tiny_loaded
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma3_text")
@@ -333,6 +333,22 @@ def test_cache_update_body_equals_the_torch_op(layout: BudgetLayout) -> None:
         np.testing.assert_allclose(state[1], buffer.v.numpy(), atol=1e-6, rtol=0)
         np.testing.assert_allclose(state[2], buffer.bias.numpy(), atol=1e-6, rtol=0)
         np.testing.assert_array_equal(state[3], buffer.counters.numpy())
+
+
+@pytest.mark.parametrize("count", [73223, 999983])
+def test_cache_update_body_stores_the_one_compensation_bias(count: int) -> None:
+    """The fold's ln n is the runtime's one definition (``ops.log_count``: float64, rounded
+    once) bit for bit, at counts where torch's float32 log is an ulp off it."""
+    layout = BudgetLayout(0, 1, 0, 1)
+    buffer = BudgetedBuffer.empty(1, 1, 2, layout)
+    buffer.counters.copy_(torch.tensor([[0, count, 0, count - 1]]))  # the next token folds the n-th
+    buffer.bias.zero_()
+    state = [t.numpy().copy() for t in (buffer.k, buffer.v, buffer.bias, buffer.counters)]
+    new = torch.randn(1, 1, 1, 2)
+    budgeted_cache_update(buffer.k, buffer.v, buffer.bias, buffer.counters, new, new, layout)
+    attributes = {"sinks": 0, "compensation": 1, "selected": 0, "window": 1}
+    bias = run_op("BudgetedCacheUpdate", "", [*state, new.numpy(), new.numpy()], attributes, 4)[2]
+    assert bias[0, 0, 0] == buffer.bias[0, 0, 0].item() == log_count(count, torch.float32)
 
 
 # ------------------------------------------------------------------ the rewritten graphs

@@ -273,7 +273,7 @@ def budgeted_cache_update() -> ir.Function:
     rows3 = b.const([-1, 1, 1])
     _, bias_comp, bias_sel = b.Split(b.GatherND(bias, read, batch_dims=2), axis=2,
                                      num_outputs=3, outputs=3)  # [B, H, 1] each
-    log_count = b.Log(b.Cast(b.Add(comp_n, one), to=_FLOAT))
+    log_count = b.Cast(b.Log(b.Cast(b.Add(comp_n, one), to=_DOUBLE)), to=_FLOAT)  # ops.log_count
     bias_values = b.Concat(
         b.Expand(b.const(0.0, np.float32), b.Shape(bias_comp)),
         b.Where(b.Reshape(to_comp, rows3), b.Reshape(log_count, rows3), bias_comp),
