@@ -231,6 +231,7 @@ def _write_files(tmp: Path, loaded: LoadedModel, profile: Profile, compiled: Com
     dtype = dtype_name(next(iter(compiled.state.values())).dtype)
     save_file({k: v.contiguous() for k, v in compiled.state.items()}, str(tmp / WEIGHTS),
               metadata={"format": "pt", "kvcompile": ARTIFACT_FORMAT})
+    os.chmod(tmp / WEIGHTS, 0o666 & ~current_umask())  # safetensors writes 0600; artifacts are shared
     (tmp / "config.json").write_text(json.dumps(_config_dict(loaded.config, dtype), indent=2,
                                                 sort_keys=True))
     loaded.tokenizer.save_pretrained(str(tmp))

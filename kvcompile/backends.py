@@ -39,6 +39,9 @@ class OnnxBesideTorch:
         self.manifest = torch_engine.manifest
         self.eos_token_ids = torch_engine.eos_token_ids
         self.max_context = min(torch_engine.max_context, onnx_engine.max_context)
+        # the graphs' buffers have this many slots whatever the request: memory ratios compare
+        # the baseline allocated for the same context (evaluate.memory_context)
+        self.buffer_context = onnx_engine.graph_context
 
     @property
     def device(self) -> torch.device:
@@ -81,8 +84,11 @@ def load_for_eval(directory: Path, backend: str, device: str | None = None,
 
     if backend not in BACKENDS:
         raise OnnxBackendError(f"unknown backend {backend!r}; use torch or onnx")
-    if backend == "onnx" and dtype not in (None, "float32"):
-        raise OnnxBackendError(f"the ONNX graphs are float32; --dtype {dtype} needs --backend torch")
+    if backend == "onnx":
+        if dtype not in (None, "float32"):
+            raise OnnxBackendError(f"the ONNX graphs are float32; --dtype {dtype} needs "
+                                   f"--backend torch")
+        dtype = "float32"  # the baseline in the graphs' precision, whatever the weights store
     engine = load_engine(directory, device=device, dtype=dtype)
     if backend == "torch":
         return engine

@@ -198,13 +198,12 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
             done += 1
             if progress is not None:
                 progress(done, total, f"{task}@{length}")
-        base_bytes = allocated_kv_bytes(engine, baseline_plan, length)
         for name, plan in plans.items():
-            ratio = allocated_kv_bytes(engine, plan, length) / base_bytes
+            ratio = allocated_kv_ratio(engine, plan, baseline_plan, length)
             row_of = _continuation_row if task == "continuation" else _accuracy_row
             rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratio, group))
     wall = round(time.perf_counter() - started_all, 2)
-    reference = max(length for _, length, _ in groups)
+    reference = memory_context(engine, max(length for _, length, _ in groups))
     baseline_bytes = allocated_kv_bytes(engine, baseline_plan, reference)
     plan_bytes = {name: allocated_kv_bytes(engine, plan, reference) for name, plan in plans.items()}
     tasks = list(dict.fromkeys(task for task, _, _ in groups))
@@ -235,6 +234,19 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
         }
         for name, plan in plans.items()
     }
+
+
+def memory_context(engine: Engine, context: int) -> int:
+    """The context whose buffers a request of ``context`` tokens really gets: its own in the
+    torch runtime; the graphs' build context for ONNX graphs (their buffers are fixed then)."""
+    return getattr(engine, "buffer_context", None) or context
+
+
+def allocated_kv_ratio(engine: Engine, plan: Plan, baseline: Plan, context: int) -> float:
+    """The memory ratio every report row carries: the bytes ``plan``'s cache allocates for a
+    request of ``context`` tokens over the baseline's allocated for the same buffer context."""
+    context = memory_context(engine, context)
+    return allocated_kv_bytes(engine, plan, context) / allocated_kv_bytes(engine, baseline, context)
 
 
 def allocated_kv_bytes(engine: Engine, plan: Plan, context: int) -> int:

@@ -462,7 +462,8 @@ def _evaluate_rule(
         mem = mem if isinstance(mem, Mapping) else {}
         ratio, how = _memory_ratio(mem)
         if ratio is None:
-            return [result(None, None, None, False, "report has no numeric kv_memory.ratio")]
+            return [result(None, None, None, False,
+                           how if how != "kv_memory.ratio" else "report has no numeric kv_memory.ratio")]
         ok = ratio <= rule.threshold + _EPS
         ctx = _as_int(mem.get("context"))
         at = f" at context {ctx}" if ctx is not None else ""
@@ -538,13 +539,19 @@ def _evaluate_rule(
 
 def _memory_ratio(mem: Mapping[str, Any]) -> tuple[float | None, str]:
     """The report's KV memory ratio: allocated artifact bytes over the baseline's when the
-    report has both, else its stored ratio."""
+    report has both, else its stored ratio. A stored ratio that disagrees with the bytes
+    (an edited or corrupt report) gives no ratio, so the rule fails."""
     art, base = _num(mem.get("artifact_bytes")), _num(mem.get("baseline_bytes"))
+    stored = _num(mem.get("ratio"))
     if art is not None and base is not None and base > 0:
+        if stored is not None and abs(stored - art / base) > 1e-5:
+            return None, (f"kv_memory.ratio {stored:g} disagrees with its bytes {art:.0f} / "
+                          f"{base:.0f} = {art / base:.6g}: the report was edited or is corrupt; "
+                          f"regenerate it with kvcompile eval")
         measured = mem.get("measured")
         what = f"{measured} " if isinstance(measured, str) else ""
         return art / base, f"{what}KV bytes {art:.0f} / {base:.0f}"
-    return _num(mem.get("ratio")), "kv_memory.ratio"
+    return stored, "kv_memory.ratio"
 
 
 def row_power(rule: Rule, row: Mapping[str, Any]) -> Power:

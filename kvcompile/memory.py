@@ -1,7 +1,9 @@
-"""KV memory: the one definition used by the fit, the profile, ``inspect``, build and eval.
+"""KV memory: the one definition used by the fit, the profile, ``inspect`` and build; eval
+reports the bytes the runtime really allocates, which equal it (``tests/test_memory.py``).
 
 A plan's buffers at context ``L`` hold ``Σ_layers (n_full·L + n_budgeted·C_layer)`` KV slots
-(one token of one KV head), each ``2·d·bytes`` (key and value). The reference is the cache the
+(one token of one KV head), each ``2·d·bytes`` (key and value); on a sliding-window layer
+``C_layer`` is at most ``L`` (``LayerPlan.kv_slots``). The reference is the cache the
 source model itself allocates in transformers: ``Σ_layers n_kv_heads·L_layer`` slots with
 ``L_layer = min(L, window)`` on the model's own sliding-window layers and ``L`` elsewhere.
 

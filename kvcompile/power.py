@@ -170,8 +170,8 @@ def accuracy_needed(rule: RuleLike, base_acc: float, above: int = 0) -> int | No
 
     Counts are whole, so the power of a rule saw-tooths with n (a point rule at n = 12 can
     beat n = 20). The answer is the smallest n (greater than ``above``) from which the rule
-    meets its requirement at every n up to twice that, so that "n >= needed" is advice
-    that holds.
+    meets its requirement at every n up to twice that (or up to MAX_SAMPLES), so that
+    "n >= needed" is advice that holds.
     """
     critical = rule.threshold if rule.kind == "min_accuracy" else base_acc - rule.threshold
     if _target(rule, base_acc) >= critical - EPS:  # not even n -> infinity separates them
@@ -182,7 +182,7 @@ def accuracy_needed(rule: RuleLike, base_acc: float, above: int = 0) -> int | No
             start = None
         elif start is None:
             start = n
-        if start is not None and n >= 2 * start:
+        if start is not None and n >= min(2 * start, MAX_SAMPLES):
             return start
     return None
 

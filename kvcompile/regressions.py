@@ -27,9 +27,10 @@ from typing import Any
 from kvcompile.arch import ArchSpec
 from kvcompile.evaluate import EvalConfig, evaluate_systems
 from kvcompile.fitting import FitRequest, fit
+from kvcompile.memory import kv_ratio
 from kvcompile.plan import BudgetLayout, Plan
 from kvcompile.profile_io import Profile
-from kvcompile.profiling import stats_from_profile
+from kvcompile.profiling import request_from_profile, stats_from_profile
 from kvcompile.runtime.engine import Engine
 
 STARVED_WINDOW = 32
@@ -37,22 +38,10 @@ ARTIFACT = "artifact"
 
 
 def refit_request(profile: Profile, **changes: object) -> FitRequest:
-    """The request the profile was fitted with (as recorded in it), with ``changes`` applied."""
-    recorded = profile.fit
-    settings: dict[str, object] = {
-        "kv_budget": recorded["kv_budget"],
-        "at_context": recorded["at_context"],
-        "policy": recorded["policy"],
-        "selection": profile.plan.selection,
-        "observation_window": profile.plan.observation_window,
-    }
-    for key in ("retrieval_threshold", "min_budgeted_capacity", "equal_weight", "answer_weight"):
-        if key in recorded:
-            settings[key] = recorded[key]
-    if "user override" in str(recorded.get("full_heads_rule", "")):
-        settings["full_heads"] = recorded["full_heads"]
-    settings.update(changes)
-    return FitRequest(**settings)  # type: ignore[arg-type]
+    """The fit settings the profile records (``profiling.request_from_profile``, the same reading
+    ``kvcompile fit`` does) at its own budget and context, with ``changes`` applied."""
+    request = request_from_profile(profile, profile.fit["kv_budget"], profile.fit["at_context"])
+    return replace(request, **changes)  # type: ignore[arg-type]
 
 
 def refit(profile: Profile, arch: ArchSpec, **changes: object) -> Plan:
@@ -63,7 +52,7 @@ def refit(profile: Profile, arch: ArchSpec, **changes: object) -> Plan:
 def equal_memory_uniform(plan: Plan, arch: ArchSpec, context: int) -> Plan:
     """``uniform`` whose KV slots at ``context`` are at most ``plan``'s (and within one slot
     per head of them)."""
-    budget = plan.kv_slots(context) / (arch.n_layers * arch.n_kv_heads * context)
+    budget = kv_ratio(plan, arch, context)  # the one memory definition (sliding layers at their window)
     request = FitRequest(kv_budget=min(1.0, budget), at_context=context, policy="uniform")
     return fit(None, arch, request).plan
 

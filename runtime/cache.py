@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kvcompile.errors import ContextLengthError
 from kvcompile.plan import SELECTIONS, BudgetLayout, LayerPlan, Plan
 
 from .ops import budgeted_attention, budgeted_cache_update, host_reads_free, log_count
@@ -40,8 +41,8 @@ def bias_dtype(kv_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(kv_dtype, torch.float32)
 
 
-class ContextOverflowError(ValueError):
-    """More tokens than the full-head buffers were allocated for."""
+class ContextOverflowError(ContextLengthError, ValueError):
+    """More tokens than the full-head buffers were allocated for (a usage error: exit 2)."""
 
 
 def _nbytes(*tensors: Tensor) -> int:
@@ -465,12 +466,6 @@ class StaticKVCache:
     def advance(self, n_new: int) -> None:
         """Count ``n_new`` tokens fed through every layer (device side)."""
         self.seen += n_new
-
-    def check_room(self, n_new: int) -> None:
-        """Raise before touching any layer if ``n_new`` more tokens would overflow a full head."""
-        if any(layer.full is not None for layer in self.layers) and \
-                self.length + n_new > self.max_context:
-            raise _overflow(self.length, n_new, self.max_context)
 
     def reset(self) -> None:
         for layer in self.layers:

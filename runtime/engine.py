@@ -15,10 +15,16 @@ from typing import Any
 
 import torch
 
-from kvcompile.errors import ContextLengthError
 from kvcompile.plan import Plan
 from kvcompile.runtime.cache import StaticKVCache
-from kvcompile.runtime.generation import Generation, encode_prompt
+from kvcompile.runtime.generation import (
+    Generation,
+    check_extend,
+    check_prefill,
+    check_prompt,
+    decode_loop,
+    encode_prompt,
+)
 from kvcompile.runtime.generation import eos_ids as _eos_ids
 from kvcompile.runtime.model import CompactLM
 
@@ -64,14 +70,7 @@ class Engine:
         own plan's selection rule.
         """
         length = input_ids.shape[1]
-        for cache in caches:
-            if length > cache.max_context:
-                raise ContextLengthError(
-                    f"the prompt has {length} tokens, more than the context of {cache.max_context}; "
-                    f"shorten it or allocate a larger context"
-                )
-            if cache.length:
-                raise ValueError("prefill needs empty caches; call reset() first")
+        check_prefill(length, caches)
         scale = self.arch.attention_scale
         selections = [(cache.plan.selection, cache.plan.observation_window) for cache in caches]
 
@@ -92,12 +91,7 @@ class Engine:
     def extend(self, input_ids: torch.Tensor, cache: Any, all_logits: bool = False) -> torch.Tensor:
         """Feed T new tokens through the static-budget cache; logits [B, T, V] or last [B, V]."""
         n_new = input_ids.shape[1]
-        start = cache.length
-        if start + n_new > cache.max_context:
-            raise ContextLengthError(
-                f"{start} cached + {n_new} new tokens exceed the context of {cache.max_context}; "
-                f"generate fewer tokens or use a shorter prompt"
-            )
+        check_extend(cache, n_new)
         if n_new == 1 and not all_logits:
             return self.decode_step(input_ids, cache)
         return self._forward(input_ids.to(self.device), cache, all_logits)
@@ -130,22 +124,27 @@ class Engine:
         graph = getattr(cache, "_decode_graph", None)
         if graph is None:
             graph = _DecodeGraph(self, cache)
-            cache._decode_graph = graph  # lives and dies with the cache's buffers
-        return graph.step(token_ids)
+            cache._decode_graph = graph  # dies with the cache: the graph holds no reference back
+        return graph.step(self, cache, token_ids)
 
     # -- generation -----------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat)
 
     def session_cache(self, batch: int, tokens: int) -> StaticKVCache:
-        """A cache for ``tokens`` tokens. With CUDA graphs one cache of ``max_context`` slots
-        is kept and reset between requests, so its captured decode step is reused."""
+        """A cache for ``tokens`` tokens. With CUDA graphs one cache is kept and reset between
+        requests, so its captured decode step is reused; it grows (to the next power of two,
+        at most ``max_context``, recaptured once) when a request needs more room, so a short
+        prompt never reserves the model's whole context."""
         if not self.cuda_graphs:
             return self.allocate(batch, max_context=tokens)
-        if self._session is None or self._session.batch != batch:
-            self._session = self.allocate(batch, max_context=self.max_context)
-        self._session.reset()
-        return self._session
+        session = self._session
+        if session is None or session.batch != batch or session.max_context < tokens:
+            self._session = session = None  # the old buffers go before the new ones come
+            context = min(self.max_context, 1 << max(0, tokens - 1).bit_length())
+            session = self._session = self.allocate(batch, max_context=context)
+        session.reset()
+        return session
 
     def generate(
         self,
@@ -159,45 +158,26 @@ class Engine:
     ) -> Generation:
         """Greedy when temperature is 0, else temperature + nucleus sampling (seeded)."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ContextLengthError("the prompt is empty")
-        if len(ids) + max_new_tokens > self.max_context:
-            raise ContextLengthError(
-                f"prompt ({len(ids)} tokens) + max new tokens ({max_new_tokens}) exceed the context "
-                f"of {self.max_context}; shorten the prompt or lower --max-new-tokens"
-            )
+        check_prompt(ids, max_new_tokens, self.max_context)
         generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         cache = self.session_cache(1, len(ids) + max_new_tokens)
-        logits = self.prefill(torch.tensor([ids]), [cache])
-        generated: list[int] = []
-        printed = ""
-        reason = "max_tokens"
-        for _ in range(max_new_tokens):
-            token = sample(logits[0], temperature, top_p, generator)
-            if token in self.eos_token_ids:
-                reason = "eos"
-                break
-            generated.append(token)
-            if on_text is not None:
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if len(text) > len(printed) and not text.endswith("\ufffd"):
-                    on_text(text[len(printed):])
-                    printed = text
-            if len(generated) == max_new_tokens:
-                break
-            logits = self.extend(torch.tensor([[token]]), cache)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        if on_text is not None and len(text) > len(printed):
-            on_text(text[len(printed):])
+        generated, text, reason = decode_loop(
+            self.prefill(torch.tensor([ids]), [cache]),
+            lambda logits: sample(logits[0], temperature, top_p, generator),
+            lambda token: self.extend(torch.tensor([[token]]), cache),
+            self.tokenizer, self.eos_token_ids, max_new_tokens, on_text)
         return Generation(len(ids), generated, text, reason, cache.nbytes)
 
 
 class _DecodeGraph:
-    """The decode step of one cache as a CUDA graph (static input ids, static logits)."""
+    """The decode step of one cache as a CUDA graph (static input ids, static logits).
+
+    It refers to neither the engine nor the cache (both are passed to :meth:`step`), so a
+    dropped cache frees its buffers and the graph's memory pool at once, not at the next
+    garbage collection.
+    """
 
     def __init__(self, engine: Engine, cache: StaticKVCache) -> None:
-        self.engine = engine
-        self.cache = cache
         self.ids = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -207,16 +187,17 @@ class _DecodeGraph:
         engine.model.rope_tables(torch.zeros(1, dtype=torch.long, device=cache.device),
                                  max_position=cache.max_context - 1)
 
-    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        cache = self.cache
+    def step(self, engine: Engine, cache: StaticKVCache, token_ids: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(token_ids)
         if self.graph is None and self.warm and not self.failed:
-            self._capture()
-        if self.graph is None:  # eager: the first step (lazy init happens here) or no capture
+            self._capture(engine, cache)
+        if self.failed:
+            return engine._forward(self.ids, cache, all_logits=False)
+        if self.graph is None:  # the first step, eager on a side stream (lazy init happens here)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                logits = self.engine._forward(self.ids, cache, all_logits=False)
+                logits = engine._forward(self.ids, cache, all_logits=False)
             torch.cuda.current_stream().wait_stream(stream)
             self.warm = True
             return logits
@@ -226,20 +207,20 @@ class _DecodeGraph:
         assert self.logits is not None
         return self.logits.clone()
 
-    def _capture(self) -> None:
+    def _capture(self, engine: Engine, cache: StaticKVCache) -> None:
         """Record one step; recording runs no kernel, so only the host counts need undoing.
 
         A step that cannot be captured (an op that synchronises, say) decodes eagerly instead,
         with one warning: slower, never wrong.
         """
-        cache = self.cache
         host = [layer.length for layer in cache.layers]
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self.logits = self.engine._forward(self.ids, cache, all_logits=False)
+                self.logits = engine._forward(self.ids, cache, all_logits=False)
         except RuntimeError as exc:
             self.failed = True
+            self.logits = None
             warnings.warn(f"kvcompile: the decode step could not be captured as a CUDA graph "
                           f"({str(exc).splitlines()[0]}); decoding without graphs", stacklevel=3)
             return

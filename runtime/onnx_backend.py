@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from kvcompile.errors import ArtifactError, ContextLengthError, KVCompileError
 from kvcompile.plan import Plan
@@ -36,7 +37,15 @@ from kvcompile.runtime.artifact import (
     read_manifest,
     verify_files,
 )
-from kvcompile.runtime.generation import Generation, encode_prompt, eos_ids
+from kvcompile.runtime.generation import (
+    Generation,
+    check_extend,
+    check_prefill,
+    check_prompt,
+    decode_loop,
+    encode_prompt,
+    eos_ids,
+)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -69,6 +78,12 @@ def _quiet_ort():
         ort.set_default_logger_severity(3)
 
 
+# onnxruntime's load errors: its own classes derive from Exception, not RuntimeError
+_ORT_LOAD_ERRORS = (RuntimeError, *(getattr(_ort_state, name) for name in (
+    "Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented",
+    "RuntimeException") if hasattr(_ort_state, name)))
+
+
 def _open(path: Path, options: ort.SessionOptions, device: str | None) -> ort.InferenceSession:
     """A session on ``device``: ``cpu``, ``cuda`` (must work) or None (CUDA if it works)."""
     if device not in (None, "cpu", "cuda"):
@@ -85,7 +100,7 @@ def _open(path: Path, options: ort.SessionOptions, device: str | None) -> ort.In
                 raise OnnxBackendError("--device cuda: onnxruntime cannot start its CUDA provider "
                                        "here (no GPU or no CUDA libraries); use --device cpu")
         return ort.InferenceSession(str(path), options, providers=[CPU])
-    except RuntimeError as exc:  # onnxruntime's load errors (Fail, InvalidGraph, ...)
+    except _ORT_LOAD_ERRORS as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(f"onnxruntime cannot load {path}: {first}; rebuild the artifact") from exc
 
@@ -172,6 +187,7 @@ class OnnxEngine:
         self.prefill_session = _open(graphs / onnx_io.PREFILL_FILE, options, device)
         self.decode_session = _open(graphs / onnx_io.DECODE_FILE, options, device)
         self.device = "cuda" if CUDA in self.decode_session.get_providers() else "cpu"
+        self.graph_context = graph_context  # every full-head buffer's slots
         self.cache_specs = self._cache_specs(graph_context)
         logits = next(o for o in self.decode_session.get_outputs() if o.name == onnx_io.LOGITS)
         self.vocab_size = int(logits.shape[-1])
@@ -207,13 +223,7 @@ class OnnxEngine:
         """The prompt ``[B, T]`` into empty caches (each its own run); last logits ``[B, V]``."""
         ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
         length = ids.shape[1]
-        for cache in caches:
-            if length > cache.max_context:
-                raise ContextLengthError(
-                    f"the prompt has {length} tokens, more than the context of "
-                    f"{cache.max_context}; shorten it or allocate a larger context")
-            if cache.length:
-                raise ValueError("prefill needs empty caches; call reset() first")
+        check_prefill(length, caches)
         for cache in caches:
             binding = self.prefill_session.io_binding()
             binding.bind_cpu_input(onnx_io.INPUT_IDS, ids)
@@ -228,10 +238,7 @@ class OnnxEngine:
         """Feed ``T`` tokens one decode step at a time; logits ``[B, T, V]`` or the last ``[B, V]``."""
         ids = np.asarray(input_ids, dtype=np.int64)
         n_new = ids.shape[1]
-        if cache.length + n_new > cache.max_context:
-            raise ContextLengthError(
-                f"{cache.length} cached + {n_new} new tokens exceed the context of "
-                f"{cache.max_context}; generate fewer tokens or use a shorter prompt")
+        check_extend(cache, n_new)
         steps = [self.decode_step(ids[:, t:t + 1], cache) for t in range(n_new)]
         return np.stack(steps, axis=1) if all_logits else steps[-1]
 
@@ -251,34 +258,14 @@ class OnnxEngine:
                  chat: bool = False, on_text: Callable[[str], None] | None = None) -> Generation:
         """Greedy when temperature is 0, else temperature + nucleus sampling (numpy, seeded)."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ContextLengthError("the prompt is empty")
-        if len(ids) + max_new_tokens > self.max_context:
-            raise ContextLengthError(
-                f"prompt ({len(ids)} tokens) + max new tokens ({max_new_tokens}) exceed the "
-                f"context of {self.max_context}; shorten the prompt or lower --max-new-tokens")
+        check_prompt(ids, max_new_tokens, self.max_context)
         rng = np.random.default_rng(seed if seed is not None else 0)
         cache = self.allocate(1)
-        logits = self.prefill(np.array([ids]), [cache])
-        generated: list[int] = []
-        printed, reason = "", "max_tokens"
-        for _ in range(max_new_tokens):
-            token = sample(logits[0], temperature, top_p, rng)
-            if token in self.eos_token_ids:
-                reason = "eos"
-                break
-            generated.append(token)
-            if on_text is not None:
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if len(text) > len(printed) and not text.endswith("\ufffd"):
-                    on_text(text[len(printed):])
-                    printed = text
-            if len(generated) == max_new_tokens:
-                break
-            logits = self.decode_step(np.array([[token]]), cache)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        if on_text is not None and len(text) > len(printed):
-            on_text(text[len(printed):])
+        generated, text, reason = decode_loop(
+            self.prefill(np.array([ids]), [cache]),
+            lambda logits: sample(logits[0], temperature, top_p, rng),
+            lambda token: self.decode_step(np.array([[token]]), cache),
+            self.tokenizer, self.eos_token_ids, max_new_tokens, on_text)
         return Generation(len(ids), generated, text, reason, cache.nbytes)
 
 

@@ -21,6 +21,9 @@ Conventions shared with :mod:`kvcompile.runtime.cache`:
 * ``kv_length`` (int64 ``[B]``) is the number of filled slots of each row of a preallocated
   buffer; slots past it are not keys.
 * Softmax is computed in float32 (float64 stays float64) and the output has the query dtype.
+  The plain-torch decode path (``T == 1``) takes the scores from a matmul in the input dtype
+  (rounded to it, accumulated in float32 by the backend) before upcasting them; the chunked
+  path and the Triton kernels keep the scores in float32 throughout.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ Decode attention (``budgeted_attention`` with ``T == 1``)
     Every load is upcast to fp32 at once (the interpreter's bf16 is not reliable, and it keeps
     one arithmetic for every input dtype). The two products run as ``tl.dot`` in fp32: with
     ``input_precision="tf32"`` for fp16/bf16 inputs (exact there: fp16 and bf16 values are tf32
-    values, so only the probabilities of ``P.V`` are rounded, to 10 mantissa bits) and ``"ieee"``
+    values, and the scale multiplies the fp32 scores after ``Q.K``, so only the probabilities of
+    ``P.V`` are rounded, to 10 mantissa bits) and ``"ieee"``
     for fp32 inputs (the 1e-5 the tests demand).
 
 Split-K / flash-decoding (the full heads' ``max_context`` buffers)
@@ -84,12 +85,13 @@ _COMBINE_BLOCK = 32  # partials merged per combine iteration
 # -- attention ----------------------------------------------------------------------------------
 
 @triton.jit
-def _attend_slots(q, k_row, v_row, bias_row, lo, hi, stride_ks, stride_kd, stride_vs, stride_vd,
-                  stride_bias_s, offs_d, d_mask,
+def _attend_slots(q, scale, k_row, v_row, bias_row, lo, hi, stride_ks, stride_kd, stride_vs,
+                  stride_vd, stride_bias_s, offs_d, d_mask,
                   HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of the group's queries ``q [BLOCK_H, BLOCK_D]`` (scaled, fp32) over the
-    slots ``[lo, hi)`` of one KV head: returns the running max, sum and unnormalised output."""
+    """Online softmax of the group's queries ``q [BLOCK_H, BLOCK_D]`` (fp32, unscaled: the
+    product of loaded values stays exact in tf32) over the slots ``[lo, hi)`` of one KV head:
+    returns the running max, sum and unnormalised output."""
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -100,7 +102,7 @@ def _attend_slots(q, k_row, v_row, bias_row, lo, hi, stride_ks, stride_kd, strid
         tile_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_row + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                     mask=tile_mask, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_H, BLOCK_N]
         if HAS_BIAS:
             bias = tl.load(bias_row + offs_n * stride_bias_s, mask=n_mask,
                            other=float("-inf")).to(tl.float32)
@@ -119,13 +121,13 @@ def _attend_slots(q, k_row, v_row, bias_row, lo, hi, stride_ks, stride_kd, strid
 
 
 @triton.jit
-def _load_group_queries(q_ptr, row, kv_head, scale, stride_qb, stride_qh, stride_qd, offs_h,
+def _load_group_queries(q_ptr, row, kv_head, stride_qb, stride_qh, stride_qd, offs_h,
                         offs_d, h_mask, d_mask, GROUP: tl.constexpr):
-    """The ``G`` query heads of KV head ``kv_head`` as a scaled fp32 ``[BLOCK_H, BLOCK_D]`` tile."""
+    """The ``G`` query heads of KV head ``kv_head`` as an fp32 ``[BLOCK_H, BLOCK_D]`` tile."""
     heads = (kv_head * GROUP + offs_h).to(tl.int64)
     q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    return q * scale
+    return q
 
 
 @triton.jit
@@ -155,11 +157,11 @@ def _grouped_decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM
-    q = _load_group_queries(q_ptr, row, kv_head, scale, stride_qb, stride_qh, stride_qd, offs_h,
+    q = _load_group_queries(q_ptr, row, kv_head, stride_qb, stride_qh, stride_qd, offs_h,
                             offs_d, h_mask, d_mask, GROUP)
     hi = _valid_slots(length_ptr, row, n_slots, HAS_LENGTH)
     m_i, l_i, acc = _attend_slots(
-        q, k_ptr + row * stride_kb + kv_head * stride_kh,
+        q, scale, k_ptr + row * stride_kb + kv_head * stride_kh,
         v_ptr + row * stride_vb + kv_head * stride_vh,
         bias_ptr + row * stride_bias_b + kv_head * stride_bias_h if HAS_BIAS else bias_ptr,
         0, hi, stride_ks, stride_kd, stride_vs, stride_vd, stride_bias_s, offs_d, d_mask,
@@ -194,10 +196,10 @@ def _split_decode_kernel(
     d_mask = offs_d < HEAD_DIM
     lo = split * split_slots
     hi = tl.minimum(_valid_slots(length_ptr, row, n_slots, HAS_LENGTH), lo + split_slots)
-    q = _load_group_queries(q_ptr, row, kv_head, scale, stride_qb, stride_qh, stride_qd, offs_h,
+    q = _load_group_queries(q_ptr, row, kv_head, stride_qb, stride_qh, stride_qd, offs_h,
                             offs_d, h_mask, d_mask, GROUP)
     m_i, l_i, acc = _attend_slots(  # zero iterations when the chunk starts past the row's keys
-        q, k_ptr + row * stride_kb + kv_head * stride_kh,
+        q, scale, k_ptr + row * stride_kb + kv_head * stride_kh,
         v_ptr + row * stride_vb + kv_head * stride_vh,
         bias_ptr + row * stride_bias_b + kv_head * stride_bias_h if HAS_BIAS else bias_ptr,
         lo, hi, stride_ks, stride_kd, stride_vs, stride_vd, stride_bias_s, offs_d, d_mask,

@@ -339,6 +339,6 @@ def test_static_cache_runs_prefill_and_decode():
             assert out.shape == (1, 9, 1, 8) and torch.isfinite(out).all()
     assert cache.length == 40 and cache.nbytes == nbytes
     with pytest.raises(ContextOverflowError):
-        cache.check_room(1)
+        next(iter(cache)).extend(q[:, :, :1], k[:, :, :1], v[:, :, :1])
     cache.reset()
     assert cache.length == 0

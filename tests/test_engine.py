@@ -119,3 +119,22 @@ def test_one_prefill_compresses_each_cache_with_its_own_selection_rule() -> None
             torch.testing.assert_close(mine.budgeted.k, theirs.budgeted.k)
     # the two rules really keep different tokens here, so the check above can tell them apart
     assert not torch.equal(shared[0].layers[0].budgeted.k, shared[1].layers[0].budgeted.k)
+
+
+def test_session_cache_for_cuda_graphs_grows_by_powers_of_two_and_is_reused() -> None:
+    """With CUDA graphs a request reuses one cache (its captured step) when it fits, and a
+    short request does not reserve the model's whole context (checked on CPU: the policy,
+    not the capture)."""
+    loaded = tiny_loaded("llama", seed=5, max_position_embeddings=8192)
+    _, engine = compile_engine(loaded, Plan.uncompressed(loaded.arch.n_layers, loaded.arch.n_kv_heads),
+                               max_context=300)
+    engine.cuda_graphs = True
+    first = engine.session_cache(1, 10)
+    assert first.max_context == 16
+    engine.prefill(_ids(5), [first])
+    again = engine.session_cache(1, 16)
+    assert again is first and again.length == 0  # reused, reset
+    grown = engine.session_cache(1, 17)
+    assert grown is not first and grown.max_context == 32
+    assert engine.session_cache(1, 290).max_context == 300  # capped at the engine's context
+    assert engine.session_cache(2, 4).batch == 2

@@ -466,10 +466,21 @@ def test_detect_and_allow_underpowered_validation() -> None:
 
 def test_memory_rule_reads_allocated_bytes() -> None:
     rep = report()
-    rep["kv_memory"].update(measured="allocated", artifact_bytes=300, baseline_bytes=1000, ratio=0.125)
+    rep["kv_memory"].update(measured="allocated", artifact_bytes=300, baseline_bytes=1000, ratio=0.3)
     res = gate([{"max_memory_ratio": 0.2}], rep).results[0]
     assert not res.passed and res.value == pytest.approx(0.3)
     assert "allocated KV bytes 300 / 1000" in res.detail
+    rep["kv_memory"].update(artifact_bytes=100)
+    assert gate([{"max_memory_ratio": 0.2}], rep).results[0].passed is False  # 0.1 vs stored 0.3
+
+
+def test_memory_rule_fails_a_report_whose_ratio_disagrees_with_its_bytes() -> None:
+    rep = report()
+    rep["kv_memory"].update(measured="allocated", artifact_bytes=125, baseline_bytes=1000, ratio=0.125)
+    assert gate([{"max_memory_ratio": 0.2}], rep).results[0].passed  # consistent: passes
+    rep["kv_memory"]["artifact_bytes"] = 100  # edited bytes: 0.1 passes either way, still refused
+    res = gate([{"max_memory_ratio": 0.2}], rep).results[0]
+    assert not res.passed and res.value is None and "disagrees" in res.detail
 
 
 def test_plan_samples_hand_computed() -> None:

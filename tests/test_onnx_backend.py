@@ -68,6 +68,13 @@ def test_build_writes_both_graphs_on_one_weights_file(built) -> None:
     assert locations == {onnx_io.WEIGHTS_FILE}
     plain = yaml.safe_load((built["plain"] / MANIFEST).read_text())
     assert plain["onnx"] is None and not (built["plain"] / "onnx").exists()
+    # every file readable by the team it ships to, as the umask allows (not mkstemp's 0600)
+    from kvcompile.yamlio import current_umask
+
+    modes = {path.relative_to(artifact).as_posix(): path.stat().st_mode & 0o777
+             for path in artifact.rglob("*") if path.is_file()}
+    assert set(modes) >= {"model.safetensors", MANIFEST, f"onnx/{onnx_io.DECODE_FILE}"}
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes
 
 
 def test_onnx_backend_generates_the_torch_engines_tokens(built) -> None:
@@ -142,6 +149,20 @@ def test_no_onnx_artifact_is_refused_by_the_onnx_backend(built) -> None:
     assert result.exit_code == 2 and "--no-onnx" in result.stderr
 
 
+def test_a_graph_onnxruntime_cannot_load_is_one_line(built, tmp_path: Path) -> None:
+    """Unverified (checksums off), a truncated graph reaches onnxruntime, whose load errors
+    are not RuntimeErrors: still one ArtifactError line."""
+    import shutil
+
+    copy = tmp_path / "art"
+    shutil.copytree(built["onnx"], copy)
+    graph = copy / onnx_io.ONNX_DIR / onnx_io.DECODE_FILE
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3])
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load") as info:
+        load(copy, backend="onnx", verify=False)
+    assert "\n" not in str(info.value)
+
+
 def test_a_failed_export_is_refused_naming_no_onnx(built, tmp_path: Path, monkeypatch) -> None:
     import kvcompile.onnx_export
 
@@ -165,3 +186,37 @@ def test_the_backend_module_imports_no_torch() -> None:
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_eval_memory_ratio_compares_the_onnx_buffers_with_the_baseline_at_their_context(
+        built) -> None:
+    """The graphs' buffers hold CONTEXT slots for any request, so a short request's ratio is
+    the plan's at CONTEXT (reference: the torch engine's own allocations), not bytes at CONTEXT
+    over a baseline allocated for the short request."""
+    from kvcompile.backends import load_for_eval
+    from kvcompile.evaluate import allocated_kv_ratio
+
+    torch_engine = load(built["onnx"])
+    beside = load_for_eval(built["onnx"], "onnx")
+    plan, baseline = torch_engine.plan, torch_engine.uncompressed_plan()
+    short = CONTEXT // 4
+
+    def torch_ratio(context: int) -> float:
+        return (torch_engine.allocate(1, context, plan).nbytes
+                / torch_engine.allocate(1, context, baseline).nbytes)
+
+    assert torch_ratio(short) != pytest.approx(torch_ratio(CONTEXT))  # the case can tell them apart
+    assert allocated_kv_ratio(beside, plan, baseline, short) == pytest.approx(torch_ratio(CONTEXT))
+    assert allocated_kv_ratio(torch_engine, plan, baseline, short) == pytest.approx(torch_ratio(short))
+
+
+def test_eval_beside_a_bfloat16_artifact_runs_the_baseline_in_the_graphs_float32(
+        built, tmp_path: Path) -> None:
+    from kvcompile.backends import load_for_eval
+    from kvcompile.profile_io import load_profile
+
+    loaded = load_model(str(built["model"]), reuse=False)
+    build_artifact(loaded, load_profile(built["profile"]), tmp_path / "bf16", max_context=CONTEXT,
+                   dtype="bfloat16")
+    assert load(tmp_path / "bf16").model.dtype == torch.bfloat16  # served as stored by default
+    assert load_for_eval(tmp_path / "bf16", "onnx").torch_engine.model.dtype == torch.float32

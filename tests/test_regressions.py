@@ -119,3 +119,21 @@ def test_a_variant_served_on_an_artifact_computes_what_it_computes_on_the_source
     gap = max(float((artifact.extend(ids[:, t:t + 1], wrong) - source.extend(ids[:, t:t + 1], fresh))
                     .abs().max()) for t in range(28, 36))
     assert gap > 1e-3
+
+
+def test_uniform_variant_on_sliding_layers_has_the_plans_memory() -> None:
+    """Memory is counted against the model's own cache (sliding layers at their window), so
+    the variant gets the plan's slots, not a share of an all-full cache the model never has."""
+    from kvcompile.fitting import FitRequest, fit
+    from kvcompile.memory import kv_ratio
+    from tests.tiny import tiny_hf_model
+
+    arch = arch_from_config(tiny_hf_model("gemma3_text", sliding_window=24).config)
+    context = 256
+    plan = fit(None, arch, FitRequest(kv_budget=0.6, at_context=context, policy="pyramid",
+                                      min_window=4)).plan
+    variant = equal_memory_uniform(plan, arch, context)
+    assert variant.policy == "uniform"
+    target = plan.kv_slots(context)
+    assert target - arch.n_kv_total < variant.kv_slots(context) <= target
+    assert kv_ratio(variant, arch, context) == pytest.approx(kv_ratio(plan, arch, context), abs=0.02)

@@ -129,11 +129,14 @@ class _PrefillAttentionRule(RewriteRuleClassBase):
             return result.fail("prefill attention must be causal")
         if any(value is not None for value in node.inputs[4:]):
             return result.fail("attention with past state: not a prefill graph")
+        if "scale" not in node.attributes and not (
+                q.shape is not None and len(q.shape) == 4 and isinstance(q.shape[-1], int)):
+            return result.fail("no scale attribute and no static head size: the scale is unknown")
         return result
 
     def rewrite(self, op, q, k, v, out, **_):
         node = out.producer()
-        scale = _attention_scale(node, q.shape[-1] if q.shape else 1)
+        scale = _attention_scale(node, q.shape[-1] if "scale" not in node.attributes else 1)
         result = op.BudgetedAttention(q, k, v, _domain=onnx_io.DOMAIN,
                                       _version=onnx_io.DOMAIN_VERSION, causal=1,
                                       window=self.windows[id(k)], scale=scale)
