@@ -151,7 +151,8 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
         f"--genre {args.genre} --agreement-tokens {args.agreement_tokens} --write-docs`."
         f"\n\n{markdown}\n"
     )
-    pattern = re.compile(rf"{re.escape(section)}\n.*?(?=\n## |\Z)", re.S)
+    # up to the next heading of any level (the section may sit under a "##" of its own)
+    pattern = re.compile(rf"{re.escape(section)}\n.*?(?=\n#+ |\Z)", re.S)
     text = pattern.sub(body.rstrip("\n") + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
     path.write_text(text)
 
