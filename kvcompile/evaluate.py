@@ -198,10 +198,10 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
             done += 1
             if progress is not None:
                 progress(done, total, f"{task}@{length}")
-        for name, plan in plans.items():
-            ratio = allocated_kv_ratio(engine, plan, baseline_plan, length)
+        ratios = allocated_kv_ratios(engine, plans, baseline_plan, length)
+        for name in plans:
             row_of = _continuation_row if task == "continuation" else _accuracy_row
-            rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratio, group))
+            rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratios[name], group))
     wall = round(time.perf_counter() - started_all, 2)
     reference = memory_context(engine, max(length for _, length, _ in groups))
     baseline_bytes = allocated_kv_bytes(engine, baseline_plan, reference)
@@ -242,11 +242,13 @@ def memory_context(engine: Engine, context: int) -> int:
     return getattr(engine, "buffer_context", None) or context
 
 
-def allocated_kv_ratio(engine: Engine, plan: Plan, baseline: Plan, context: int) -> float:
-    """The memory ratio every report row carries: the bytes ``plan``'s cache allocates for a
+def allocated_kv_ratios(engine: Engine, plans: Mapping[str, Plan], baseline: Plan,
+                        context: int) -> dict[str, float]:
+    """The memory ratio every report row carries: the bytes each plan's cache allocates for a
     request of ``context`` tokens over the baseline's allocated for the same buffer context."""
     context = memory_context(engine, context)
-    return allocated_kv_bytes(engine, plan, context) / allocated_kv_bytes(engine, baseline, context)
+    base = allocated_kv_bytes(engine, baseline, context)
+    return {name: allocated_kv_bytes(engine, plan, context) / base for name, plan in plans.items()}
 
 
 def allocated_kv_bytes(engine: Engine, plan: Plan, context: int) -> int:

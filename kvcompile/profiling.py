@@ -107,6 +107,19 @@ REFIT_SETTINGS = ("policy", "full_heads", "retrieval_threshold", "sinks", "compe
                   "observation_window")
 
 
+def _ticker(progress: Callable[[int, int, Any], None] | None, total: int) -> Callable[[Any], None]:
+    """A per-prompt callback that reports ``(done, total, prompt)`` to ``progress``."""
+    done = 0
+
+    def tick(prompt: Any) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, prompt)
+
+    return tick
+
+
 def request_from_profile(profile: Profile, kv_budget: float, at_context: int) -> FitRequest:
     """The profile's fit settings at another budget; profiles older than ``settings`` keep
     the weights they recorded and the defaults for the rest."""
@@ -155,16 +168,8 @@ def run_profile(
         choice = replace(choice, seed=calib.seed, length=min(calib.probe_length, request.at_context))
     else:
         choice = None
-    total = (len(prompts) + (len(probes) if measure_answers else 0)
-             + (choice.n_passkey + choice.n_multikey + choice.n_text if choice else 0))
-    done = 0
-
-    def tick(prompt: CalibPrompt) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, prompt)
-
+    tick = _ticker(progress, len(prompts) + (len(probes) if measure_answers else 0)
+                   + (choice.n_passkey + choice.n_multikey + choice.n_text if choice else 0))
     stats = profile_heads(model, prompts, settings, progress=tick)
     sensitivity = measure_answer_loss(model, prompts, stats, request, settings, tick) if measure_answers else None
     measured = None
@@ -272,15 +277,7 @@ def refit_profile(profile: Profile, request: FitRequest, loaded: LoadedModel | N
         seed = int(profile.calibration.get("seed", 0))
         length = int(profile.calibration.get("settings", {}).get("probe_length", choice.length))
         choice = replace(choice, seed=seed, length=min(length, request.at_context))
-        total = choice.n_passkey + choice.n_multikey + choice.n_text
-        done = 0
-
-        def tick(prompt: Any) -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total, prompt)
-
+        tick = _ticker(progress, choice.n_passkey + choice.n_multikey + choice.n_text)
         result, measured = choose_plan(model, loaded.tokenizer, stats, request, choice, progress=tick)
         validation = validate_plan(model, result.plan, loaded.tokenizer, min(request.at_context, VALIDATION_LENGTH),
                                    seed)

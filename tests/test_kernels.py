@@ -46,6 +46,14 @@ def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32
     return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
 
 
+def _qkv(gen: torch.Generator, batch: int, q_heads: int, t: int, kv_heads: int, slots: int,
+         head_dim: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Random queries ``[B, Hq, T, D]`` and keys, values ``[B, Hkv, S, D]``, drawn in that order."""
+    return (_randn(gen, batch, q_heads, t, head_dim, dtype=dtype),
+            _randn(gen, batch, kv_heads, slots, head_dim, dtype=dtype),
+            _randn(gen, batch, kv_heads, slots, head_dim, dtype=dtype))
+
+
 def _poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
@@ -81,9 +89,7 @@ def _budgeted_bias(gen: torch.Generator, batch: int, heads: int, slots: int) -> 
 def test_grouped_decode_matches_reference(dtype: torch.dtype, group: int) -> None:
     gen = torch.Generator().manual_seed(group * 10 + [torch.float32, *HALF].index(dtype))
     batch, kv_heads, slots, head_dim = 3, 2, 37, 64  # 37 slots: tiles of 16, the last partial
-    q = _randn(gen, batch, kv_heads * group, 1, head_dim, dtype=dtype)
-    k = _randn(gen, batch, kv_heads, slots, head_dim, dtype=dtype)
-    v = _randn(gen, batch, kv_heads, slots, head_dim, dtype=dtype)
+    q, k, v = _qkv(gen, batch, kv_heads * group, 1, kv_heads, slots, head_dim, dtype=dtype)
     bias = _budgeted_bias(gen, batch, kv_heads, slots)
     out = _poisoned(q.shape, dtype)
     tk.decode_attention(q, k, v, bias, None, SCALE, num_splits=1, block_n=16, out=out)
@@ -93,9 +99,7 @@ def test_grouped_decode_matches_reference(dtype: torch.dtype, group: int) -> Non
 
 def test_grouped_decode_masks_a_head_dim_that_is_not_a_power_of_two() -> None:
     gen = torch.Generator().manual_seed(5)
-    q = _randn(gen, 2, 6, 1, 80)  # head dim 80 -> 128 lanes, 48 masked
-    k = _randn(gen, 2, 2, 21, 80)
-    v = _randn(gen, 2, 2, 21, 80)
+    q, k, v = _qkv(gen, 2, 6, 1, 2, 21, 80)  # head dim 80 -> 128 lanes, 48 masked
     bias = _budgeted_bias(gen, 2, 2, 21)
     out = _poisoned(q.shape, torch.float32)
     tk.decode_attention(q, k, v, bias, None, SCALE, num_splits=1, block_n=16, out=out)
@@ -105,9 +109,7 @@ def test_grouped_decode_masks_a_head_dim_that_is_not_a_power_of_two() -> None:
 def test_grouped_decode_masks_by_length_in_one_program() -> None:
     """A full-head buffer short enough for one program per (row, KV head)."""
     gen = torch.Generator().manual_seed(6)
-    q = _randn(gen, 3, 8, 1, 64)
-    k = _randn(gen, 3, 2, 45, 64)
-    v = _randn(gen, 3, 2, 45, 64)
+    q, k, v = _qkv(gen, 3, 8, 1, 2, 45, 64)
     kv_length = torch.tensor([45, 17, 0], device=DEVICE)
     out = _poisoned(q.shape, torch.float32)
     tk.decode_attention(q, k, v, None, kv_length, SCALE, num_splits=1, block_n=16, out=out)
@@ -124,9 +126,7 @@ def test_split_decode_matches_reference(dtype: torch.dtype, group: int) -> None:
     early). The workspace is NaN: a partial the combine reads but no split wrote shows."""
     gen = torch.Generator().manual_seed(group)
     batch, kv_heads, slots, head_dim = 4, 2, 150, 64
-    q = _randn(gen, batch, kv_heads * group, 1, head_dim, dtype=dtype)
-    k = _randn(gen, batch, kv_heads, slots, head_dim, dtype=dtype)
-    v = _randn(gen, batch, kv_heads, slots, head_dim, dtype=dtype)
+    q, k, v = _qkv(gen, batch, kv_heads * group, 1, kv_heads, slots, head_dim, dtype=dtype)
     kv_length = torch.tensor([150, 70, 1, 0], device=DEVICE)
     out = _poisoned(q.shape, dtype)
     partials = tuple(t.fill_(float("nan")) for t in
@@ -140,9 +140,7 @@ def test_split_decode_matches_reference(dtype: torch.dtype, group: int) -> None:
 def test_split_decode_with_bias_and_length() -> None:
     """Both masks at once, and a split whose every slot is -inf (its partial weighs 0)."""
     gen = torch.Generator().manual_seed(9)
-    q = _randn(gen, 3, 6, 1, 64)
-    k = _randn(gen, 3, 2, 100, 64)
-    v = _randn(gen, 3, 2, 100, 64)
+    q, k, v = _qkv(gen, 3, 6, 1, 2, 100, 64)
     bias = _budgeted_bias(gen, 3, 2, 100)
     bias[0, :, 32:64] = float("-inf")
     kv_length = torch.tensor([100, 50, 90], device=DEVICE)
@@ -154,9 +152,7 @@ def test_split_decode_with_bias_and_length() -> None:
 def test_many_splits_merge_in_several_combine_blocks() -> None:
     """More splits than one combine iteration merges (32): the running merge across blocks."""
     gen = torch.Generator().manual_seed(10)
-    q = _randn(gen, 1, 3, 1, 32)
-    k = _randn(gen, 1, 1, 1100, 32)
-    v = _randn(gen, 1, 1, 1100, 32)
+    q, k, v = _qkv(gen, 1, 3, 1, 1, 1100, 32)
     kv_length = torch.tensor([1037], device=DEVICE)
     out = _poisoned(q.shape, torch.float32)
     tk.decode_attention(q, k, v, None, kv_length, SCALE, num_splits=69, block_n=16, out=out)
@@ -306,9 +302,7 @@ def serving_triton(monkeypatch):
 
 def test_registered_attention_runs_the_kernels_for_decode(serving_triton) -> None:
     gen = torch.Generator().manual_seed(11)
-    q = _randn(gen, 2, 6, 1, 64)
-    k = _randn(gen, 2, 2, 600, 64)  # past SINGLE_PROGRAM_SLOTS: the automatic count splits
-    v = _randn(gen, 2, 2, 600, 64)
+    q, k, v = _qkv(gen, 2, 6, 1, 2, 600, 64)  # past SINGLE_PROGRAM_SLOTS: the automatic count splits
     kv_length = torch.tensor([600, 333], device=DEVICE)
     out = kernels.attention_impl(q, k, v, None, kv_length, True, 0, SCALE)
     _assert_matches(out, q, k, v, None, kv_length)
@@ -323,9 +317,7 @@ def test_registered_attention_falls_back_to_the_reference(serving_triton, case: 
     gen = torch.Generator().manual_seed(12)
     t_len, window, dtype = {"prefill": (5, 0, torch.float32), "window": (1, 4, torch.float32),
                             "float64": (1, 0, torch.float64)}[case]
-    q = _randn(gen, 2, 4, t_len, 16, dtype=dtype)
-    k = _randn(gen, 2, 2, 9, 16, dtype=dtype)
-    v = _randn(gen, 2, 2, 9, 16, dtype=dtype)
+    q, k, v = _qkv(gen, 2, 4, t_len, 2, 9, 16, dtype=dtype)
     kv_length = torch.tensor([9, 6], device=DEVICE)
     out = kernels.attention_impl(q, k, v, None, kv_length, True, window, SCALE)
     want = ops._budgeted_attention_ref(q, k, v, None, kv_length, True, window, SCALE)
@@ -390,9 +382,7 @@ def test_ops_dispatch_to_the_kernels_on_cuda(monkeypatch) -> None:
     assert kernels.enable() == "triton"
     gen = torch.Generator().manual_seed(20)
     for dtype in (torch.float32, torch.bfloat16):
-        q = _randn(gen, 2, 9, 1, 64, dtype=dtype)
-        k = _randn(gen, 2, 3, 4000, 64, dtype=dtype)
-        v = _randn(gen, 2, 3, 4000, 64, dtype=dtype)
+        q, k, v = _qkv(gen, 2, 9, 1, 3, 4000, 64, dtype=dtype)
         kv_length = torch.tensor([4000, 1234], device=DEVICE)
         out = ops.budgeted_attention(q, k, v, None, causal=True, scale=SCALE, kv_length=kv_length)
         _assert_matches(out, q, k, v, None, kv_length)
@@ -473,18 +463,12 @@ def test_engine_decode_on_cuda_matches_the_cpu_reference(monkeypatch) -> None:
 @gpu_only
 def test_loading_an_artifact_on_cuda_enables_the_kernels(tmp_path, monkeypatch) -> None:
     from kvcompile.artifact import build_artifact
-    from kvcompile.models import load_model
     from kvcompile.runtime import load
-    from tests.test_profile_io import build_profile
-    from tests.tiny import save_tokenizer, tiny_hf_model
+    from tests.test_profile_io import saved_tiny_model
 
     monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
     monkeypatch.setattr(kernels, "_status", "reference: enable() has not run")
-    source = tmp_path / "model"
-    tiny_hf_model("qwen2", seed=6).save_pretrained(source)
-    save_tokenizer(source)
-    loaded = load_model(str(source), reuse=False)
-    profile, _ = build_profile(loaded)
+    _, loaded, profile = saved_tiny_model(tmp_path)
     build_artifact(loaded, profile, tmp_path / "artifact", max_context=96, dtype="bfloat16")
     engine = load(tmp_path / "artifact", device="cuda")
     assert kernels.serving() == "triton"

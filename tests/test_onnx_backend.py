@@ -25,8 +25,7 @@ from kvcompile.models import load_model
 from kvcompile.profile_io import save_profile
 from kvcompile.runtime import load, onnx_io
 from kvcompile.runtime.onnx_backend import OnnxEngine
-from tests.test_profile_io import build_profile
-from tests.tiny import save_tokenizer, tiny_hf_model
+from tests.test_profile_io import saved_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 96
@@ -37,11 +36,7 @@ PROMPT = [5, 9, 11, 3, 40, 41, 7, 7, 19, 23, 60, 12, 8, 30, 31, 32, 33, 70, 71, 
 def built(tmp_path_factory) -> dict[str, Path]:
     """A tiny qwen2 model, its profile, and its artifact with and without the ONNX graphs."""
     root = tmp_path_factory.mktemp("onnx-backend")
-    source = root / "model"
-    tiny_hf_model("qwen2", seed=6).save_pretrained(source)
-    save_tokenizer(source)
-    loaded = load_model(str(source), reuse=False)
-    profile, _ = build_profile(loaded)
+    source, loaded, profile = saved_tiny_model(root)
     save_profile(profile, root / "profile.yaml")
     build_artifact(loaded, profile, root / "with-onnx", max_context=CONTEXT)
     build_artifact(loaded, profile, root / "no-onnx", max_context=CONTEXT, onnx=False)
@@ -194,7 +189,7 @@ def test_eval_memory_ratio_compares_the_onnx_buffers_with_the_baseline_at_their_
     the plan's at CONTEXT (reference: the torch engine's own allocations), not bytes at CONTEXT
     over a baseline allocated for the short request."""
     from kvcompile.backends import load_for_eval
-    from kvcompile.evaluate import allocated_kv_ratio
+    from kvcompile.evaluate import allocated_kv_ratios
 
     torch_engine = load(built["onnx"])
     beside = load_for_eval(built["onnx"], "onnx")
@@ -206,8 +201,11 @@ def test_eval_memory_ratio_compares_the_onnx_buffers_with_the_baseline_at_their_
                 / torch_engine.allocate(1, context, baseline).nbytes)
 
     assert torch_ratio(short) != pytest.approx(torch_ratio(CONTEXT))  # the case can tell them apart
-    assert allocated_kv_ratio(beside, plan, baseline, short) == pytest.approx(torch_ratio(CONTEXT))
-    assert allocated_kv_ratio(torch_engine, plan, baseline, short) == pytest.approx(torch_ratio(short))
+    plans = {"artifact": plan}
+    assert allocated_kv_ratios(beside, plans, baseline, short)["artifact"] == pytest.approx(
+        torch_ratio(CONTEXT))
+    assert allocated_kv_ratios(torch_engine, plans, baseline, short)["artifact"] == pytest.approx(
+        torch_ratio(short))
 
 
 def test_eval_beside_a_bfloat16_artifact_runs_the_baseline_in_the_graphs_float32(

@@ -14,7 +14,7 @@ import yaml
 from kvcompile.calibration import CalibConfig, CalibPrompt
 from kvcompile.errors import ProfileError
 from kvcompile.fitting import FitRequest, fit
-from kvcompile.models import LoadedModel
+from kvcompile.models import LoadedModel, load_model
 from kvcompile.profile_io import (
     PROFILE_FORMAT,
     Profile,
@@ -24,7 +24,7 @@ from kvcompile.profile_io import (
 )
 from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
 from kvcompile.profiling import make_profile, measure_answer_loss, run_profile, stats_from_profile
-from tests.tiny import VOCAB, tiny_loaded
+from tests.tiny import VOCAB, save_tokenizer, tiny_hf_model, tiny_loaded
 
 SETTINGS = ProfileSettings(capacity_grid=(8, 16, 32), sinks=2, last_queries=8, repeat_queries=16)
 REQUEST = FitRequest(kv_budget=0.3, at_context=128, min_window=4)
@@ -55,6 +55,17 @@ def build_profile(loaded: LoadedModel) -> tuple[Profile, HeadStatistics]:
     profile = make_profile(loaded, stats, result, REQUEST, calibration, SETTINGS)
     profile.sensitivity = sensitivity
     return profile, stats
+
+
+def saved_tiny_model(root: Path) -> tuple[Path, LoadedModel, Profile]:
+    """A tiny qwen2 model saved as a local model directory (weights and tokenizer) under
+    ``root``, loaded back from it as a user's model would be, and its profile: what an
+    artifact build needs."""
+    source = root / "model"
+    tiny_hf_model("qwen2", seed=6).save_pretrained(source)
+    save_tokenizer(source)
+    loaded = load_model(str(source), reuse=False)
+    return source, loaded, build_profile(loaded)[0]
 
 
 @pytest.fixture(scope="module")

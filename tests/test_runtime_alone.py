@@ -12,10 +12,8 @@ import yaml
 
 from kvcompile.artifact import MANIFEST, WEIGHTS, build_artifact
 from kvcompile.errors import KVCompileError
-from kvcompile.models import load_model
 from kvcompile.runtime import load
-from tests.test_profile_io import build_profile
-from tests.tiny import save_tokenizer, tiny_hf_model
+from tests.test_profile_io import saved_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILER_MODULES = ("kvcompile.profiler", "kvcompile.profiling", "kvcompile.fitting",
@@ -29,11 +27,7 @@ COMPILER_MODULES = ("kvcompile.profiler", "kvcompile.profiling", "kvcompile.fitt
 def artifacts(tmp_path_factory) -> dict[str, Path]:
     """The same tiny model built twice: float32 and bfloat16 weights."""
     root = tmp_path_factory.mktemp("runtime")
-    source = root / "model"
-    tiny_hf_model("qwen2", seed=6).save_pretrained(source)
-    save_tokenizer(source)
-    loaded = load_model(str(source), reuse=False)
-    profile, _ = build_profile(loaded)
+    _, loaded, profile = saved_tiny_model(root)
     out = {}
     for dtype in ("float32", "bfloat16"):
         out[dtype] = root / dtype
