@@ -168,10 +168,13 @@ def merged(paths: list[Path]) -> tuple[dict[str, dict], float]:
                 reports[name] = {**reports[name], "tasks": reports[name]["tasks"] + report["tasks"]}
             else:
                 reports[name] = report
-    keep = ("lengths", "samples", "genre")
+    keep = ("lengths", "genre")
     settings = {json.dumps({k: r["settings"].get(k) for k in keep}, sort_keys=True) for r in reports.values()}
-    if len(settings) != 1 or len({r["seed"] for r in reports.values()}) != 1:
-        raise SystemExit("--from-json: runs differ in seed, genre, lengths or samples")
+    samples: dict[str, int] = {}  # per task: runs of other tasks may say nothing of it
+    same_samples = all(samples.setdefault(task, n) == n
+                       for r in reports.values() for task, n in r["settings"]["samples"].items())
+    if len(settings) != 1 or not same_samples or len({r["seed"] for r in reports.values()}) != 1:
+        raise SystemExit("--from-json: runs differ in seed, genre, lengths or samples per task")
     task_order = {"passkey": 0, "multikey": 1, "continuation": 2}
     for report in reports.values():
         report["tasks"] = sorted(report["tasks"], key=lambda row: (task_order.get(row["task"], 9), row["length"]))

@@ -1,15 +1,15 @@
 """Fitting step 3: the plan is chosen by measured loss, not by the proxies alone.
 
 The proxy fit (retrieval scores, error curves, answer-loss curves) proposes several plans at
-the same memory: different numbers of full heads, the fitted capacities or an equal split,
-and ``uniform`` itself. Each is served by the runtime on held-out calibration prompts (one
-exact prefill per prompt fills every candidate's cache, ``ReorderedCache`` serves a plan on
-the unpermuted model) and scored on two things: the answer log-probability of needle probes,
-and the NLL and KL of real text against the uncompressed model. Only candidates at least as
-good as ``uniform`` on answers (NLL increase) and on text (NLL increase plus KL, nats per
-token) are eligible; ``uniform`` always is, so the chosen plan never measures worse than
-``uniform`` on these prompts, by construction. Among the eligible, the lowest mean of the two
-losses, each relative to ``uniform``'s, wins.
+the same memory: different numbers of full heads, a quarter or half of each budgeted head's
+free slots given to selected tokens, and ``uniform`` itself. Each is served by the runtime on
+held-out calibration prompts (one exact prefill per prompt fills every candidate's cache,
+``ReorderedCache`` serves a plan on the unpermuted model) and scored on two things: the answer
+log-probability of needle probes, and the NLL and KL of real text against the uncompressed
+model. Only candidates at least as good as ``uniform`` on answers (NLL increase) and on text
+(NLL increase plus KL, nats per token) are eligible; ``uniform`` always is, so the chosen plan
+never measures worse than ``uniform`` on these prompts, by construction. Among the eligible,
+the lowest mean of the two losses, each relative to ``uniform``'s, wins.
 
 The prompts are shorter than the fit's reference context when that is long (8K: 2K prompts,
 for time), where ``uniform``'s windows cover more of the prompt than they would at 8K: the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from kvcompile.yamlio import rounded
 UNCOMPRESSED = "uncompressed"
 UNIFORM = "uniform"
 LOSSES = ("answer_nll", "text_nll", "text_kl")
+SELECTED_FRACTIONS = (0.25, 0.5)  # the budgeted heads' splits the choice measures (the request's is one)
 
 
 @dataclass(frozen=True)
@@ -153,13 +154,15 @@ def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prom
 
 
 def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> list[Candidate]:
-    """The proxy fit, other full heads, and ``uniform``; distinct plans only.
+    """The proxy fit, other full heads, other capacity splits, and ``uniform``; distinct plans only.
 
     Full heads in retrieval-score order: half of those above the score threshold, all of them;
     in needle-mass order (the heads answers read most, which the combined score can rank
     lower): half of them and two fewer than all. Each is skipped where it does not fit the
-    hard minimum layout. (Also measured, rarely chosen, dropped for time: no full heads, an
-    equal split of the capacities; docs/BENCHMARKS.md.)
+    hard minimum layout. The proxy fit's heads also with the other share of selected slots in
+    ``SELECTED_FRACTIONS`` when the request's is one of them: selected tokens carry text copied
+    from far back, windows the near context, and which matters more depends on the budget. (Also measured, rarely chosen,
+    dropped for time: no full heads, an equal split of the capacities; docs/BENCHMARKS.md.)
     """
     proxy = fit(stats, arch, request)
     k = proxy.plan.n_full
@@ -170,6 +173,10 @@ def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> li
                      for n in sorted({wanted // 2, wanted}) if n != k]
         requests += [(f"profiled, {n} full heads by needle mass", replace(request, full_heads=n, full_rank="needle"))
                      for n in sorted({wanted // 2, wanted - 2}) if n > 0]
+    if request.selected_fraction in SELECTED_FRACTIONS:  # another share was the user's to set
+        requests += [(f"profiled, {k} full heads, {fraction:g} selected",
+                      replace(request, selected_fraction=fraction))
+                     for fraction in SELECTED_FRACTIONS if fraction != request.selected_fraction]
     requests.append((UNIFORM, replace(request, policy="uniform", full_heads=None)))
     out: list[Candidate] = []
     seen: set[Plan] = set()
@@ -235,10 +242,19 @@ def choose_plan(model: CompactLM, tokenizer: Any, stats: HeadStatistics, request
         "uncompressed": losses[UNCOMPRESSED].as_dict(),
         "candidates": [
             {"name": c.name, "policy": c.result.plan.policy, "full_heads": c.result.plan.n_full,
-             "equal_weight": c.request.equal_weight, **losses[c.name].as_dict(),
+             "equal_weight": c.request.equal_weight,
+             **({"selected_fraction": c.request.selected_fraction} if c.result.plan.policy == "profiled" else {}),
+             **losses[c.name].as_dict(),
              "eligible": table[c.name]["eligible"], "score": rounded(table[c.name]["score"], 6)}
             for c in pool
         ],
         "chosen": chosen,
+        # the fit settings that rebuild the chosen plan from the statistics (``profiling.chosen_request``)
+        "chosen_settings": chosen_settings(picked.request),
     }
     return result, record
+
+
+def chosen_settings(request: FitRequest) -> dict[str, Any]:
+    """``request``'s settings but the budget and context, as the profile records them."""
+    return {f.name: getattr(request, f.name) for f in fields(FitRequest) if f.name not in ("kv_budget", "at_context")}

@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from kvcompile import __version__
-from kvcompile.errors import ProfileError
+from kvcompile.errors import KVCompileError, ProfileError
+from kvcompile.fitting import FitRequest
 from kvcompile.plan import Plan
 from kvcompile.plan_io import Reader as _Reader
 from kvcompile.plan_io import plan_from_dict, plan_to_dict
@@ -166,6 +167,12 @@ def _choice_from_dict(reader: _Reader, data: Any) -> dict[str, Any]:
         reader.get(row, "score", at, (int, float))
         losses(row, at)
     chosen = reader.get(data, "chosen", path, str)
+    if "chosen_settings" in data:  # absent from profiles made before it was recorded
+        settings = reader.mapping(reader.get(data, "chosen_settings", path, dict), f"{path}.chosen_settings")
+        try:  # the fit's own checks: names, ranges
+            FitRequest(**settings)
+        except (TypeError, KVCompileError) as err:
+            raise reader.fail(f"{path}.chosen_settings", str(err).split("\n")[0]) from None
     if chosen not in names:
         raise reader.fail(f"{path}.chosen", f"{chosen!r} is not one of the candidates")
     if not rows[names.index(chosen)]["eligible"]:

@@ -133,6 +133,16 @@ def request_from_profile(profile: Profile, kv_budget: float, at_context: int) ->
     return FitRequest(kv_budget=kv_budget, at_context=at_context, **values)
 
 
+def chosen_request(profile: Profile, kv_budget: float, at_context: int) -> FitRequest:
+    """The settings of the plan the measured choice shipped, at another budget: they rebuild
+    that plan from the statistics (``request_from_profile`` is the user's request, whose proxy
+    fit the choice may have passed over). Profiles without a recorded choice: the request."""
+    settings = (profile.choice or {}).get("chosen_settings")
+    if settings is None:
+        return request_from_profile(profile, kv_budget, at_context)
+    return FitRequest(kv_budget=kv_budget, at_context=at_context, **settings)
+
+
 def run_profile(
     loaded: LoadedModel,
     calib: CalibConfig,

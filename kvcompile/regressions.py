@@ -30,7 +30,7 @@ from kvcompile.fitting import FitRequest, fit
 from kvcompile.memory import kv_ratio
 from kvcompile.plan import BudgetLayout, Plan
 from kvcompile.profile_io import Profile
-from kvcompile.profiling import request_from_profile, stats_from_profile
+from kvcompile.profiling import chosen_request, stats_from_profile
 from kvcompile.runtime.engine import Engine
 
 STARVED_WINDOW = 32
@@ -38,9 +38,9 @@ ARTIFACT = "artifact"
 
 
 def refit_request(profile: Profile, **changes: object) -> FitRequest:
-    """The fit settings the profile records (``profiling.request_from_profile``, the same reading
-    ``kvcompile fit`` does) at its own budget and context, with ``changes`` applied."""
-    request = request_from_profile(profile, profile.fit["kv_budget"], profile.fit["at_context"])
+    """The settings of the shipped plan (``profiling.chosen_request``: the measured choice's
+    winner, else the recorded request) at its own budget and context, with ``changes`` applied."""
+    request = chosen_request(profile, profile.fit["kv_budget"], profile.fit["at_context"])
     return replace(request, **changes)  # type: ignore[arg-type]
 
 

@@ -36,7 +36,7 @@ class SensitivitySettings:
     reference_capacity: int = 256  # every budgeted head's capacity in the reference state
     sinks: int = 4  # layout of the compressed heads, as the fit builds it
     compensation: int = 1
-    selected_fraction: float = 0.25
+    selected_fraction: float = 0.5
     observation_window: int = 16
     selection: str = "attention"
 

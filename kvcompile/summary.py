@@ -44,11 +44,13 @@ def choice_table(choice: dict[str, Any]) -> Table:
     """Candidates of the measured choice: loss increases over the uncompressed model."""
     base = choice["uncompressed"]
     table = Table(title=f"measured choice on held-out prompts ({choice['context_tokens']} tokens)")
-    for column in ("candidate", "full", "answer NLL Δ", "text NLL Δ", "text KL", "eligible", "chosen"):
+    for column in ("candidate", "full", "selected", "answer NLL Δ", "text NLL Δ", "text KL", "eligible", "chosen"):
         table.add_column(column, justify="left" if column == "candidate" else "right")
     for row in choice["candidates"]:
         text = row["text_nll"] / base["text_nll"] - 1 if base["text_nll"] else 0.0
-        table.add_row(row["name"], str(row["full_heads"]), f"{row['answer_nll'] - base['answer_nll']:+.3f}",
+        selected = row.get("selected_fraction")  # absent from profiles before the split was a candidate
+        table.add_row(row["name"], str(row["full_heads"]), "" if selected is None else f"{selected:g}",
+                      f"{row['answer_nll'] - base['answer_nll']:+.3f}",
                       f"{text:+.2%}", f"{row['text_kl']:.4f}", "yes" if row["eligible"] else "no",
                       "◀" if row["name"] == choice["chosen"] else "")
     return table

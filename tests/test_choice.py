@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvcompile.choice import (
+    SELECTED_FRACTIONS,
     UNCOMPRESSED,
     UNIFORM,
     ChoiceConfig,
@@ -143,6 +144,27 @@ def test_candidates_are_distinct_plans_within_budget(tiny) -> None:
     assert len(set(plans)) == len(plans) >= 2
     assert pool[-1].name == UNIFORM and plans[-1].policy == "uniform"
     assert all(kv_ratio(p, arch, 256) <= 0.25 for p in plans)
+
+
+def test_candidates_measure_the_proxy_heads_at_every_other_selected_share(tiny) -> None:
+    """The split of a budgeted head's free slots (selected vs window) is measured, not assumed."""
+    loaded, _ = tiny
+    arch = loaded.arch
+    stats = random_stats(arch.n_layers, arch.n_kv_heads, 0)
+    for own, measured in ((0.5, SELECTED_FRACTIONS), (0.25, SELECTED_FRACTIONS), (0.3, (0.3,))):
+        request = FitRequest(kv_budget=0.25, at_context=256, min_window=4, min_budgeted_capacity=16,
+                             selected_fraction=own)
+        pool = candidates(stats, arch, request)
+        proxy = pool[0].result.plan
+        splits = {c.request.selected_fraction: c.result.plan for c in pool
+                  if c.request.full_heads is None and c.request.policy == "profiled"}
+        assert sorted(splits) == sorted(measured)  # a share the user set is not second-guessed
+        for fraction, plan in splits.items():
+            assert [layer.full_heads for layer in plan.layers] == [layer.full_heads for layer in proxy.layers]
+            for layer in plan.layers:
+                layout = layer.layout
+                free = layout.capacity - layout.sinks - layout.compensation
+                assert layout.selected == round(fraction * free), (fraction, layout)
 
 
 @pytest.mark.slow

@@ -10,9 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from kvcompile.arch import arch_from_description
 from kvcompile.artifact import load_engine
 from kvcompile.cli import main
+from kvcompile.fitting import fit
 from kvcompile.profile_io import load_profile
+from kvcompile.profiling import chosen_request, stats_from_profile
 from tests.tiny import save_tokenizer, tiny_hf_model
 
 CONTEXT = 1024  # a row of every memory table (inspect shows 1024, 2048 and max_context)
@@ -75,6 +78,14 @@ def test_profile_records_the_measured_choice(gemma_run: dict) -> None:
     choice = load_profile(gemma_run["profile"]).choice
     assert choice is not None and choice["chosen"] in {c["name"] for c in choice["candidates"]}
     assert any(c["name"] == "uniform" for c in choice["candidates"])
+
+
+def test_the_recorded_choice_rebuilds_the_profile_plan(gemma_run: dict) -> None:
+    """``chosen_settings`` refit from the statistics give the plan the profile ships."""
+    profile = load_profile(gemma_run["profile"])
+    arch = arch_from_description(profile.model["architecture"])
+    request = chosen_request(profile, profile.fit["kv_budget"], profile.fit["at_context"])
+    assert fit(stats_from_profile(profile), arch, request).plan == profile.plan
 
 
 def test_refit_without_the_model_keeps_the_definition(gemma_run: dict, tmp_path: Path) -> None:

@@ -207,6 +207,17 @@ def test_schema_errors_name_the_path(case: str, saved: Path, tmp_path: Path) -> 
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("key, value", [("selected_fraction", 1.5), ("selected_fraction", "half"),
+                                        ("magic", 1), ("policy", "best")])
+def test_tampered_chosen_settings_are_refused(key: str, value: Any, tmp_path: Path) -> None:
+    """The settings that rebuild the shipped plan are checked like a fit request."""
+    shipped = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
+    path = edited(shipped, tmp_path, _set(("choice", "chosen_settings", key), value))
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"{path}: choice.chosen_settings"), str(info.value)
+
+
 def test_plan_layer_count_must_match_model(saved: Path, tmp_path: Path) -> None:
     path = edited(saved, tmp_path, lambda d: d["plan"]["layers"].pop())
     with pytest.raises(ProfileError, match=r"plan\.layers: has 1 layers, the model has 2"):
