@@ -161,8 +161,9 @@ def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> li
     lower): half of them and two fewer than all. Each is skipped where it does not fit the
     hard minimum layout. The proxy fit's heads also with the other share of selected slots in
     ``SELECTED_FRACTIONS`` when the request's is one of them: selected tokens carry text copied
-    from far back, windows the near context, and which matters more depends on the budget. (Also measured, rarely chosen,
-    dropped for time: no full heads, an equal split of the capacities; docs/BENCHMARKS.md.)
+    from far back, windows the near context, and which matters more depends on the budget.
+    (Also measured, rarely chosen, dropped for time: no full heads, an equal split of the
+    capacities; docs/BENCHMARKS.md.)
     """
     proxy = fit(stats, arch, request)
     k = proxy.plan.n_full

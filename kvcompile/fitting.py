@@ -14,12 +14,15 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvcompile.arch import ArchSpec
 from kvcompile.errors import BudgetError
 from kvcompile.memory import sliding_slots, uncompressed_slots
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
-from kvcompile.profiler import HeadStatistics
+
+if TYPE_CHECKING:  # a type only: fitting (and the profile reader's check of fit settings) needs no torch
+    from kvcompile.profiler import HeadStatistics
 
 POLICIES = ("profiled", "uniform", "pyramid")
 FULL_RANKS = ("retrieval", "needle")  # the head statistic that orders candidates for full heads
