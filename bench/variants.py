@@ -83,6 +83,8 @@ def main() -> None:
     for spec in args.variant:
         name, _, settings = spec.partition("=")
         if settings.startswith("layers:"):
+            if not plans:
+                raise SystemExit(f"--variant {spec}: a layers variant changes the first variant; give that one first")
             span, _, donor_budget = settings.removeprefix("layers:").partition("@")
             low, _, high = span.partition("-")
             donor = fit(stats, loaded.arch, replace(request, kv_budget=float(donor_budget))).plan
