@@ -163,6 +163,10 @@ def _choice_from_dict(reader: _Reader, data: Any) -> dict[str, Any]:
         reader.get(row, "policy", at, str)
         reader.get(row, "full_heads", at, int)
         reader.get(row, "equal_weight", at, (int, float))
+        if "selected_fraction" in row:  # profiled candidates of profiles that record the split
+            fraction = reader.get(row, "selected_fraction", at, (int, float))
+            if not 0 <= fraction < 1:
+                raise reader.fail(f"{at}.selected_fraction", f"expected a number in [0, 1), got {fraction!r}")
         reader.get(row, "eligible", at, bool)
         reader.get(row, "score", at, (int, float))
         losses(row, at)

@@ -218,6 +218,16 @@ def test_tampered_chosen_settings_are_refused(key: str, value: Any, tmp_path: Pa
     assert str(info.value).startswith(f"{path}: choice.chosen_settings"), str(info.value)
 
 
+@pytest.mark.parametrize("value", [1.5, "half"])
+def test_tampered_candidate_split_is_refused(value: Any, tmp_path: Path) -> None:
+    """A candidate's selected share (the summary table prints it) is checked on reading."""
+    shipped = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
+    path = edited(shipped, tmp_path, lambda d: d["choice"]["candidates"][0].update(selected_fraction=value))
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"{path}: choice.candidates[0].selected_fraction"), str(info.value)
+
+
 def test_plan_layer_count_must_match_model(saved: Path, tmp_path: Path) -> None:
     path = edited(saved, tmp_path, lambda d: d["plan"]["layers"].pop())
     with pytest.raises(ProfileError, match=r"plan\.layers: has 1 layers, the model has 2"):
