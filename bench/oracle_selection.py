@@ -88,10 +88,13 @@ def follow_up(task: str, case) -> list[int]:
 
 
 def summary(task: str, tally: _Tally, base: _Tally) -> str:
+    """Cases correct, or the continuation's NLL increase and KL against the baseline."""
     if task != "continuation":
         return f"{tally.correct}/{tally.n}"
+    if tally is base:
+        return "—"
     nll = statistics.mean(tally.nll) / statistics.mean(base.nll) - 1
-    return f"NLL {100 * nll:+.2f}%, KL {statistics.mean(tally.kl):.3f}" if tally is not base else "—"
+    return f"NLL {100 * nll:+.2f}%, KL {statistics.mean(tally.kl):.3f}"
 
 
 def main() -> None:

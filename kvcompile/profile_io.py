@@ -165,23 +165,27 @@ def _choice_from_dict(reader: _Reader, data: Any) -> dict[str, Any]:
         reader.get(row, "equal_weight", at, (int, float))
         if "selected_fraction" in row:  # profiled candidates of profiles that record the split
             fraction = reader.get(row, "selected_fraction", at, (int, float))
-            if not 0 <= fraction < 1:
-                raise reader.fail(f"{at}.selected_fraction", f"expected a number in [0, 1), got {fraction!r}")
+            _check_fit_settings(reader, {"selected_fraction": fraction}, f"{at}.selected_fraction")
         reader.get(row, "eligible", at, bool)
         reader.get(row, "score", at, (int, float))
         losses(row, at)
     chosen = reader.get(data, "chosen", path, str)
     if "chosen_settings" in data:  # absent from profiles made before it was recorded
         settings = reader.mapping(reader.get(data, "chosen_settings", path, dict), f"{path}.chosen_settings")
-        try:  # the fit's own checks: names, ranges
-            FitRequest(**settings)
-        except (TypeError, KVCompileError) as err:
-            raise reader.fail(f"{path}.chosen_settings", str(err).split("\n")[0]) from None
+        _check_fit_settings(reader, settings, f"{path}.chosen_settings")
     if chosen not in names:
         raise reader.fail(f"{path}.chosen", f"{chosen!r} is not one of the candidates")
     if not rows[names.index(chosen)]["eligible"]:
         raise reader.fail(f"{path}.chosen", f"{chosen!r} is not eligible (measured worse than uniform)")
     return data
+
+
+def _check_fit_settings(reader: _Reader, settings: dict[str, Any], at: str) -> None:
+    """Fit settings read from a profile pass the fit's own checks (names, ranges), or fail at ``at``."""
+    try:
+        FitRequest(**settings)
+    except (TypeError, KVCompileError) as err:
+        raise reader.fail(at, str(err).split("\n")[0]) from None
 
 
 def _sensitivity_from_dict(reader: _Reader, data: Any, n_layers: int, n_kv: int, n_grid: int) -> dict[str, Any]:
