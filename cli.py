@@ -134,11 +134,11 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
     """
     from dataclasses import replace
 
-    from kvcompile.calibration import CalibConfig
-    from kvcompile.fitting import FitRequest
+    from kvcompile.fit.greedy import FitRequest
+    from kvcompile.fit.pipeline import run_profile
     from kvcompile.models import load_model
-    from kvcompile.profile_io import save_profile
-    from kvcompile.profiling import run_profile
+    from kvcompile.profile.calibration import CalibConfig
+    from kvcompile.profile.record import save_profile
 
     overrides: dict[str, Any] = {}
     if threshold is not None:
@@ -158,7 +158,7 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
         calib = replace(calib, text_length=calib_length, probe_length=calib_length)
     if calib_prompts is not None:
         calib = replace(calib, n_text=calib_prompts, n_passkey=calib_prompts, n_multikey=calib_prompts)
-    from kvcompile.calibration import read_user_prompts
+    from kvcompile.profile.calibration import read_user_prompts
 
     for path in calib_files:  # parse before loading the model: a bad file fails in a second
         read_user_prompts(path)
@@ -171,11 +171,11 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
         loaded, calib, request, list(calib_files), progress=tick, device=target, dtype=precision))
     save_profile(result, output)
     elapsed = time.perf_counter() - started
-    from kvcompile.summary import print_profile_summary
+    from kvcompile.fit.summary import print_profile_summary
 
     print_profile_summary(console, result)
     if plot:
-        from kvcompile.plots import write_profile_plots
+        from kvcompile.fit.plots import write_profile_plots
 
         for path in write_profile_plots(result, output):
             console.print(f"plot: {path}")
@@ -203,9 +203,9 @@ def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, mo
     Without --model: the proxy fit alone, in seconds, no model needed. With --model: the
     plan is chosen by measured loss on held-out prompts, as `kvcompile profile` does.
     """
-    from kvcompile.profile_io import load_profile, save_profile
-    from kvcompile.profiling import refit_profile, request_from_profile
-    from kvcompile.summary import print_profile_summary
+    from kvcompile.fit.pipeline import refit_profile, request_from_profile
+    from kvcompile.fit.summary import print_profile_summary
+    from kvcompile.profile.record import load_profile, save_profile
 
     started = time.perf_counter()
     profile = load_profile(profile_path)
@@ -250,9 +250,9 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
     model while prompts fit the budgets), and writes weights, plan, profile, tokenizer,
     manifest with per-file sha256, and build-report.json.
     """
-    from kvcompile.artifact import build_artifact
+    from kvcompile.build.artifact import build_artifact
     from kvcompile.models import load_model
-    from kvcompile.profile_io import load_profile
+    from kvcompile.profile.record import load_profile
 
     console = _console()
     profile_data = load_profile(profile_path)
@@ -337,9 +337,9 @@ def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_to
 @friendly_errors
 def inspect(artifact: Path) -> None:
     """Print an artifact's plan and its KV memory against the uncompressed model."""
-    from kvcompile.artifact import load_engine
+    from kvcompile.build.artifact import load_engine
+    from kvcompile.fit.summary import memory_rows_table, plan_table
     from kvcompile.memory import memory_table, plan_bytes
-    from kvcompile.summary import memory_rows_table, plan_table
 
     console = _console()
     engine = load_engine(artifact)
@@ -392,9 +392,9 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
     same process. Reports accuracy with 95% Wilson intervals, NLL, KL, greedy agreement,
     KV memory ratio and wall time.
     """
-    from kvcompile.cases import read_cases, tokenize_cases
-    from kvcompile.evaluate import ANSWER_TOKENS, EvalConfig, evaluate
-    from kvcompile.report import render_markdown, write_report
+    from kvcompile.eval.cases import read_cases, tokenize_cases
+    from kvcompile.eval.evaluate import ANSWER_TOKENS, EvalConfig, evaluate
+    from kvcompile.eval.report import render_markdown, write_report
 
     default, per_task = _samples(samples)
     config = EvalConfig(tasks=_split(tasks, str, "--tasks"), lengths=_split(lengths, int, "--lengths"),
@@ -402,7 +402,7 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
                         genre=genre)
     raw_cases = read_cases(cases_path) if cases_path is not None else None  # bad files fail before loading
     console = _console()
-    from kvcompile.backends import load_for_eval
+    from kvcompile.eval.backends import load_for_eval
 
     # backend onnx: the artifact in onnxruntime, the baseline in the torch runtime
     engine = load_for_eval(artifact, backend, device=device, dtype=dtype)
@@ -436,8 +436,8 @@ def gate(report: Path | None, rules: Path | None, plan_rules: Path | None) -> No
     (power 0.8); a rule that cannot fail at that size is an error (exit 2) unless it says
     `allow_underpowered: true`. `kvcompile gate --plan-samples RULES [PILOT]` sizes an eval.
     """
-    from kvcompile.gate import load_rules, plan_samples, render_plan, render_table, run_gate
-    from kvcompile.report import load_report
+    from kvcompile.eval.report import load_report
+    from kvcompile.gate.rules import load_rules, plan_samples, render_plan, render_table, run_gate
 
     if plan_rules is not None:
         if rules is not None:

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = min(args.rounds, args.steps)
 
     torch.set_num_threads(args.threads)
-    from kvcompile.artifact import load_engine
+    from kvcompile.build.artifact import load_engine
     from kvcompile.models import load_model
 
     engine = load_engine(args.artifact, device=args.device, dtype=args.dtype)

@@ -1,7 +1,7 @@
 """Score the shipped artifact and its broken variants, and gate each with a rules file.
 
 Builds the artifact from the profile (or takes --artifact DIR), loads it from disk, derives
-the broken variants of ``kvcompile.regressions`` from the profile, evaluates all of them in
+the broken variants of ``tests.regressions`` from the profile, evaluates all of them in
 one shared run per task and prints one Markdown table row per system, then the gate's
 verdict on each with the rules' detectable regressions. What tests/test_shipped_profile.py
 runs in CI, with any lengths, sample sizes and seed.
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from kvcompile.artifact import build_artifact, load_engine
-from kvcompile.evaluate import EvalConfig
-from kvcompile.gate import evaluate as evaluate_gate
-from kvcompile.gate import load_rules, render_table
+from kvcompile.build.artifact import build_artifact, load_engine
+from kvcompile.eval.evaluate import EvalConfig
+from kvcompile.gate.rules import evaluate as evaluate_gate
+from kvcompile.gate.rules import load_rules, render_table
 from kvcompile.models import load_model
-from kvcompile.profile_io import load_profile
-from kvcompile.regressions import evaluate_with_regressions
+from kvcompile.profile.record import load_profile
+from tests.regressions import evaluate_with_regressions
 
 
 def parse_args() -> argparse.Namespace:

@@ -296,9 +296,9 @@ def e2e_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
 
 def plan_at(engine, artifact: Path, context: int, budget: float):
     """The artifact's plan refitted at ``budget`` of ``context`` (same full heads), or its own."""
-    from kvcompile.fitting import FitRequest, fit
-    from kvcompile.profile_io import load_profile
-    from kvcompile.profiling import stats_from_profile
+    from kvcompile.fit.greedy import FitRequest, fit
+    from kvcompile.fit.pipeline import stats_from_profile
+    from kvcompile.profile.record import load_profile
 
     stats = stats_from_profile(load_profile(Path(artifact) / "profile.yaml"))
     arch = dataclasses.replace(engine.arch, max_context=max(engine.arch.max_context, context))

@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP workers (
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from kvcompile.evaluate import (  # noqa: E402
+from kvcompile.eval.evaluate import (  # noqa: E402
     ANSWER_TOKENS,
     BASELINE,
     EvalConfig,
@@ -33,10 +33,10 @@ from kvcompile.evaluate import (  # noqa: E402
     _generated_groups,
     _Tally,
 )
-from kvcompile.fitting import fit  # noqa: E402
+from kvcompile.fit.greedy import fit  # noqa: E402
+from kvcompile.fit.pipeline import request_from_profile, stats_from_profile  # noqa: E402
 from kvcompile.models import load_model  # noqa: E402
-from kvcompile.profile_io import load_profile  # noqa: E402
-from kvcompile.profiling import request_from_profile, stats_from_profile  # noqa: E402
+from kvcompile.profile.record import load_profile  # noqa: E402
 from kvcompile.runtime.cache import compress_prefill, selection_scores  # noqa: E402
 from kvcompile.runtime.engine import Engine  # noqa: E402
 from kvcompile.runtime.head_order import ReorderedCache, ReorderedLayer  # noqa: E402

@@ -25,10 +25,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from kvcompile.evaluate import EvalConfig, evaluate_systems
+from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
+from kvcompile.fit.pipeline import refit_profile, request_from_profile
 from kvcompile.models import load_model
-from kvcompile.profile_io import load_profile, save_profile
-from kvcompile.profiling import refit_profile, request_from_profile
+from kvcompile.profile.record import load_profile, save_profile
 from kvcompile.runtime.engine import Engine
 from kvcompile.textsource import GENRES
 

@@ -25,12 +25,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP workers (
 import torch  # noqa: E402
 from policies import table  # noqa: E402  (bench/ is the script's directory)
 
-from kvcompile.evaluate import EvalConfig, evaluate_systems  # noqa: E402
-from kvcompile.fitting import FitRequest, fit  # noqa: E402
+from kvcompile.eval.evaluate import EvalConfig, evaluate_systems  # noqa: E402
+from kvcompile.fit.greedy import FitRequest, fit  # noqa: E402
+from kvcompile.fit.pipeline import request_from_profile, stats_from_profile  # noqa: E402
 from kvcompile.models import load_model  # noqa: E402
 from kvcompile.plan import Plan  # noqa: E402
-from kvcompile.profile_io import load_profile  # noqa: E402
-from kvcompile.profiling import request_from_profile, stats_from_profile  # noqa: E402
+from kvcompile.profile.record import load_profile  # noqa: E402
 from kvcompile.runtime.engine import Engine  # noqa: E402
 from kvcompile.textsource import GENRES  # noqa: E402
 

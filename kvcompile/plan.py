@@ -1,7 +1,7 @@
 """The plan: which KV heads keep everything and what the others keep.
 
 Small, frozen dataclasses shared by profile, build and runtime; the YAML form lives in
-``kvcompile.profile_io``.
+``kvcompile.profile.record``.
 """
 from __future__ import annotations
 

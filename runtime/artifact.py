@@ -2,7 +2,7 @@
 
 The reader lives with the runtime so that a deployment loads an artifact with the runtime
 alone: nothing here imports the profiler, the fit, calibration or evaluation (the writer,
-``kvcompile.artifact``, stays with the build). Loading checks the format version, every
+``kvcompile.build.artifact``, stays with the build). Loading checks the format version, every
 file's sha256 and that the manifest and the bundled profile name the same source model
 before anything runs.
 """

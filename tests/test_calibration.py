@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from kvcompile.calibration import (
+from kvcompile.errors import CalibrationError
+from kvcompile.profile.calibration import (
     MIN_USER_TOKENS,
     CalibConfig,
     CalibPrompt,
     build_calibration_set,
     read_user_prompts,
 )
-from kvcompile.errors import CalibrationError
 from kvcompile.textsource import (
     calibration_paragraphs,
     evaluation_paragraphs,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcompile.cases import ANSWERS_TASK, CasesError, read_cases, tokenize_cases
-from kvcompile.evaluate import EvalConfig, evaluate_systems
+from kvcompile.eval.cases import ANSWERS_TASK, CasesError, read_cases, tokenize_cases
+from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime.engine import Engine
 from tests.tiny import compact_logits, save_tokenizer, tiny_loaded

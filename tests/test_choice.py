@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from kvcompile.choice import (
+from kvcompile.fit.choice import (
     SELECTED_FRACTIONS,
     UNCOMPRESSED,
     UNIFORM,
@@ -23,9 +23,9 @@ from kvcompile.choice import (
     held_out_prompts,
     measure_plans,
 )
-from kvcompile.fitting import FitRequest, fit
+from kvcompile.fit.greedy import FitRequest, fit
 from kvcompile.plan import Plan
-from kvcompile.profiler import HeadStatistics
+from kvcompile.profile.statistics import HeadStatistics
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from kvcompile.runtime.model import CompactLM
@@ -170,8 +170,8 @@ def test_candidates_measure_the_proxy_heads_at_every_other_selected_share(tiny) 
 @pytest.mark.slow
 def test_smollm2_measured_choice_beats_uniform_on_its_held_out_prompts(smollm2) -> None:
     """The real model and the shipped profile's statistics, small held-out prompts, every budget."""
-    from kvcompile.profile_io import load_profile
-    from kvcompile.profiling import stats_from_profile
+    from kvcompile.fit.pipeline import stats_from_profile
+    from kvcompile.profile.record import load_profile
 
     model = smollm2.build()
     stats = stats_from_profile(load_profile("profiles/smollm2-135m-instruct.yaml"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompile.artifact import compile_engine
+from kvcompile.build.artifact import compile_engine
 from kvcompile.errors import ContextLengthError
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime.engine import sample

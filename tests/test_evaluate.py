@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from kvcompile.artifact import compile_engine
-from kvcompile.evaluate import EvalConfig, evaluate, evaluate_systems
-from kvcompile.gate import evaluate as evaluate_gate
-from kvcompile.gate import load_rules
+from kvcompile.build.artifact import compile_engine
+from kvcompile.eval.evaluate import EvalConfig, evaluate, evaluate_systems
+from kvcompile.gate.rules import evaluate as evaluate_gate
+from kvcompile.gate.rules import load_rules
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
@@ -125,7 +125,7 @@ def test_gate_cli_exit_codes(reports, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from kvcompile.cli import main
-    from kvcompile.report import write_report
+    from kvcompile.eval.report import write_report
 
     rules = tmp_path / "gates.yaml"
     rules.write_text(GATE)

@@ -13,10 +13,10 @@ import torch
 
 from kvcompile.arch import ArchSpec, arch_from_config
 from kvcompile.errors import BudgetError
-from kvcompile.fitting import POLICIES, FitRequest, fit
+from kvcompile.fit.greedy import POLICIES, FitRequest, fit
 from kvcompile.memory import kv_ratio
 from kvcompile.plan import BudgetLayout, Plan
-from kvcompile.profiler import DEFAULT_GRID, HeadStatistics
+from kvcompile.profile.statistics import DEFAULT_GRID, HeadStatistics
 from tests.tiny import tiny_config
 
 CTX = 2048
@@ -367,7 +367,7 @@ def test_equal_weight_out_of_range_is_a_budget_error() -> None:
 
 
 def test_lower_hull_drops_points_above_the_chord() -> None:
-    from kvcompile.fitting import _lower_hull
+    from kvcompile.fit.greedy import _lower_hull
 
     assert _lower_hull([(16, 1.0), (32, 1.0), (64, 0.9), (128, 0.0)]) == [(16, 1.0), (128, 0.0)]
     convex = [(16, 1.0), (32, 0.5), (64, 0.25), (128, 0.0)]
@@ -408,7 +408,7 @@ ANSWER_LOSS = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.1], [0.4, 0.4, 0.4, 0.4, 0.0]
 
 
 def test_answer_loss_blend_is_a_share_of_each_normalised_part() -> None:
-    from kvcompile.fitting import _layer_curves
+    from kvcompile.fit.greedy import _layer_curves
 
     stats = answer_stats(ANSWER_LOSS)
     budgeted = {0: [0, 1], 1: [0, 1]}

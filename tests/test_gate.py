@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from kvcompile.gate import (
+from kvcompile.eval.report import ReportError
+from kvcompile.gate.rules import (
     GateRulesError,
     UnderpoweredRuleError,
     evaluate,
@@ -20,7 +21,6 @@ from kvcompile.gate import (
     render_table,
     run_gate,
 )
-from kvcompile.report import ReportError
 from kvcompile.stats import Z95, largest_detected_rate, normal_power_z
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -222,7 +222,7 @@ def test_row_missing_the_metric_fails() -> None:
 
 
 def test_empty_outcome_does_not_pass() -> None:
-    from kvcompile.gate import GateOutcome
+    from kvcompile.gate.rules import GateOutcome
 
     assert not GateOutcome([]).passed
 

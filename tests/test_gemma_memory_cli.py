@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 
 from kvcompile.arch import arch_from_description
-from kvcompile.artifact import load_engine
+from kvcompile.build.artifact import load_engine
 from kvcompile.cli import main
-from kvcompile.fitting import fit
-from kvcompile.profile_io import load_profile
-from kvcompile.profiling import chosen_request, stats_from_profile
+from kvcompile.fit.greedy import fit
+from kvcompile.fit.pipeline import chosen_request, stats_from_profile
+from kvcompile.profile.record import load_profile
 from tests.tiny import save_tokenizer, tiny_hf_model
 
 CONTEXT = 1024  # a row of every memory table (inspect shows 1024, 2048 and max_context)

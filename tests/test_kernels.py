@@ -436,7 +436,7 @@ def test_kernels_replay_in_a_cuda_graph(monkeypatch) -> None:
 def test_engine_decode_on_cuda_matches_the_cpu_reference(monkeypatch) -> None:
     """Prompt + 200 decode steps past capacity: the CUDA engine (kernels, CUDA graphs) against
     the CPU engine (reference), float32."""
-    from kvcompile.artifact import compile_engine
+    from kvcompile.build.artifact import compile_engine
     from kvcompile.runtime.engine import Engine
     from tests.tiny import tiny_loaded
 
@@ -462,7 +462,7 @@ def test_engine_decode_on_cuda_matches_the_cpu_reference(monkeypatch) -> None:
 
 @gpu_only
 def test_loading_an_artifact_on_cuda_enables_the_kernels(tmp_path, monkeypatch) -> None:
-    from kvcompile.artifact import build_artifact
+    from kvcompile.build.artifact import build_artifact
     from kvcompile.runtime import load
     from tests.test_profile_io import saved_tiny_model
 

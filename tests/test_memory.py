@@ -13,7 +13,7 @@ import torch
 
 from kvcompile.arch import arch_from_config
 from kvcompile.errors import BudgetError
-from kvcompile.fitting import FitRequest, fit, smallest_budget
+from kvcompile.fit.greedy import FitRequest, fit, smallest_budget
 from kvcompile.memory import kv_ratio, memory_table, plan_bytes, uncompressed_bytes
 from kvcompile.plan import Plan
 from kvcompile.runtime.cache import StaticKVCache
@@ -88,7 +88,7 @@ def test_fitted_gemma_plan_counts_sliding_layers_at_their_window() -> None:
 
 @pytest.mark.parametrize("policy", ["profiled", "uniform"])
 def test_budget_below_the_sliding_layers_names_the_smallest_feasible(policy: str) -> None:
-    from kvcompile.profiler import HeadStatistics
+    from kvcompile.profile.statistics import HeadStatistics
 
     arch = arch_from_config(tiny_hf_model("gemma3_text", **SLIDING["gemma3_text"]).config)
     shape = (arch.n_layers, arch.n_kv_heads)

@@ -16,12 +16,12 @@ import re
 import pytest
 import torch
 
-import kvcompile.evaluate as evaluate_module
-from kvcompile.evaluate import EvalConfig, evaluate_systems
+import kvcompile.eval.evaluate as evaluate_module
+from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
+from kvcompile.eval.tasks import EvalCase
 from kvcompile.models import LoadedModel
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime.engine import Engine
-from kvcompile.tasks import EvalCase
 from tests.test_stats import wilson_by_quadratic
 from tests.tiny import VOCAB, state_of, tiny_hf_model
 

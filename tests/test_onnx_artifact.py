@@ -19,9 +19,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from kvcompile.artifact import MANIFEST, load_engine, sha256_file
+from kvcompile.build.artifact import MANIFEST, load_engine, sha256_file
 from kvcompile.cli import main
-from kvcompile.profile_io import load_profile
+from kvcompile.profile.record import load_profile
 from kvcompile.runtime import load, onnx_io
 from kvcompile.textsource import encode_text, evaluation_paragraphs
 

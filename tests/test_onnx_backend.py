@@ -18,11 +18,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from kvcompile.artifact import MANIFEST, build_artifact
+from kvcompile.build.artifact import MANIFEST, build_artifact
 from kvcompile.cli import main
 from kvcompile.errors import ArtifactError, KVCompileError
 from kvcompile.models import load_model
-from kvcompile.profile_io import save_profile
+from kvcompile.profile.record import save_profile
 from kvcompile.runtime import load, onnx_io
 from kvcompile.runtime.onnx_backend import OnnxEngine
 from tests.test_profile_io import saved_tiny_model
@@ -159,12 +159,12 @@ def test_a_graph_onnxruntime_cannot_load_is_one_line(built, tmp_path: Path) -> N
 
 
 def test_a_failed_export_is_refused_naming_no_onnx(built, tmp_path: Path, monkeypatch) -> None:
-    import kvcompile.onnx_export
+    import kvcompile.build.onnx_export
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Unsupported: data-dependent operator\nmore detail")
 
-    monkeypatch.setattr(kvcompile.onnx_export, "export_source", refuse)
+    monkeypatch.setattr(kvcompile.build.onnx_export, "export_source", refuse)
     out = tmp_path / "art"
     result = CliRunner().invoke(main, ["build", str(built["model"]), "--profile",
                                        str(built["profile"]), "-o", str(out)])
@@ -188,8 +188,8 @@ def test_eval_memory_ratio_compares_the_onnx_buffers_with_the_baseline_at_their_
     """The graphs' buffers hold CONTEXT slots for any request, so a short request's ratio is
     the plan's at CONTEXT (reference: the torch engine's own allocations), not bytes at CONTEXT
     over a baseline allocated for the short request."""
-    from kvcompile.backends import load_for_eval
-    from kvcompile.evaluate import allocated_kv_ratios
+    from kvcompile.eval.backends import load_for_eval
+    from kvcompile.eval.evaluate import allocated_kv_ratios
 
     torch_engine = load(built["onnx"])
     beside = load_for_eval(built["onnx"], "onnx")
@@ -210,8 +210,8 @@ def test_eval_memory_ratio_compares_the_onnx_buffers_with_the_baseline_at_their_
 
 def test_eval_beside_a_bfloat16_artifact_runs_the_baseline_in_the_graphs_float32(
         built, tmp_path: Path) -> None:
-    from kvcompile.backends import load_for_eval
-    from kvcompile.profile_io import load_profile
+    from kvcompile.eval.backends import load_for_eval
+    from kvcompile.profile.record import load_profile
 
     loaded = load_model(str(built["model"]), reuse=False)
     build_artifact(loaded, load_profile(built["profile"]), tmp_path / "bf16", max_context=CONTEXT,

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from kvcompile.artifact import compile_engine
-from kvcompile.onnx_export import export_source
+from kvcompile.build.artifact import compile_engine
+from kvcompile.build.onnx_export import export_source
 from kvcompile.passes import CompiledModel, PermuteHeads
 from kvcompile.passes.onnx import (
     AttachFunctionBodies,

@@ -14,12 +14,12 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from kvcompile.artifact import MANIFEST, WEIGHTS, load_engine
-from kvcompile.calibration import CalibConfig
+from kvcompile.build.artifact import MANIFEST, WEIGHTS, load_engine
 from kvcompile.cli import main
-from kvcompile.fitting import FitRequest
-from kvcompile.profile_io import load_profile, save_profile
-from kvcompile.profiling import run_profile
+from kvcompile.fit.greedy import FitRequest
+from kvcompile.fit.pipeline import run_profile
+from kvcompile.profile.calibration import CalibConfig
+from kvcompile.profile.record import load_profile, save_profile
 
 pytestmark = pytest.mark.slow
 
@@ -191,7 +191,7 @@ def test_profile_for_another_model_is_refused(profile_path: Path, tmp_path: Path
 
 
 def test_interrupted_build_leaves_nothing(profile_path: Path, tmp_path: Path, monkeypatch) -> None:
-    import kvcompile.artifact as artifact_module
+    import kvcompile.build.artifact as artifact_module
     from kvcompile.models import load_model
 
     def explode(tmp, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""Power of gate rules (kvcompile/power.py) against hand-computed binomial and normal cases."""
+"""Power of gate rules (kvcompile/gate/power.py) against hand-computed binomial and normal cases."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from kvcompile.power import accuracy_needed, accuracy_power, continuous_power, standard_error
+from kvcompile.gate.power import accuracy_needed, accuracy_power, continuous_power, standard_error
 from kvcompile.stats import (
     Z95,
     binomial_cdf,

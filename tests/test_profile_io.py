@@ -11,19 +11,24 @@ import pytest
 import torch
 import yaml
 
-from kvcompile.calibration import CalibConfig, CalibPrompt
 from kvcompile.errors import ProfileError
-from kvcompile.fitting import FitRequest, fit
+from kvcompile.fit.greedy import FitRequest, fit
+from kvcompile.fit.pipeline import (
+    make_profile,
+    measure_answer_loss,
+    run_profile,
+    stats_from_profile,
+)
 from kvcompile.models import LoadedModel, load_model
-from kvcompile.profile_io import (
+from kvcompile.profile.calibration import CalibConfig, CalibPrompt
+from kvcompile.profile.record import (
     PROFILE_FORMAT,
     Profile,
     load_profile,
     profile_to_dict,
     save_profile,
 )
-from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
-from kvcompile.profiling import make_profile, measure_answer_loss, run_profile, stats_from_profile
+from kvcompile.profile.statistics import HeadStatistics, ProfileSettings, profile_heads
 from tests.tiny import VOCAB, save_tokenizer, tiny_hf_model, tiny_loaded
 
 SETTINGS = ProfileSettings(capacity_grid=(8, 16, 32), sinks=2, last_queries=8, repeat_queries=16)
@@ -346,7 +351,7 @@ def test_summary_names_the_layers_whose_answers_suffer_most(
         profile_and_stats: tuple[Profile, HeadStatistics]) -> None:
     from rich.console import Console
 
-    from kvcompile.summary import print_profile_summary
+    from kvcompile.fit.summary import print_profile_summary
 
     profile = dataclasses.replace(profile_and_stats[0], sensitivity={
         "reference_capacity": 16, "probes": 3, "reference_full_heads": [],

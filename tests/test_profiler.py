@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kvcompile.arch import arch_from_config
-from kvcompile.calibration import CalibPrompt
-from kvcompile.profiler import (
+from kvcompile.profile.calibration import CalibPrompt
+from kvcompile.profile.statistics import (
     HeadAccumulator,
     HeadStatistics,
     ProfileSettings,

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from kvcompile.arch import arch_from_config
-from kvcompile.artifact import compile_engine
+from kvcompile.build.artifact import compile_engine
+from kvcompile.fit.pipeline import stats_from_profile
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
-from kvcompile.profile_io import load_profile
-from kvcompile.profiling import stats_from_profile
-from kvcompile.regressions import (
+from kvcompile.profile.record import load_profile
+from kvcompile.runtime.engine import Engine
+from kvcompile.runtime.head_order import ReorderedCache
+from tests.regressions import (
     STARVED_WINDOW,
     broken_variants,
     equal_memory_uniform,
@@ -20,8 +22,6 @@ from kvcompile.regressions import (
     refit,
     starved_windows,
 )
-from kvcompile.runtime.engine import Engine
-from kvcompile.runtime.head_order import ReorderedCache
 from tests.tiny import tiny_loaded
 
 SHIPPED = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
@@ -124,7 +124,7 @@ def test_a_variant_served_on_an_artifact_computes_what_it_computes_on_the_source
 def test_uniform_variant_on_sliding_layers_has_the_plans_memory() -> None:
     """Memory is counted against the model's own cache (sliding layers at their window), so
     the variant gets the plan's slots, not a share of an all-full cache the model never has."""
-    from kvcompile.fitting import FitRequest, fit
+    from kvcompile.fit.greedy import FitRequest, fit
     from kvcompile.memory import kv_ratio
     from tests.tiny import tiny_hf_model
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kvcompile.report import (
+from kvcompile.eval.report import (
     ReportError,
     format_proportion,
     load_report,

@@ -10,17 +10,17 @@ import pytest
 import torch
 import yaml
 
-from kvcompile.artifact import MANIFEST, WEIGHTS, build_artifact
+from kvcompile.build.artifact import MANIFEST, WEIGHTS, build_artifact
 from kvcompile.errors import KVCompileError
 from kvcompile.runtime import load
 from tests.test_profile_io import saved_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPILER_MODULES = ("kvcompile.profiler", "kvcompile.profiling", "kvcompile.fitting",
-                    "kvcompile.calibration", "kvcompile.sensitivity", "kvcompile.validation",
-                    "kvcompile.textsource", "kvcompile.evaluate", "kvcompile.tasks",
-                    "kvcompile.gate", "kvcompile.report", "kvcompile.models", "kvcompile.passes",
-                    "kvcompile.artifact", "kvcompile.profile_io")
+COMPILER_MODULES = ("kvcompile.profile.statistics", "kvcompile.fit.pipeline", "kvcompile.fit.greedy",
+                    "kvcompile.profile.calibration", "kvcompile.profile.sensitivity", "kvcompile.fit.validation",
+                    "kvcompile.textsource", "kvcompile.eval.evaluate", "kvcompile.eval.tasks",
+                    "kvcompile.gate.rules", "kvcompile.eval.report", "kvcompile.models", "kvcompile.passes",
+                    "kvcompile.build.artifact", "kvcompile.profile.record")
 
 
 @pytest.fixture(scope="module")

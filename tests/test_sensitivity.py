@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from kvcompile.arch import arch_from_config
-from kvcompile.calibration import CalibPrompt
+from kvcompile.profile.calibration import CalibPrompt
+from kvcompile.profile.sensitivity import FULL, SensitivitySettings, _ProbeRun, layer_sensitivity
 from kvcompile.runtime.model import CompactLM
-from kvcompile.sensitivity import FULL, SensitivitySettings, _ProbeRun, layer_sensitivity
 from tests.tiny import VOCAB, state_of, tiny_hf_model
 
 N_CTX = 48

@@ -4,7 +4,7 @@ The shipped SmolLM2 profile is built into an artifact directory (``build_artifac
 ``kvcompile build`` runs), loaded back from disk (``load_engine``, what ``kvcompile eval``
 runs), evaluated against the uncompressed model and gated with ``examples/gates-ci.yaml``.
 The same rules must fail on four broken variants of the shipped plan
-(``kvcompile.regressions``: uniform windows at the same memory, the plan refitted at
+(``tests.regressions``: uniform windows at the same memory, the plan refitted at
 half its budget, the full heads taken from the bottom of the retrieval ranking, the
 budgeted heads cut to sinks + 32 tokens). They are derived from the profile at test time
 and served on the loaded artifact next to its own plan, so each case is prefilled once for
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from kvcompile.artifact import build_artifact, load_engine
-from kvcompile.evaluate import EvalConfig
-from kvcompile.gate import evaluate as evaluate_gate
-from kvcompile.gate import load_rules, render_table
-from kvcompile.profile_io import load_profile
-from kvcompile.regressions import ARTIFACT, evaluate_with_regressions
+from kvcompile.build.artifact import build_artifact, load_engine
+from kvcompile.eval.evaluate import EvalConfig
+from kvcompile.gate.rules import evaluate as evaluate_gate
+from kvcompile.gate.rules import load_rules, render_table
+from kvcompile.profile.record import load_profile
+from tests.regressions import ARTIFACT, evaluate_with_regressions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "profiles" / "smollm2-135m-instruct.yaml"
@@ -92,7 +92,7 @@ def test_ci_gate_through_the_cli(ci, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from kvcompile.cli import main
-    from kvcompile.report import write_report
+    from kvcompile.eval.report import write_report
 
     _, reports, _ = ci
     runner = CliRunner()

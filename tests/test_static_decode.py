@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompile.artifact import compile_engine
+from kvcompile.build.artifact import compile_engine
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime import cache as cache_module
 from kvcompile.runtime import ops

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvcompile.tasks import (
+from kvcompile.eval.tasks import (
     CONTINUATION_TOKENS,
     TASKS,
     EvalCase,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcompile.errors import KVCompileError
-from kvcompile.tasks import EvalCase
+from kvcompile.eval.tasks import EvalCase
 from kvcompile.textsource import bos_prefix, encode_text
 
 ANSWERS_TASK = "answers"

@@ -25,7 +25,7 @@ from kvcompile.models import LoadedModel, fingerprint_weights
 from kvcompile.passes import DEFAULT_PASSES, CompiledModel, run_passes
 from kvcompile.plan import Plan
 from kvcompile.plan_io import plan_to_dict
-from kvcompile.profile_io import Profile
+from kvcompile.profile.record import Profile
 from kvcompile.runtime.artifact import (
     ARTIFACT_FORMAT,
     MANIFEST,
@@ -144,7 +144,7 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
 
     Parity is checked in float32; ``dtype`` is the precision the weights are stored (and by
     default served) in, checked against float32 on the parity prompt. ``onnx`` also writes the
-    static-budget ONNX graphs (``onnx/``, float32, ``kvcompile.onnx_artifact``), checked in
+    static-budget ONNX graphs (``onnx/``, float32, ``kvcompile.build.onnx_graphs``), checked in
     onnxruntime against the torch runtime.
     """
     out_dir = Path(out_dir)
@@ -202,7 +202,7 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
 def _write_onnx(tmp: Path, loaded: LoadedModel, compiled: CompiledModel, engine: Any,
                 max_context: int) -> dict[str, Any]:
     """The ONNX graphs into ``tmp/onnx`` and their parity with the torch runtime (fail-closed)."""
-    from kvcompile.onnx_artifact import onnx_parity, write_onnx
+    from kvcompile.build.onnx_graphs import onnx_parity, write_onnx
     from kvcompile.runtime import onnx_io
 
     section = write_onnx(tmp / onnx_io.ONNX_DIR, loaded.build(), compiled.plan, max_context)
@@ -216,7 +216,7 @@ def _write_onnx(tmp: Path, loaded: LoadedModel, compiled: CompiledModel, engine:
 
 def _write_files(tmp: Path, loaded: LoadedModel, profile: Profile, compiled: CompiledModel,
                  report: dict[str, Any], max_context: int, onnx_engine: Any = None) -> None:
-    from kvcompile.profile_io import profile_to_dict
+    from kvcompile.profile.record import profile_to_dict
     from kvcompile.runtime import onnx_io
 
     onnx_section = None

@@ -11,18 +11,18 @@ from typing import Any
 import torch
 
 from kvcompile.arch import arch_from_description
-from kvcompile.calibration import CalibConfig, CalibPrompt, build_calibration_set
-from kvcompile.choice import ChoiceConfig, choose_plan
 from kvcompile.errors import CalibrationError, ContextLengthError
-from kvcompile.fitting import FitRequest, FitResult, check_request, fit
+from kvcompile.fit.choice import ChoiceConfig, choose_plan
+from kvcompile.fit.greedy import FitRequest, FitResult, check_request, fit
 from kvcompile.memory import memory_table
 from kvcompile.models import LoadedModel
 from kvcompile.plan import Plan
-from kvcompile.profile_io import Profile
-from kvcompile.profiler import HeadStatistics, ProfileSettings, profile_heads
+from kvcompile.profile.calibration import CalibConfig, CalibPrompt, build_calibration_set
+from kvcompile.profile.record import Profile
+from kvcompile.profile.sensitivity import SensitivitySettings, answer_probes, layer_sensitivity
+from kvcompile.profile.statistics import HeadStatistics, ProfileSettings, profile_heads
 from kvcompile.runtime.model import CompactLM
 from kvcompile.runtime.placement import dtype_name
-from kvcompile.sensitivity import SensitivitySettings, answer_probes, layer_sensitivity
 from kvcompile.yamlio import FlowList
 
 VALIDATION_LENGTH = 2048  # held-out prompt for the plan's KL check (fitting step 3)
@@ -196,7 +196,7 @@ def run_profile(
     profile.sensitivity = sensitivity
     profile.choice = measured
     if validate:
-        from kvcompile.validation import validate_plan
+        from kvcompile.fit.validation import validate_plan
 
         profile.fit["validation"] = validate_plan(
             model, result.plan, loaded.tokenizer, min(request.at_context, VALIDATION_LENGTH), calib.seed)
@@ -279,8 +279,8 @@ def refit_profile(profile: Profile, request: FitRequest, loaded: LoadedModel | N
             result.notes.append("refitted without the model: the proxy fit, not a measured choice "
                                 "(pass --model to measure)")
     else:
-        from kvcompile.artifact import check_profile_matches
-        from kvcompile.validation import validate_plan
+        from kvcompile.build.artifact import check_profile_matches
+        from kvcompile.fit.validation import validate_plan
 
         check_profile_matches(profile, loaded)
         model = loaded.build().to(device=device, dtype=dtype)

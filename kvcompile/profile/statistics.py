@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcompile.calibration import CalibPrompt
+from kvcompile.profile.calibration import CalibPrompt
 from kvcompile.runtime.model import CompactLM, exact_attention
 
 DEFAULT_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)

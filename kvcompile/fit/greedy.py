@@ -22,7 +22,7 @@ from kvcompile.memory import sliding_slots, uncompressed_slots
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 
 if TYPE_CHECKING:  # a type only: fitting (and the profile reader's check of fit settings) needs no torch
-    from kvcompile.profiler import HeadStatistics
+    from kvcompile.profile.statistics import HeadStatistics
 
 POLICIES = ("profiled", "uniform", "pyramid")
 FULL_RANKS = ("retrieval", "needle")  # the head statistic that orders candidates for full heads

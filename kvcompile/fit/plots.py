@@ -7,9 +7,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kvcompile.fitting import error_at
-from kvcompile.profile_io import Profile
-from kvcompile.profiling import stats_from_profile
+from kvcompile.fit.greedy import error_at
+from kvcompile.fit.pipeline import stats_from_profile
+from kvcompile.profile.record import Profile
 
 
 def _save(fig: Figure, path: Path) -> None:

@@ -33,7 +33,7 @@ def write_onnx(directory: Path, model: CompactLM, plan: Plan, max_context: int) 
     """Export ``model`` (the float32 source, unpermuted), rewrite both graphs for ``plan`` and
     save them in ``directory``; returns the build report's ``onnx`` section (times, sizes,
     which passes changed the graphs)."""
-    from kvcompile.onnx_export import export_source
+    from kvcompile.build.onnx_export import export_source
     from kvcompile.passes.onnx import static_budget_passes
 
     arch = model.arch

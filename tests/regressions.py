@@ -25,12 +25,12 @@ from dataclasses import replace
 from typing import Any
 
 from kvcompile.arch import ArchSpec
-from kvcompile.evaluate import EvalConfig, evaluate_systems
-from kvcompile.fitting import FitRequest, fit
+from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
+from kvcompile.fit.greedy import FitRequest, fit
+from kvcompile.fit.pipeline import chosen_request, stats_from_profile
 from kvcompile.memory import kv_ratio
 from kvcompile.plan import BudgetLayout, Plan
-from kvcompile.profile_io import Profile
-from kvcompile.profiling import chosen_request, stats_from_profile
+from kvcompile.profile.record import Profile
 from kvcompile.runtime.engine import Engine
 
 STARVED_WINDOW = 32

@@ -26,7 +26,7 @@ without task/length checks the report's ``kv_memory.ratio`` (allocated KV bytes 
 artifact over the uncompressed baseline's); with a filter it checks each matching row's
 ``memory_ratio``. Rule indices in error messages are 0-based.
 
-Power (:mod:`kvcompile.power` defines it): on every row the gate also computes the smallest
+Power (:mod:`kvcompile.gate.power` defines it): on every row the gate also computes the smallest
 regression the rule detects at the row's n, and prints it. A rule that passes although it
 cannot fail at that n (or, with ``detect: x``, does not detect ``x``) makes the rules file
 invalid for this report (:class:`UnderpoweredRuleError`, exit 2, naming the n it needs)
@@ -47,7 +47,14 @@ from typing import Any, NoReturn
 import yaml
 
 from kvcompile.errors import KVCompileError
-from kvcompile.power import (
+from kvcompile.eval.report import (
+    ReportError,
+    accuracy_of,
+    check_report,
+    is_accuracy_row,
+    row_label,
+)
+from kvcompile.gate.power import (
     ACCURACY_KINDS,
     CONTINUOUS_KINDS,
     EPS,
@@ -61,13 +68,6 @@ from kvcompile.power import (
     accuracy_power,
     continuous_power,
     describe,
-)
-from kvcompile.report import (
-    ReportError,
-    accuracy_of,
-    check_report,
-    is_accuracy_row,
-    row_label,
 )
 
 GATES_FORMAT = "kvcompile-gates/1"
@@ -555,7 +555,7 @@ def _memory_ratio(mem: Mapping[str, Any]) -> tuple[float | None, str]:
 
 
 def row_power(rule: Rule, row: Mapping[str, Any]) -> Power:
-    """What ``rule`` detects on ``row`` at its n (definitions: :mod:`kvcompile.power`)."""
+    """What ``rule`` detects on ``row`` at its n (definitions: :mod:`kvcompile.gate.power`)."""
     if rule.kind in ACCURACY_KINDS:
         n = _as_int(row.get("n"))
         if n is None:
@@ -570,7 +570,7 @@ def row_power(rule: Rule, row: Mapping[str, Any]) -> Power:
 def evaluate(rules: GateRules, report: Mapping[str, Any]) -> GateOutcome:
     """Check every rule against the report; one :class:`RuleResult` per rule and row.
 
-    Raises :class:`~kvcompile.report.ReportError` if ``report`` is not a
+    Raises :class:`~kvcompile.eval.report.ReportError` if ``report`` is not a
     ``kvcompile-report/1`` document at all (the gate cannot judge it), and
     :class:`UnderpoweredRuleError` if a rule cannot fail (or detect its ``detect``) at the
     report's n and does not say ``allow_underpowered: true``.
@@ -610,7 +610,7 @@ def run_gate(
     report_path: str | os.PathLike[str], rules_path: str | os.PathLike[str]
 ) -> GateOutcome:
     """Load both files and evaluate: what ``kvcompile gate REPORT --rules RULES`` does."""
-    from kvcompile.report import load_report
+    from kvcompile.eval.report import load_report
 
     rules = load_rules(rules_path)
     return evaluate(rules, load_report(report_path))
@@ -704,7 +704,7 @@ def plan_samples(
     pilot: Mapping[str, Any] | None = None,
     baselines: tuple[float, ...] = PLAN_BASELINES,
 ) -> list[SampleNeed]:
-    """The n each rule needs to meet its power requirement (:mod:`kvcompile.power`).
+    """The n each rule needs to meet its power requirement (:mod:`kvcompile.gate.power`).
 
     With a ``pilot`` report (any n), every rule is sized on the rows it checks there: the
     pilot's baseline accuracies and per-case spreads. Without one, accuracy rules are sized

@@ -6,7 +6,7 @@ from typing import Any
 from rich.table import Table
 
 from kvcompile.plan import Plan
-from kvcompile.profile_io import Profile
+from kvcompile.profile.record import Profile
 
 
 def _human_bytes(n: float) -> str:

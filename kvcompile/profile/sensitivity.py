@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompile.calibration import CalibPrompt
 from kvcompile.plan import BudgetLayout
+from kvcompile.profile.calibration import CalibPrompt
 from kvcompile.runtime.cache import compress_prefill, selection_scores
 from kvcompile.runtime.model import CompactLM, exact_attention
 from kvcompile.runtime.ops import budgeted_attention

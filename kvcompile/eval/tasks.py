@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kvcompile.calibration import build_probe, multikey_spec, passkey_spec
+from kvcompile.profile.calibration import build_probe, multikey_spec, passkey_spec
 from kvcompile.textsource import bos_prefix, genre_paragraphs, haystack_ids
 
 TASKS = ("passkey", "multikey", "continuation")

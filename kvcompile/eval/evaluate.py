@@ -17,11 +17,11 @@ import torch
 
 from kvcompile import __version__
 from kvcompile.errors import ContextLengthError, KVCompileError
+from kvcompile.eval.tasks import TASKS, EvalCase, build_cases, score_answer
 from kvcompile.plan import Plan
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from kvcompile.stats import mean_ci, relative_increase_ci, wilson_interval
-from kvcompile.tasks import TASKS, EvalCase, build_cases, score_answer
 from kvcompile.textsource import GENRES
 
 ANSWER_TOKENS = 8  # greedy tokens generated for an answer (5-digit numbers need 5-6)
@@ -150,7 +150,7 @@ def _generated_groups(engine: Engine, config: EvalConfig) -> list[tuple[str, int
 
 
 def _case_groups(cases: Sequence[EvalCase]) -> list[tuple[str, int, list[EvalCase]]]:
-    """A team's cases (``kvcompile.cases``): one group per task, reported at its longest context."""
+    """A team's cases (``kvcompile.eval.cases``): one group per task, reported at its longest context."""
     groups = []
     for task in dict.fromkeys(case.task for case in cases):
         group = [case for case in cases if case.task == task]

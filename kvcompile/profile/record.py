@@ -13,7 +13,7 @@ import yaml
 
 from kvcompile import __version__
 from kvcompile.errors import KVCompileError, ProfileError
-from kvcompile.fitting import FitRequest
+from kvcompile.fit.greedy import FitRequest
 from kvcompile.plan import Plan
 from kvcompile.plan_io import Reader as _Reader
 from kvcompile.plan_io import plan_from_dict, plan_to_dict
@@ -35,7 +35,7 @@ class Profile:
     kvcompile_version: str = __version__
     # end-to-end answer loss per layer (``sensitivity``): settings + one curve per layer
     sensitivity: dict[str, Any] | None = None
-    # the measured choice among candidate plans (``kvcompile.choice``): prompts, losses, winner
+    # the measured choice among candidate plans (``kvcompile.fit.choice``): prompts, losses, winner
     choice: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

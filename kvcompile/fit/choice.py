@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from kvcompile.arch import ArchSpec
-from kvcompile.calibration import build_probe, multikey_spec, passkey_spec, probe_prompt
 from kvcompile.errors import BudgetError
-from kvcompile.fitting import FitRequest, FitResult, fit
+from kvcompile.fit.greedy import FitRequest, FitResult, fit
 from kvcompile.plan import Plan
-from kvcompile.profiler import HeadStatistics
+from kvcompile.profile.calibration import build_probe, multikey_spec, passkey_spec, probe_prompt
+from kvcompile.profile.statistics import HeadStatistics
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from kvcompile.runtime.model import CompactLM

@@ -1,0 +1,1 @@
+"""Stage 3, build: the static-budget artifact (permuted weights, plan, ONNX graphs, manifest)."""

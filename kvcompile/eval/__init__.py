@@ -1,0 +1,1 @@
+"""Stage 4, eval: generated and user cases, the artifact against the uncompressed model, reports."""

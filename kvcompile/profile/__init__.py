@@ -1,0 +1,1 @@
+"""Stage 1, profile: calibration prompts, per-KV-head statistics, layer sensitivity, the Profile file."""
