@@ -73,7 +73,7 @@ class LayerPlan:
         return tuple(self.full_heads) + tuple(self.budgeted_heads)
 
     def kv_slots(self, context: int) -> int:
-        """KV slots (tokens x heads) this layer allocates for ``context`` tokens (DESIGN formula).
+        """KV slots (tokens x heads) this layer allocates for ``context`` tokens (docs/DESIGN.md).
 
         A sliding layer's ring never needs more than ``context`` slots, as in transformers'
         static sliding cache (``kvcompile.memory``); budgeted layouts are fixed in size.

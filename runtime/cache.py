@@ -1,4 +1,4 @@
-"""The static-budget KV cache (DESIGN.md, "Static-budget cache semantics").
+"""The static-budget KV cache (docs/DESIGN.md, "Static-budget cache semantics").
 
 Every buffer is allocated once, up front, so that KV memory is exactly what the plan predicts
 and never grows while decoding: full heads get ``max_context`` slots and a length counter,

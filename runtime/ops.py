@@ -4,7 +4,7 @@ Both are registered with ``torch.library.custom_op`` so that graphs (export, ONN
 see one opaque node per operation, with a fake (meta) implementation for shape propagation.
 The implementations here are the plain-torch references: they run on any device and dtype
 and define the semantics the Triton kernels and the ONNX function bodies must reproduce
-(DESIGN.md, "Static-budget cache semantics"). On a device they read nothing back to the host
+(docs/DESIGN.md, "Static-budget cache semantics"). On a device they read nothing back to the host
 (static shapes: a full head's buffer is attended by its valid length ``kv_length``, a
 budgeted one by its per-slot bias). On CPU, where such reads are free, they take shortcuts
 (``CPU_SHORTCUTS``): a half-filled buffer is trimmed to its length, and the cache update

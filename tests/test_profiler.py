@@ -218,7 +218,7 @@ def test_error_curve_matches_plain_torch(model: CompactLM, layer: int) -> None:
     # capacity 8 really drops tokens: a non-trivial check
     assert float(acc.error_sum[layer, :, 0].min()) > 1e-3
     # capacity 90 = L: sinks + window hold all but one token and the compensation slot (n = 1)
-    # holds that one exactly (DESIGN: L <= C drops nothing); 128 covers everything
+    # holds that one exactly (docs/DESIGN.md: L <= C drops nothing); 128 covers everything
     assert float(acc.error_sum[layer, :, 3].abs().max()) < 1e-5
     assert float(acc.error_sum[layer, :, 4].abs().max()) == 0.0
 

@@ -75,7 +75,7 @@ def test_ci_gate_fails_a_broken_variant(ci, variant: str) -> None:
 
 
 def test_ci_gate_memory_is_what_the_loaded_artifact_allocates(ci) -> None:
-    """The memory rule reads allocated bytes; check them against DESIGN's formula."""
+    """The memory rule reads allocated bytes; check them against docs/DESIGN.md's formula."""
     engine, reports, _ = ci
     memory = reports[ARTIFACT]["kv_memory"]
     length, arch = memory["context"], engine.arch

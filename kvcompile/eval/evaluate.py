@@ -1,6 +1,6 @@
 """Run the evaluation suite: systems and the uncompressed baseline, same cases, same process.
 
-Protocol (DESIGN.md): the context is prefilled once, exactly, and stored into every
+Protocol (docs/DESIGN.md): the context is prefilled once, exactly, and stored into every
 system's cache (the artifact's static budgets, the all-full baseline, other plans when
 comparing policies); then the question is fed through each cache separately, so a
 compression never sees the question.
