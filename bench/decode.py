@@ -261,6 +261,8 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
 
 
 def format_table(results: list[Result], markdown: bool) -> str:
+    from kvcompile.memory import memory_ratio
+
     header = ["context", "system", "decode ms/token (median)", "mean", "KV MiB",
               "time vs transformers", "KV vs transformers"]
     rows = []
@@ -268,7 +270,7 @@ def format_table(results: list[Result], markdown: bool) -> str:
         ref = next((r for r in results if r.context == res.context and r.system.startswith("transformers")),
                    None)
         time_ratio = f"{res.median_ms / ref.median_ms:.2f}x" if ref else "-"
-        kv_ratio = f"{res.kv_bytes / ref.kv_bytes:.3f}x" if ref and ref.kv_bytes else "-"
+        kv_ratio = f"{memory_ratio(res.kv_bytes, ref.kv_bytes):.3f}x" if ref and ref.kv_bytes else "-"
         rows.append([str(res.context), res.system, f"{res.median_ms:.1f}", f"{res.mean_ms:.1f}",
                      f"{res.kv_bytes / MIB:.1f}", time_ratio, kv_ratio])
     if markdown:

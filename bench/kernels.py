@@ -260,6 +260,7 @@ def e2e_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import decode  # bench/decode.py: its systems, prefill and timing
 
+    from kvcompile.memory import memory_ratio
     from kvcompile.models import load_model
     from kvcompile.runtime import load
     from kvcompile.runtime.placement import dtype_name
@@ -286,7 +287,7 @@ def e2e_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
                 ("all heads" if "full" in res.system else "own cache")
             rows.append([str(context), res.system, note, f"{res.median_ms:.2f}",
                          f"{1e3 / res.median_ms:.1f}", f"{res.kv_bytes / MIB:.1f}",
-                         f"{res.kv_bytes / base.kv_bytes:.3f}x", f"{speed:.2f}x"])
+                         f"{memory_ratio(res.kv_bytes, base.kv_bytes):.3f}x", f"{speed:.2f}x"])
             if res.system == "kvcompile artifact":
                 speedups[context] = speed
         if device.type == "cuda":

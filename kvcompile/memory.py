@@ -1,5 +1,6 @@
 """KV memory: the one definition used by the fit, the profile, ``inspect`` and build; eval
 reports the bytes the runtime really allocates, which equal it (``tests/test_memory.py``).
+Every memory ratio that is printed, stored or checked is :func:`memory_ratio`.
 
 A plan's buffers at context ``L`` hold ``Σ_layers (n_full·L + n_budgeted·C_layer)`` KV slots
 (one token of one KV head), each ``2·d·bytes`` (key and value); on a sliding-window layer
@@ -16,6 +17,7 @@ that keeps a sliding layer as the model runs it costs exactly what the model doe
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,9 +57,28 @@ def plan_bytes(plan: Plan, arch: ArchSpec, context: int, bytes_per_value: int) -
     return plan.kv_slots(context) * slot_bytes(arch, bytes_per_value)
 
 
-def kv_ratio(plan: Plan, arch: ArchSpec, context: int) -> float:
-    """The plan's KV memory over the source model's own cache, at ``context`` tokens."""
-    return plan.kv_slots(context) / uncompressed_slots(arch, context)
+def memory_ratio(kv_bytes: int, baseline_bytes: int) -> float:
+    """The memory ratio, the one definition: a plan's KV memory over the baseline's, both at
+    the same context and precision (``kv_memory.ratio``, ``memory_ratio``, the memory table's
+    ``ratio``, the gate's ``max_memory_ratio``).
+
+    Slots work as well as bytes (one slot is ``slot_bytes`` in both, and dividing exact
+    integers rounds once, so the two give the same float).
+    """
+    if baseline_bytes <= 0:
+        raise ValueError(f"baseline KV memory must be positive, got {baseline_bytes}")
+    return kv_bytes / baseline_bytes
+
+
+def plan_memory_ratio(plan: Plan, arch: ArchSpec, context: int) -> float:
+    """:func:`memory_ratio` of the plan's buffers over the source model's own cache at ``context``."""
+    return memory_ratio(plan.kv_slots(context), uncompressed_slots(arch, context))
+
+
+def budget_slots(arch: ArchSpec, context: int, kv_budget: float) -> int:
+    """The fit's target in KV slots: ``--kv-budget`` (a :func:`memory_ratio` against the
+    source model's cache at ``context``) of that cache, rounded down to whole slots."""
+    return math.floor(kv_budget * uncompressed_slots(arch, context))
 
 
 def memory_table(plan: Plan, arch: ArchSpec, bytes_per_value: int, extra: Sequence[int] = ()) -> list[dict[str, Any]]:
@@ -68,5 +89,5 @@ def memory_table(plan: Plan, arch: ArchSpec, bytes_per_value: int, extra: Sequen
         kv = plan_bytes(plan, arch, context, bytes_per_value)
         full = uncompressed_bytes(arch, context, bytes_per_value)
         rows.append({"context": context, "kv_bytes": kv, "uncompressed_bytes": full,
-                     "ratio": rounded(kv / full, 4)})
+                     "ratio": rounded(memory_ratio(kv, full), 4)})
     return rows

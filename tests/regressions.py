@@ -28,7 +28,7 @@ from kvcompile.arch import ArchSpec
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
 from kvcompile.fit.greedy import FitRequest, fit
 from kvcompile.fit.pipeline import chosen_request, stats_from_profile
-from kvcompile.memory import kv_ratio
+from kvcompile.memory import plan_memory_ratio
 from kvcompile.plan import BudgetLayout, Plan
 from kvcompile.profile.record import Profile
 from kvcompile.runtime.engine import Engine
@@ -52,7 +52,7 @@ def refit(profile: Profile, arch: ArchSpec, **changes: object) -> Plan:
 def equal_memory_uniform(plan: Plan, arch: ArchSpec, context: int) -> Plan:
     """``uniform`` whose KV slots at ``context`` are at most ``plan``'s (and within one slot
     per head of them)."""
-    budget = kv_ratio(plan, arch, context)  # the one memory definition (sliding layers at their window)
+    budget = plan_memory_ratio(plan, arch, context)  # the one memory definition (sliding layers at their window)
     request = FitRequest(kv_budget=min(1.0, budget), at_context=context, policy="uniform")
     return fit(None, arch, request).plan
 

@@ -136,14 +136,14 @@ def test_choose_by_hand() -> None:
 def test_candidates_are_distinct_plans_within_budget(tiny) -> None:
     loaded, _ = tiny
     arch = loaded.arch
-    from kvcompile.memory import kv_ratio
+    from kvcompile.memory import plan_memory_ratio
 
     request = FitRequest(kv_budget=0.25, at_context=256, min_window=4, min_budgeted_capacity=16)
     pool = candidates(random_stats(arch.n_layers, arch.n_kv_heads, 0), arch, request)
     plans = [c.result.plan for c in pool]
     assert len(set(plans)) == len(plans) >= 2
     assert pool[-1].name == UNIFORM and plans[-1].policy == "uniform"
-    assert all(kv_ratio(p, arch, 256) <= 0.25 for p in plans)
+    assert all(plan_memory_ratio(p, arch, 256) <= 0.25 for p in plans)
 
 
 def test_candidates_measure_the_proxy_heads_at_every_other_selected_share(tiny) -> None:

@@ -14,7 +14,7 @@ import torch
 from kvcompile.arch import ArchSpec, arch_from_config
 from kvcompile.errors import BudgetError
 from kvcompile.fit.greedy import POLICIES, FitRequest, fit
-from kvcompile.memory import kv_ratio
+from kvcompile.memory import plan_memory_ratio
 from kvcompile.plan import BudgetLayout, Plan
 from kvcompile.profile.statistics import DEFAULT_GRID, HeadStatistics
 from tests.tiny import tiny_config
@@ -101,7 +101,7 @@ def test_fit_meets_the_budget(policy: str, kv_budget: float, seed: int) -> None:
     assert used <= budget
     slack = {"profiled": arch.n_kv_heads, "uniform": arch.n_kv_total, "pyramid": 2 * arch.n_kv_total}
     assert budget - used < slack[policy]
-    assert kv_ratio(result.plan, arch, CTX) <= kv_budget
+    assert plan_memory_ratio(result.plan, arch, CTX) <= kv_budget
     assert result.plan.policy == policy
     for layer in result.plan.layers:
         if layer.layout is not None:

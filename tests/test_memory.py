@@ -6,15 +6,31 @@ budget must agree with it.
 """
 from __future__ import annotations
 
+import json
+import math
 import re
+import sys
+from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import kvcompile.memory as memory
 from kvcompile.arch import arch_from_config
 from kvcompile.errors import BudgetError
 from kvcompile.fit.greedy import FitRequest, fit, smallest_budget
-from kvcompile.memory import kv_ratio, memory_table, plan_bytes, uncompressed_bytes
+from kvcompile.memory import (
+    budget_slots,
+    memory_ratio,
+    memory_table,
+    plan_bytes,
+    plan_memory_ratio,
+    uncompressed_bytes,
+    uncompressed_slots,
+)
 from kvcompile.plan import Plan
 from kvcompile.runtime.cache import StaticKVCache
 from tests.tiny import tiny_hf_model
@@ -68,7 +84,7 @@ def test_runtime_buffers_of_the_uncompressed_plan_equal_transformers(family: str
     plan = Plan.uncompressed(arch.n_layers, arch.n_kv_heads, arch.sliding_windows)
     cache = StaticKVCache.allocate(plan, 1, context, arch.head_dim, arch.group_size)
     assert cache.nbytes == _static_cache_bytes(model, context) == plan_bytes(plan, arch, context, 4)
-    assert kv_ratio(plan, arch, context) == 1.0
+    assert plan_memory_ratio(plan, arch, context) == 1.0
 
 
 def test_fitted_gemma_plan_counts_sliding_layers_at_their_window() -> None:
@@ -80,8 +96,9 @@ def test_fitted_gemma_plan_counts_sliding_layers_at_their_window() -> None:
         cache = StaticKVCache.allocate(result.plan, 1, context, arch.head_dim, arch.group_size)
         reference = 2 * 4 * 24 + 2 * 4 * 256  # two sliding layers at their window, two full layers
         assert cache.nbytes == plan_bytes(result.plan, arch, context, 4)
-        assert cache.nbytes / (reference * 2 * arch.head_dim * 4) == pytest.approx(kv_ratio(result.plan, arch, context))
-        assert 0.45 < kv_ratio(result.plan, arch, context) <= 0.5
+        assert cache.nbytes / (reference * 2 * arch.head_dim * 4) == pytest.approx(
+            plan_memory_ratio(result.plan, arch, context))
+        assert 0.45 < plan_memory_ratio(result.plan, arch, context) <= 0.5
         rows = {row["context"]: row for row in memory_table(result.plan, arch, 4, extra=(context,))}
         assert rows[context]["uncompressed_bytes"] == reference * 2 * arch.head_dim * 4
 
@@ -104,7 +121,7 @@ def test_budget_below_the_sliding_layers_names_the_smallest_feasible(policy: str
     # by hand: 2 sliding layers x 4 heads x 24 + 2 x 4 x per_head, over 2 x 4 x (24 + 256)
     assert smallest == pytest.approx((8 * 24 + 8 * per_head) / (8 * 280), abs=1e-4)
     result = fit(stats, arch, FitRequest(kv_budget=smallest, at_context=context, policy=policy))
-    assert kv_ratio(result.plan, arch, context) <= smallest
+    assert plan_memory_ratio(result.plan, arch, context) <= smallest
     with pytest.raises(BudgetError):
         fit(stats, arch, FitRequest(kv_budget=smallest - 2e-4, at_context=context, policy=policy))
 
@@ -115,4 +132,100 @@ def test_all_sliding_model_needs_its_whole_window() -> None:
     with pytest.raises(BudgetError, match="smallest feasible budget at 256 tokens is 1$"):
         fit(None, arch, FitRequest(kv_budget=0.5, at_context=256, policy="uniform"))
     result = fit(None, arch, FitRequest(kv_budget=1.0, at_context=256, policy="uniform"))
-    assert kv_ratio(result.plan, arch, 256) == 1.0
+    assert plan_memory_ratio(result.plan, arch, 256) == 1.0
+
+
+# ----------------------------------------------------------------------------- the ratio, once
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10**9), st.integers(1, 10**9), st.sampled_from([2 * 64 * 2, 2 * 128 * 4, 2 * 256 * 1]))
+def test_memory_ratio_is_exact_and_slots_give_the_bytes_float(kv: int, baseline: int, slot: int) -> None:
+    """Bytes over bytes, rounded once (reference: the exact fraction); slots give the same float."""
+    assert memory_ratio(kv, baseline) == float(Fraction(kv, baseline))
+    assert memory_ratio(kv * slot, baseline * slot) == memory_ratio(kv, baseline)
+
+
+def test_memory_ratio_refuses_an_empty_baseline() -> None:
+    for baseline in (0, -4):
+        with pytest.raises(ValueError, match="baseline KV memory must be positive"):
+            memory_ratio(10, baseline)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_budget_slots_are_the_most_slots_within_the_budget(family: str) -> None:
+    arch = arch_from_config(tiny_hf_model(family, **SLIDING.get(family, {})).config)
+    for context in (40, 256):
+        total = uncompressed_slots(arch, context)
+        for budget in (0.05, 0.125, 1 / 3, 0.5, 0.999, 1.0):
+            slots = budget_slots(arch, context, budget)
+            assert Fraction(slots, total) <= Fraction(budget) < Fraction(slots + 1, total)
+            assert memory_ratio(slots, total) <= budget
+
+
+def _patch_memory_ratio(monkeypatch: pytest.MonkeyPatch, marked) -> None:  # noqa: ANN001 - a function
+    """Replace :func:`memory_ratio` in every loaded module that holds it (by import or by name)."""
+    original = memory.memory_ratio
+    for module in list(sys.modules.values()):
+        if getattr(module, "memory_ratio", None) is original:
+            monkeypatch.setattr(module, "memory_ratio", marked)
+
+
+def test_profile_build_inspect_and_eval_print_the_one_ratio(tmp_path: Path, monkeypatch) -> None:
+    """The same plan at the same context: the profile's memory table, the build report's table,
+    ``kvcompile inspect`` and the eval report (``kv_memory.ratio`` and the row's
+    ``memory_ratio``) carry one number, made by :func:`memory_ratio`.
+
+    To see that each place calls the one function rather than dividing on its own, the function
+    is replaced by a marked one (half the ratio) for the whole run: every place must print the
+    marked number. The bytes it is given are checked against transformers' own ``StaticCache``.
+    """
+    from click.testing import CliRunner
+
+    import kvcompile.eval.evaluate  # noqa: F401 - loaded before the patch, so it is patched too
+    from kvcompile.build.artifact import build_artifact
+    from kvcompile.cli import main
+    from kvcompile.eval.evaluate import EvalConfig, evaluate
+    from kvcompile.eval.tasks import EvalCase
+    from kvcompile.profile.record import load_profile, save_profile
+    from kvcompile.runtime import load
+    from tests.test_profile_io import REQUEST, saved_tiny_model
+
+    original = memory.memory_ratio
+    _patch_memory_ratio(monkeypatch, lambda kv, baseline: original(kv, baseline) / 2)
+    context = REQUEST.at_context  # the profile's table has this row; the build's, its max context
+    _, loaded, profile = saved_tiny_model(tmp_path)
+    save_profile(profile, tmp_path / "profile.yaml")
+    profile = load_profile(tmp_path / "profile.yaml")
+    arch = loaded.arch
+
+    # reference: the plan's allocated buffers over transformers' StaticCache, the exact fraction
+    allocated = StaticKVCache.allocate(profile.plan, 1, context, arch.head_dim, arch.group_size).nbytes
+    source_cache = _static_cache_bytes(tiny_hf_model("qwen2", seed=6), context)
+    true_ratio = float(Fraction(allocated, source_cache))
+    assert 0.1 < true_ratio < 0.9  # a compressed plan, so the marked number differs from 1 / 2
+    marked = true_ratio / 2
+
+    (profile_row,) = [row for row in profile.memory if row["context"] == context]
+    assert profile_row["ratio"] == round(marked, 4)
+
+    build_artifact(loaded, profile, tmp_path / "artifact", max_context=context, onnx=False)
+    build_report = json.loads((tmp_path / "artifact" / "build-report.json").read_text())
+    (build_row,) = [row for row in build_report["memory"]["table"] if row["context"] == context]
+    assert build_row["ratio"] == round(marked, 4)
+
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "artifact")])
+    assert shown.exit_code == 0, shown.output
+    (line,) = [line for line in shown.output.splitlines() if re.match(rf"\W+{context}\W.*KiB", line)]
+    assert line.split()[-2] == f"{marked:.4f}"
+
+    gen = torch.Generator().manual_seed(0)
+    case = EvalCase("continuation", context, 0.0, tuple(torch.randint(3, 90, (context,), generator=gen).tolist()),
+                    (), "", tuple(torch.randint(3, 90, (8,), generator=gen).tolist()))
+    engine = load(tmp_path / "artifact", max_context=2 * context)  # room for the continuation
+    report = evaluate(engine, EvalConfig(agreement_tokens=2), cases=[case])
+    assert report["kv_memory"]["context"] == context
+    assert (report["kv_memory"]["artifact_bytes"], report["kv_memory"]["baseline_bytes"]) == (allocated, source_cache)
+    assert report["kv_memory"]["ratio"] == round(marked, 6)
+    assert report["tasks"][0]["memory_ratio"] == round(marked, 6)
+    assert math.isclose(round(report["kv_memory"]["ratio"], 4), profile_row["ratio"])

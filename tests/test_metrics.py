@@ -8,10 +8,15 @@ positions attend causally to everything and a later position to the sinks and th
 transformers model. NLL, KL, greedy agreement and accuracy are then computed here, in the
 test, and compared with the report to 1e-6 (float64 weights, so that this tolerance
 measures the bookkeeping, not the arithmetic).
+
+The metric functions themselves (``kvcompile.metrics``) are checked at the end against plain
+Python arithmetic on hand-made distributions.
 """
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,7 @@ import torch
 import kvcompile.eval.evaluate as evaluate_module
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
 from kvcompile.eval.tasks import EvalCase
+from kvcompile.metrics import greedy_agreement, greedy_token, kl, log_probs, nll, nll_increase
 from kvcompile.models import LoadedModel
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime.engine import Engine
@@ -228,3 +234,90 @@ def test_reference_helpers_agree_on_an_uncompressed_plan(tiny) -> None:
     full = Plan(tuple(LayerPlan(tuple(range(model.arch.n_kv_heads)), (), None) for _ in plan.layers))
     ids = list(_ids(5, 70))
     assert torch.equal(masked_logits(model, full, ids, prompt=10), full_logits(model, ids))
+
+
+# ----------------------------------------------------------------------------- the metric functions
+
+# Hand-made distributions over 4 tokens, one row per scored position.
+P = [[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.05, 0.05, 0.6, 0.3]]
+Q = [[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.05, 0.15, 0.5, 0.3]]
+
+
+def _logp(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor([[math.log(p) for p in row] for row in rows], dtype=torch.float64)
+
+
+def _textbook_kl(p: list[list[float]], q: list[list[float]]) -> float:
+    """Mean over rows of Σ_v p log(p / q), in Python floats."""
+    return sum(sum(a * math.log(a / b) for a, b in zip(pr, qr, strict=True))
+               for pr, qr in zip(p, q, strict=True)) / len(p)
+
+
+def test_log_probs_are_a_float32_log_softmax() -> None:
+    logits = [[2.0, -1.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0]]
+    out = log_probs(torch.tensor(logits, dtype=torch.float64))
+    assert out.dtype == torch.float32
+    for row, got in zip(logits, out.tolist(), strict=True):
+        norm = math.log(sum(math.exp(x) for x in row))
+        assert got == pytest.approx([x - norm for x in row], abs=1e-6)
+    assert log_probs(torch.tensor(logits, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_nll_is_minus_log_p_of_the_targets() -> None:
+    targets = [0, 3, 2]
+    expected = -sum(math.log(row[t]) for row, t in zip(P, targets, strict=True)) / len(P)
+    assert nll(_logp(P), torch.tensor(targets)) == pytest.approx(expected, abs=1e-12)
+    # another target per row changes it: the right column is read
+    assert nll(_logp(P), torch.tensor([1, 3, 2])) == pytest.approx(
+        -(math.log(0.1) + math.log(0.25) + math.log(0.6)) / 3, abs=1e-12)
+
+
+def test_nll_increase_is_relative_to_the_baseline() -> None:
+    assert nll_increase(2.2, 2.0) == pytest.approx(0.1, abs=1e-12)
+    assert nll_increase(1.5, 2.0) == pytest.approx(-0.25, abs=1e-12)
+    assert nll_increase(2.0, 2.0) == 0.0
+
+
+def test_kl_matches_the_textbook_sum_and_is_zero_on_identical_rows() -> None:
+    assert kl(_logp(P), _logp(Q)) == pytest.approx(_textbook_kl(P, Q), abs=1e-12)
+    # the reference comes first: KL(P || Q), not KL(Q || P)
+    assert kl(_logp(Q), _logp(P)) == pytest.approx(_textbook_kl(Q, P), abs=1e-12)
+    assert abs(_textbook_kl(P, Q) - _textbook_kl(Q, P)) > 1e-3
+    assert kl(_logp(P), _logp(P)) == 0.0
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    assert kl(log_probs(logits), log_probs(logits)) == 0.0
+
+
+def test_kl_clamps_each_row_at_zero() -> None:
+    """A row whose sum comes out negative (not a distribution here; float rounding on nearly
+    equal rows in practice) counts 0, and the other rows still count in full."""
+    ref = _logp(P)
+    system = ref.clone()
+    system[0] += 0.1  # row 0: Σ p (log p - log p - 0.1) = -0.1 before the clamp
+    system[1:] = _logp(Q)[1:]
+    expected = (0.0 + 2 * _textbook_kl(P[1:], Q[1:])) / 3
+    assert kl(ref, system) == pytest.approx(expected, abs=1e-12)
+
+
+def test_greedy_agreement_counts_rows_with_the_same_argmax() -> None:
+    reference = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.0, 0.1, 0.2],
+                              [1.0, 0.0, 0.0], [0.2, 0.3, 0.1]])
+    system = torch.tensor([[0.0, 0.8, 0.1], [0.1, 0.7, 0.2], [0.3, 0.1, 0.9],
+                           [0.6, 0.1, 0.2], [0.9, 0.0, 0.0]])
+    # argmax per row: reference 1 0 2 0 1, system 1 1 2 0 0: rows 0, 2, 3 agree
+    assert greedy_agreement(reference, system) == 3 / 5
+    assert greedy_agreement(reference[None], system[None]) == 3 / 5  # leading batch axis
+    assert greedy_agreement(reference, reference) == 1.0
+    assert [greedy_token(row) for row in reference] == [1, 0, 2, 0, 1]
+    assert greedy_token(torch.tensor([0.5, 2.0, 2.0])) == 1  # a tie: the first index
+
+
+def test_the_metric_formulas_are_written_once() -> None:
+    """Every stage scores through ``kvcompile.metrics``: no other module of the package writes
+    a log-softmax, the KL sum or an argmax comparison of its own."""
+    root = Path(__file__).resolve().parents[1]
+    patterns = ("log_softmax(", ".clamp_min(0).mean()", "argmax(-1) ==")
+    sources = [*(root / "kvcompile").rglob("*.py"), *(root / "runtime").glob("*.py")]
+    offenders = [f"{path.relative_to(root)}: {pattern}" for path in sources if path.name != "metrics.py"
+                 for pattern in patterns if pattern in path.read_text()]
+    assert offenders == []

@@ -189,7 +189,7 @@ def test_eval_memory_ratio_compares_the_onnx_buffers_with_the_baseline_at_their_
     the plan's at CONTEXT (reference: the torch engine's own allocations), not bytes at CONTEXT
     over a baseline allocated for the short request."""
     from kvcompile.eval.backends import load_for_eval
-    from kvcompile.eval.evaluate import allocated_kv_ratios
+    from kvcompile.eval.evaluate import allocated_memory_ratios
 
     torch_engine = load(built["onnx"])
     beside = load_for_eval(built["onnx"], "onnx")
@@ -202,9 +202,9 @@ def test_eval_memory_ratio_compares_the_onnx_buffers_with_the_baseline_at_their_
 
     assert torch_ratio(short) != pytest.approx(torch_ratio(CONTEXT))  # the case can tell them apart
     plans = {"artifact": plan}
-    assert allocated_kv_ratios(beside, plans, baseline, short)["artifact"] == pytest.approx(
+    assert allocated_memory_ratios(beside, plans, baseline, short)["artifact"] == pytest.approx(
         torch_ratio(CONTEXT))
-    assert allocated_kv_ratios(torch_engine, plans, baseline, short)["artifact"] == pytest.approx(
+    assert allocated_memory_ratios(torch_engine, plans, baseline, short)["artifact"] == pytest.approx(
         torch_ratio(short))
 
 

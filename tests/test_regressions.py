@@ -125,7 +125,7 @@ def test_uniform_variant_on_sliding_layers_has_the_plans_memory() -> None:
     """Memory is counted against the model's own cache (sliding layers at their window), so
     the variant gets the plan's slots, not a share of an all-full cache the model never has."""
     from kvcompile.fit.greedy import FitRequest, fit
-    from kvcompile.memory import kv_ratio
+    from kvcompile.memory import plan_memory_ratio
     from tests.tiny import tiny_hf_model
 
     arch = arch_from_config(tiny_hf_model("gemma3_text", sliding_window=24).config)
@@ -136,4 +136,5 @@ def test_uniform_variant_on_sliding_layers_has_the_plans_memory() -> None:
     assert variant.policy == "uniform"
     target = plan.kv_slots(context)
     assert target - arch.n_kv_total < variant.kv_slots(context) <= target
-    assert kv_ratio(variant, arch, context) == pytest.approx(kv_ratio(plan, arch, context), abs=0.02)
+    assert plan_memory_ratio(variant, arch, context) == pytest.approx(
+        plan_memory_ratio(plan, arch, context), abs=0.02)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from kvcompile import __version__
 from kvcompile.errors import ArtifactError, ProfileError
 from kvcompile.memory import memory_table, plan_bytes
+from kvcompile.metrics import greedy_agreement
 from kvcompile.models import LoadedModel, fingerprint_weights
 from kvcompile.passes import DEFAULT_PASSES, CompiledModel, run_passes
 from kvcompile.plan import Plan
@@ -130,7 +131,7 @@ def low_precision_check(engine: Any, tokenizer: Any, dtype: torch.dtype) -> dict
         reference = model.logits(model.hidden_states(ids, torch.arange(ids.shape[1]), exact))
         low = copy.deepcopy(model).to(dtype)
         logits = low.logits(low.hidden_states(ids, torch.arange(ids.shape[1]), exact)).float()
-    agreement = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
+    agreement = greedy_agreement(reference, logits)
     return {"dtype": dtype_name(dtype),
             "max_abs_logit_diff_vs_float32": float((logits - reference).abs().max()),
             "greedy_agreement_vs_float32": agreement,

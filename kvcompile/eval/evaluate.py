@@ -18,6 +18,8 @@ import torch
 from kvcompile import __version__
 from kvcompile.errors import ContextLengthError, KVCompileError
 from kvcompile.eval.tasks import TASKS, EvalCase, build_cases, score_answer
+from kvcompile.memory import memory_ratio
+from kvcompile.metrics import greedy_agreement, greedy_token, kl, log_probs, nll, nll_increase
 from kvcompile.plan import Plan
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
@@ -73,7 +75,7 @@ class _Tally:
 def _greedy(engine: Engine, cache: Any, logits: torch.Tensor, steps: int) -> list[int]:
     tokens: list[int] = []
     for step in range(steps):
-        token = int(logits[0].argmax())
+        token = greedy_token(logits[0])
         if token in engine.eos_token_ids:
             break
         tokens.append(token)
@@ -111,26 +113,24 @@ def _continue(engine: Engine, case: EvalCase, caches: Mapping[str, Any], tallies
     for name, cache in caches.items():
         started = time.perf_counter()
         rest = engine.extend(torch.tensor([case.continuation_ids[:-1]]), cache, all_logits=True)[0]
-        logp = torch.log_softmax(torch.cat([last, rest], dim=0).float(), dim=-1)  # row t predicts target[t]
-        logps[name] = logp
-        tallies[name].nll.append(float(-logp.gather(1, target[:, None]).mean()))
+        logps[name] = log_probs(torch.cat([last, rest], dim=0))  # row t predicts target[t]
+        tallies[name].nll.append(nll(logps[name], target))
         tallies[name].seconds += prefill_s + time.perf_counter() - started
         tallies[name].n += 1
-    base = logps[BASELINE]
     for name, logp in logps.items():
-        tallies[name].kl.append(float((base.exp() * (base - logp)).sum(-1).clamp_min(0).mean()))
+        tallies[name].kl.append(kl(logps[BASELINE], logp))
     # agreement: the baseline generates greedily, every system is teacher-forced on its tokens
     heads = {name: logp[-1] for name, logp in logps.items()}
-    agreed = dict.fromkeys(caches, 0)
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in caches}  # each system's [V] per step
     for _ in range(agreement_tokens):
-        token = int(heads[BASELINE].argmax())
         for name in caches:
-            agreed[name] += int(int(heads[name].argmax()) == token)
-        step = torch.tensor([[token]])
+            rows[name].append(heads[name].float())
+        step = torch.tensor([[greedy_token(heads[BASELINE])]])
         heads = {name: engine.extend(step, cache)[0] for name, cache in caches.items()}
     if agreement_tokens:
+        reference = torch.stack(rows[BASELINE])
         for name in caches:
-            tallies[name].agree.append(agreed[name] / agreement_tokens)
+            tallies[name].agree.append(greedy_agreement(reference, torch.stack(rows[name])))
             tallies[name].agree_total += agreement_tokens
 
 
@@ -198,7 +198,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
             done += 1
             if progress is not None:
                 progress(done, total, f"{task}@{length}")
-        ratios = allocated_kv_ratios(engine, plans, baseline_plan, length)
+        ratios = allocated_memory_ratios(engine, plans, baseline_plan, length)
         for name in plans:
             row_of = _continuation_row if task == "continuation" else _accuracy_row
             rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratios[name], group))
@@ -227,7 +227,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
                 "measured": "allocated",
                 "artifact_bytes": plan_bytes[name],
                 "baseline_bytes": baseline_bytes,
-                "ratio": round(plan_bytes[name] / baseline_bytes, 6),
+                "ratio": round(memory_ratio(plan_bytes[name], baseline_bytes), 6),
             },
             "wall_time_s": wall,
             "tasks": rows[name],
@@ -242,13 +242,14 @@ def memory_context(engine: Engine, context: int) -> int:
     return getattr(engine, "buffer_context", None) or context
 
 
-def allocated_kv_ratios(engine: Engine, plans: Mapping[str, Plan], baseline: Plan,
-                        context: int) -> dict[str, float]:
+def allocated_memory_ratios(engine: Engine, plans: Mapping[str, Plan], baseline: Plan,
+                            context: int) -> dict[str, float]:
     """The memory ratio every report row carries: the bytes each plan's cache allocates for a
     request of ``context`` tokens over the baseline's allocated for the same buffer context."""
     context = memory_context(engine, context)
     base = allocated_kv_bytes(engine, baseline, context)
-    return {name: allocated_kv_bytes(engine, plan, context) / base for name, plan in plans.items()}
+    return {name: memory_ratio(allocated_kv_bytes(engine, plan, context), base)
+            for name, plan in plans.items()}
 
 
 def allocated_kv_bytes(engine: Engine, plan: Plan, context: int) -> int:
@@ -294,7 +295,7 @@ def _continuation_row(task: str, length: int, base: _Tally, system: _Tally, rati
         "tokens": round(sum(len(case.continuation_ids) for case in group) / len(group)),
         "baseline": {"nll": round(base_nll, 6), "wall_time_s": round(base.seconds, 3)},
         "artifact": {"nll": round(art_nll, 6), "wall_time_s": round(system.seconds, 3)},
-        "nll_increase": round(art_nll / base_nll - 1, 6),
+        "nll_increase": round(nll_increase(art_nll, base_nll), 6),
         "nll_increase_ci95": [round(inc_lo, 6), round(inc_hi, 6)],
         "kl": round(kl_mean, 6), "kl_ci95": [round(kl_lo, 6), round(kl_hi, 6)],
         "memory_ratio": round(ratio, 6),

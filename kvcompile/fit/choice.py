@@ -27,6 +27,7 @@ import torch
 from kvcompile.arch import ArchSpec
 from kvcompile.errors import BudgetError
 from kvcompile.fit.greedy import FitRequest, FitResult, fit
+from kvcompile.metrics import kl, log_probs, nll
 from kvcompile.plan import Plan
 from kvcompile.profile.calibration import build_probe, multikey_spec, passkey_spec, probe_prompt
 from kvcompile.profile.statistics import HeadStatistics
@@ -135,15 +136,13 @@ def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prom
         logps = {}
         for name, cache in caches.items():
             logits = last if suffix.shape[1] == 0 else torch.cat([last, engine.extend(suffix, cache, True)[0]])
-            logps[name] = torch.log_softmax(logits[rows].float(), dim=-1)
+            logps[name] = log_probs(logits[rows])
         for name, logp in logps.items():
-            nll = float(-logp.gather(1, target[:, None]).mean())
             if prompt.kind == "answer":
-                answer[name].append(nll)
+                answer[name].append(nll(logp, target))
             else:
-                base = logps[UNCOMPRESSED]
-                text_nll[name].append(nll)
-                text_kl[name].append(float((base.exp() * (base - logp)).sum(-1).clamp_min(0).mean()))
+                text_nll[name].append(nll(logp, target))
+                text_kl[name].append(kl(logps[UNCOMPRESSED], logp))
         if progress is not None:
             progress(prompt)
 

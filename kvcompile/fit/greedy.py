@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from kvcompile.arch import ArchSpec
 from kvcompile.errors import BudgetError
-from kvcompile.memory import sliding_slots, uncompressed_slots
+from kvcompile.memory import budget_slots, memory_ratio, sliding_slots, uncompressed_slots
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 
 if TYPE_CHECKING:  # a type only: fitting (and the profile reader's check of fit settings) needs no torch
@@ -80,10 +80,6 @@ class FitResult:
     demoted: list[tuple[int, int]] = field(default_factory=list)  # wanted full, did not fit
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def ratio_of_budget(self) -> float:
-        return self.used_slots / self.budget_slots
-
 
 def check_request(arch: ArchSpec, request: FitRequest) -> None:
     """Checks that need the model: run before calibrating so a bad target fails in seconds."""
@@ -112,7 +108,7 @@ def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitRequest) -> Fi
 
 def _budget_slots(arch: ArchSpec, request: FitRequest) -> int:
     """The target in KV slots: a fraction of the cache the source model allocates (``memory``)."""
-    return math.floor(request.kv_budget * uncompressed_slots(arch, request.at_context))
+    return budget_slots(arch, request.at_context, request.kv_budget)
 
 
 def _min_capacity(request: FitRequest) -> int:
@@ -124,7 +120,7 @@ def smallest_budget(arch: ArchSpec, context: int, per_head: int) -> float:
     non-sliding KV head once the sliding layers hold their windows (4 decimals, rounded up)."""
     n_other = arch.n_kv_heads * sum(1 for w in arch.sliding_windows if not w)
     needed = sliding_slots(arch, context) + n_other * min(per_head, context)
-    return math.ceil(needed / uncompressed_slots(arch, context) * 1e4) / 1e4
+    return math.ceil(memory_ratio(needed, uncompressed_slots(arch, context)) * 1e4) / 1e4
 
 
 def _refuse(arch: ArchSpec, request: FitRequest, budget: int, per_head: int) -> BudgetError:

@@ -5,6 +5,7 @@ from typing import Any
 
 from rich.table import Table
 
+from kvcompile.metrics import nll_increase
 from kvcompile.plan import Plan
 from kvcompile.profile.record import Profile
 
@@ -47,7 +48,7 @@ def choice_table(choice: dict[str, Any]) -> Table:
     for column in ("candidate", "full", "selected", "answer NLL Δ", "text NLL Δ", "text KL", "eligible", "chosen"):
         table.add_column(column, justify="left" if column == "candidate" else "right")
     for row in choice["candidates"]:
-        text = row["text_nll"] / base["text_nll"] - 1 if base["text_nll"] else 0.0
+        text = nll_increase(row["text_nll"], base["text_nll"]) if base["text_nll"] else 0.0
         selected = row.get("selected_fraction")  # absent from profiles before the split was a candidate
         table.add_row(row["name"], str(row["full_heads"]), "" if selected is None else f"{selected:g}",
                       f"{row['answer_nll'] - base['answer_nll']:+.3f}",

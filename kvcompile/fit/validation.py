@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from kvcompile.metrics import kl, log_probs, nll, nll_increase
 from kvcompile.plan import Plan
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
@@ -36,15 +37,13 @@ def validate_plan(model: CompactLM, plan: Plan, tokenizer: Any, length: int, see
     logps = {}
     for name, cache in caches.items():
         rest = engine.extend(torch.tensor([continuation[:-1]]), cache, all_logits=True)[0]
-        logps[name] = torch.log_softmax(torch.cat([last, rest]).float(), dim=-1)
-    nll = {name: float(-lp.gather(1, target[:, None]).mean()) for name, lp in logps.items()}
-    full, compressed = logps["full"], logps["plan"]
-    kl = float((full.exp() * (full - compressed)).sum(-1).clamp_min(0).mean())
+        logps[name] = log_probs(torch.cat([last, rest]))
+    nlls = {name: nll(lp, target) for name, lp in logps.items()}
     return {
         "context_tokens": len(context),
         "scored_tokens": SCORED_TOKENS,
-        "kl": rounded(kl, 4),
-        "nll_full": rounded(nll["full"], 5),
-        "nll_plan": rounded(nll["plan"], 5),
-        "nll_increase": rounded(nll["plan"] / nll["full"] - 1, 4),
+        "kl": rounded(kl(logps["full"], logps["plan"]), 4),
+        "nll_full": rounded(nlls["full"], 5),
+        "nll_plan": rounded(nlls["plan"], 5),
+        "nll_increase": rounded(nll_increase(nlls["plan"], nlls["full"]), 4),
     }

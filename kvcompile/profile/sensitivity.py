@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcompile.metrics import log_probs, nll
 from kvcompile.plan import BudgetLayout
 from kvcompile.profile.calibration import CalibPrompt
 from kvcompile.runtime.cache import compress_prefill, selection_scores
@@ -140,9 +141,8 @@ class _ProbeRun:
             hidden = self.model.hidden_states(self.suffix, self.positions, attend,
                                               observe=keep if entries is not None else None,
                                               start_layer=start_layer, start_hidden=start_hidden)
-            logits = self.model.logits(hidden[:, self.answer_rows]).float()[0]
-        logp = torch.log_softmax(logits, dim=-1)
-        return float(-logp.gather(1, self.targets[:, None]).mean())
+            logits = self.model.logits(hidden[:, self.answer_rows])[0]
+        return nll(log_probs(logits), self.targets)
 
 
 def answer_probes(prompts: Sequence[CalibPrompt]) -> list[CalibPrompt]:
