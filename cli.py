@@ -16,6 +16,7 @@ import click
 
 from kvcompile import __version__
 from kvcompile.errors import KVCompileError
+from kvcompile.settings import POLICIES, FitSettings
 
 # Idle OpenMP threads spin by default; on a shared or small CPU that stalls every small op
 # (measured: 2.4 s instead of 0.07 s per decode step). Set before torch is imported.
@@ -65,6 +66,7 @@ def main() -> None:
 
 
 MODEL_ARG = click.argument("model", metavar="MODEL")
+FIT = FitSettings()  # the fit's defaults (kvcompile.settings), shown in the options' help
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -87,28 +89,30 @@ def dtype_option(what: str, default: str | None) -> Callable[[Callable[..., Any]
 @MODEL_ARG
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("profile.yaml"),
               show_default=True, help="Where to write the profile YAML (written atomically).")
-@click.option("--kv-budget", type=float, default=0.125, show_default=True,
+@click.option("--kv-budget", type=float, default=FIT.kv_budget, show_default=True,
               help="Memory target: fraction of the uncompressed KV cache at --at-context, in (0, 1].")
-@click.option("--at-context", type=int, default=8192, show_default=True,
+@click.option("--at-context", type=int, default=FIT.at_context, show_default=True,
               help="Reference context length (tokens) at which --kv-budget is measured.")
-@click.option("--policy", type=click.Choice(["profiled", "uniform", "pyramid"]), default="profiled",
+@click.option("--policy", type=click.Choice(POLICIES), default=FIT.policy,
               show_default=True, help="profiled: learned full heads + fitted capacities; uniform: "
               "StreamingLLM everywhere; pyramid: PyramidKV's linear schedule. Same memory for all.")
 @click.option("--full-heads", type=int, default=None,
               help="Override the fitted number of full (retrieval) KV heads; the top-N by retrieval score.")
 @click.option("--threshold", type=float, default=None,
-              help="Full heads are those scoring at least THRESHOLD x the best retrieval score.")
+              help="Full heads are those scoring at least THRESHOLD x the best retrieval score "
+              f"(default {FIT.retrieval_threshold:g}).")
 @click.option("--selected-fraction", type=float, default=None,
-              help="Share of a budgeted head's free slots filled by score-selected tokens (rest: window).")
+              help="Share of a budgeted head's free slots filled by score-selected tokens (rest: window; "
+              f"default {FIT.selected_fraction:g}).")
 @click.option("--equal-weight", type=float, default=None,
               help="Budgeted capacities: (1 - W) x greedy on the error curves + W x equal split, "
-              "W in [0, 1] (default 0.5).")
+              f"W in [0, 1] (default {FIT.equal_weight:g}).")
 @click.option("--answer-weight", type=float, default=None,
               help="Share in [0, 1] of the measured end-to-end answer loss (vs the local error curves) "
-              "in what the capacity fit minimises (default 0.5; 0: local curves only).")
+              f"in what the capacity fit minimises (default {FIT.answer_weight:g}; 0: local curves only).")
 @click.option("--observation-window", type=int, default=None,
               help="Last prompt positions whose attention picks a budgeted head's selected tokens "
-              "(default 16).")
+              f"(default {FIT.selection.observation_window}).")
 @click.option("--calib", "calib_files", type=click.Path(path_type=Path), multiple=True,
               help="Extra calibration prompts: .txt (blank-line-separated blocks) or .jsonl with a "
               "`text` field. Repeatable.")
@@ -134,25 +138,16 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
     """
     from dataclasses import replace
 
-    from kvcompile.fit.greedy import FitRequest
     from kvcompile.fit.pipeline import run_profile
     from kvcompile.models import load_model
     from kvcompile.profile.calibration import CalibConfig
     from kvcompile.profile.record import save_profile
 
-    overrides: dict[str, Any] = {}
-    if threshold is not None:
-        overrides["retrieval_threshold"] = threshold
-    if selected_fraction is not None:
-        overrides["selected_fraction"] = selected_fraction
-    if equal_weight is not None:
-        overrides["equal_weight"] = equal_weight
-    if answer_weight is not None:
-        overrides["answer_weight"] = answer_weight
-    if observation_window is not None:
-        overrides["observation_window"] = observation_window
-    request = FitRequest(kv_budget=kv_budget, at_context=at_context, policy=policy,
-                         full_heads=full_heads, **overrides)
+    given = {"retrieval_threshold": threshold, "selected_fraction": selected_fraction,
+             "equal_weight": equal_weight, "answer_weight": answer_weight,
+             "observation_window": observation_window}
+    request = FIT.with_values(kv_budget=kv_budget, at_context=at_context, policy=policy, full_heads=full_heads,
+                              **{name: value for name, value in given.items() if value is not None})
     calib = CalibConfig(seed=seed)
     if calib_length is not None:
         calib = replace(calib, text_length=calib_length, probe_length=calib_length)
@@ -209,7 +204,7 @@ def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, mo
 
     started = time.perf_counter()
     profile = load_profile(profile_path)
-    request = request_from_profile(profile, kv_budget, at_context or int(profile.fit["at_context"]))
+    request = request_from_profile(profile, kv_budget, at_context or profile.settings.at_context)
     console = _console()
     if model_source is None:
         result = refit_profile(profile, request)
@@ -347,7 +342,7 @@ def inspect(artifact: Path) -> None:
     arch = engine.arch
     source = manifest["source_model"]
     console.print(f"artifact {artifact}: {source['name']} ({source['fingerprint'][:23]}…), "
-                  f"format {manifest['format']}, policy {engine.plan.policy}, selection {engine.plan.selection}")
+                  f"format {manifest['format']}, policy {engine.plan.policy}, selection {engine.plan.selection.rule}")
     console.print(plan_table(engine.plan))
     bytes_per_value = engine.model.dtype.itemsize
     console.print(memory_rows_table(memory_table(engine.plan, arch, bytes_per_value, extra=(engine.max_context,))))

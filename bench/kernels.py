@@ -297,13 +297,14 @@ def e2e_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
 
 def plan_at(engine, artifact: Path, context: int, budget: float):
     """The artifact's plan refitted at ``budget`` of ``context`` (same full heads), or its own."""
-    from kvcompile.fit.greedy import FitRequest, fit
+    from kvcompile.fit.greedy import fit
     from kvcompile.fit.pipeline import stats_from_profile
     from kvcompile.profile.record import load_profile
+    from kvcompile.settings import FitSettings
 
     stats = stats_from_profile(load_profile(Path(artifact) / "profile.yaml"))
     arch = dataclasses.replace(engine.arch, max_context=max(engine.arch.max_context, context))
-    refit = fit(stats, arch, FitRequest(kv_budget=budget, at_context=context)).plan
+    refit = fit(stats, arch, FitSettings(kv_budget=budget, at_context=context)).plan
     if [lp.full_heads for lp in refit.layers] == [lp.full_heads for lp in engine.plan.layers]:
         return refit, f"refit: {budget:g} at {context}"
     return engine.plan, "artifact's own (a refit changes its full heads)"

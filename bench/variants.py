@@ -1,6 +1,7 @@
 """Variants of the profiled plan at one memory target, served side by side on the benchmark.
 
-Each variant is the proxy fit with some ``FitRequest`` settings changed (``name=field:value,...``),
+Each variant is the proxy fit with some fit settings changed (``name=field:value,...``, the names
+of ``FitSettings.recorded``: a profile's ``fit.settings``),
 or ``name=layers:LO-HI@BUDGET``: the first variant's plan with layers LO..HI given the layouts
 of the fit at BUDGET (more memory than the target; same full heads required), which asks where
 the budgeted heads' slots matter. Every plan and the uncompressed baseline share one exact
@@ -17,7 +18,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP workers (bench/decode.py)
@@ -26,26 +27,27 @@ import torch  # noqa: E402
 from policies import table  # noqa: E402  (bench/ is the script's directory)
 
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems  # noqa: E402
-from kvcompile.fit.greedy import FitRequest, fit  # noqa: E402
+from kvcompile.fit.greedy import fit  # noqa: E402
 from kvcompile.fit.pipeline import request_from_profile, stats_from_profile  # noqa: E402
 from kvcompile.models import load_model  # noqa: E402
 from kvcompile.plan import Plan  # noqa: E402
 from kvcompile.profile.record import load_profile  # noqa: E402
 from kvcompile.runtime.engine import Engine  # noqa: E402
+from kvcompile.settings import setting_kinds  # noqa: E402
 from kvcompile.textsource import GENRES  # noqa: E402
 
-FIELD_TYPES = {f.name: f.type for f in fields(FitRequest)}
+FIELD_TYPES = setting_kinds()
 
 
 def parse_settings(text: str) -> dict[str, object]:
-    """``field:value,...`` into FitRequest keyword arguments, typed by the field's default."""
+    """``field:value,...`` into ``FitSettings.with_values`` keyword arguments, typed by the setting."""
     out: dict[str, object] = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition(":")
         if key not in FIELD_TYPES:
-            raise SystemExit(f"unknown FitRequest field {key!r}; one of {', '.join(FIELD_TYPES)}")
+            raise SystemExit(f"unknown fit setting {key!r}; one of {', '.join(FIELD_TYPES)}")
         kind = FIELD_TYPES[key]
-        out[key] = value if "str" in kind else float(value) if "float" in kind else int(value)
+        out[key] = value if kind is str else float(value) if kind == (int, float) else int(value)
     return out
 
 
@@ -90,7 +92,7 @@ def main() -> None:
             donor = fit(stats, loaded.arch, replace(request, kv_budget=float(donor_budget))).plan
             plan = with_layers_of(next(iter(plans.values())), donor, int(low), int(high))
         else:
-            plan = fit(stats, loaded.arch, replace(request, **parse_settings(settings))).plan
+            plan = fit(stats, loaded.arch, request.with_values(**parse_settings(settings))).plan
         plans[f"{args.budget:.4g}:{name}"] = plan
     engine = Engine(loaded.build(), next(iter(plans.values())), loaded.tokenizer)
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=tuple(int(x) for x in args.lengths.split(",")),

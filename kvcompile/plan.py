@@ -1,13 +1,34 @@
 """The plan: which KV heads keep everything and what the others keep.
 
-Small, frozen dataclasses shared by profile, build and runtime; the YAML form lives in
-``kvcompile.profile.record``.
+Small, frozen dataclasses shared by profile, fit, build and runtime; their file form (a
+mapping inside profiles and artifact manifests) lives in ``kvcompile.plan_io``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 SELECTIONS = ("attention", "key_norm")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How budgeted heads pick their selected tokens when a prompt is compressed.
+
+    The one home of these settings and their defaults: the fit's settings hold one and put it
+    in the plan; the runtime's cache, the ONNX graphs and the answer-loss measurement read it
+    from there.
+    """
+
+    rule: str = "attention"  # one of SELECTIONS
+    # last prompt positions whose attention scores the keys ("attention"); 256 measured a lower
+    # NLL but lost passkeys at 1/8 of the memory, so the default stays 16 (docs/BENCHMARKS.md)
+    observation_window: int = 16
+
+    def __post_init__(self) -> None:
+        if self.rule not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.rule!r}")
+        if self.observation_window < 1:
+            raise ValueError(f"observation window must be >= 1, got {self.observation_window}")
 
 
 @dataclass(frozen=True)
@@ -92,12 +113,11 @@ class Plan:
 
     layers: tuple[LayerPlan, ...]
     policy: str = "profiled"
-    selection: str = "attention"
-    observation_window: int = 16  # last prompt positions whose attention scores selection
+    selection: Selection = Selection()
 
     def __post_init__(self) -> None:
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if not isinstance(self.selection, Selection):
+            raise ValueError(f"selection must be a Selection, got {self.selection!r}")
 
     @property
     def n_full(self) -> int:

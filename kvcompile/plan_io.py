@@ -1,14 +1,15 @@
 """The plan's file form (a mapping inside profiles and artifact manifests), read with checks.
 
-Shared by the profile (``profile_io``) and the runtime's artifact reader, which must not
-import the profiler's modules to load a plan.
+Shared by the profile file (``kvcompile.profile.record``), the fit's settings
+(``kvcompile.settings``) and the runtime's artifact reader, which must not import the
+compiler's stages to load a plan.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from kvcompile.errors import ProfileError
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
 from kvcompile.yamlio import FlowDict, FlowList
 
 
@@ -28,8 +29,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         ))
     return {
         "policy": plan.policy,
-        "selection": plan.selection,
-        "observation_window": plan.observation_window,
+        "selection": plan.selection.rule,
+        "observation_window": plan.selection.observation_window,
         "layers": layers,
     }
 
@@ -90,8 +91,8 @@ def plan_from_dict(data: Any, reader: Reader, path: str = "plan") -> Plan:
         return Plan(
             tuple(layers),
             policy=reader.get(data, "policy", path, str),
-            selection=reader.get(data, "selection", path, str),
-            observation_window=reader.get(data, "observation_window", path, int),
+            selection=Selection(reader.get(data, "selection", path, str),
+                                reader.get(data, "observation_window", path, int)),
         )
     except ValueError as exc:
         raise reader.fail(path, str(exc)) from exc

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.errors import ContextLengthError
-from kvcompile.plan import SELECTIONS, BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import SELECTIONS, BudgetLayout, LayerPlan, Plan, Selection
 
 from .ops import budgeted_attention, budgeted_cache_update, host_reads_free, log_count
 
@@ -324,11 +324,11 @@ class LayerKV:
             raise _overflow(self.length, n_new, self.full.max_context)
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-                selection: str = "attention", observation_window: int = 16) -> Tensor:
+                selection: Selection = Selection()) -> Tensor:
         """Exact causal attention over the prompt for all heads, then store (and compress).
 
         ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` (post-RoPE, permuted); returns
-        ``[B, Hq, L, D]``.
+        ``[B, Hq, L, D]``. ``selection``: the plan's (``Plan.selection``).
         """
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
@@ -337,11 +337,11 @@ class LayerKV:
                              f"reset() it first or use extend()")
         out = budgeted_attention(q, k, v, None, causal=True, window=self.sliding_window,
                                  scale=scale)
-        self.store(q, k, v, scale, selection, observation_window)
+        self.store(q, k, v, scale, selection)
         return out
 
     def store(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-              selection: str = "attention", observation_window: int = 16) -> None:
+              selection: Selection = Selection()) -> None:
         """The storing half of :meth:`prefill`, for a second cache fed the same prompt.
 
         Lets a caller keep several caches (e.g. the artifact's and the uncompressed
@@ -362,8 +362,8 @@ class LayerKV:
             needs_scores = k.shape[2] - lay.sinks - lay.window > lay.selected > 0
             scores = None
             if needs_scores:
-                scores = selection_scores(self._split_q(q)[1], kb, scale, selection,
-                                          observation_window)
+                scores = selection_scores(self._split_q(q)[1], kb, scale, selection.rule,
+                                          selection.observation_window)
             compress_prefill(kb, vb, scores, lay, out=self.budgeted)
         self.length = k.shape[2]
 

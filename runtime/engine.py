@@ -72,12 +72,12 @@ class Engine:
         length = input_ids.shape[1]
         check_prefill(length, caches)
         scale = self.arch.attention_scale
-        selections = [(cache.plan.selection, cache.plan.observation_window) for cache in caches]
+        selections = [cache.plan.selection for cache in caches]
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = caches[0][i].prefill(q, k, v, scale, *selections[0])
+            out = caches[0][i].prefill(q, k, v, scale, selections[0])
             for other, selection in zip(caches[1:], selections[1:], strict=True):
-                other[i].store(q, k, v, scale, *selection)
+                other[i].store(q, k, v, scale, selection)
             return out
 
         with torch.no_grad():

@@ -26,21 +26,22 @@ from typing import Any
 
 from kvcompile.arch import ArchSpec
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
-from kvcompile.fit.greedy import FitRequest, fit
+from kvcompile.fit.greedy import fit
 from kvcompile.fit.pipeline import chosen_request, stats_from_profile
 from kvcompile.memory import plan_memory_ratio
 from kvcompile.plan import BudgetLayout, Plan
 from kvcompile.profile.record import Profile
 from kvcompile.runtime.engine import Engine
+from kvcompile.settings import FitSettings
 
 STARVED_WINDOW = 32
 ARTIFACT = "artifact"
 
 
-def refit_request(profile: Profile, **changes: object) -> FitRequest:
-    """The settings of the shipped plan (``profiling.chosen_request``: the measured choice's
+def refit_request(profile: Profile, **changes: object) -> FitSettings:
+    """The settings of the shipped plan (``pipeline.chosen_request``: the measured choice's
     winner, else the recorded request) at its own budget and context, with ``changes`` applied."""
-    request = chosen_request(profile, profile.fit["kv_budget"], profile.fit["at_context"])
+    request = chosen_request(profile, profile.settings.kv_budget, profile.settings.at_context)
     return replace(request, **changes)  # type: ignore[arg-type]
 
 
@@ -53,7 +54,7 @@ def equal_memory_uniform(plan: Plan, arch: ArchSpec, context: int) -> Plan:
     """``uniform`` whose KV slots at ``context`` are at most ``plan``'s (and within one slot
     per head of them)."""
     budget = plan_memory_ratio(plan, arch, context)  # the one memory definition (sliding layers at their window)
-    request = FitRequest(kv_budget=min(1.0, budget), at_context=context, policy="uniform")
+    request = FitSettings(kv_budget=min(1.0, budget), at_context=context, policy="uniform")
     return fit(None, arch, request).plan
 
 
@@ -82,7 +83,7 @@ def broken_variants(profile: Profile, arch: ArchSpec, context: int) -> dict[str,
     shipped = profile.plan
     return {
         "uniform (same memory)": equal_memory_uniform(shipped, arch, context),
-        "refit at 1/16": refit(profile, arch, kv_budget=profile.fit["kv_budget"] / 2),
+        "refit at 1/16": refit(profile, arch, kv_budget=profile.settings.kv_budget / 2),
         "lowest-scoring full heads": lowest_scoring_full(profile, arch),
         f"sinks + {STARVED_WINDOW}-token window": starved_windows(shipped),
     }

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
 from kvcompile.runtime import ops
 from kvcompile.runtime.cache import (
     BudgetedBuffer,
@@ -105,7 +105,7 @@ def budgeted_reference(q, k, v, prompt_len, n_full, layout, scale, selection, ob
 
 def run_layer(layer, q, k, v, prompt_len, chunks, scale, selection, obs):
     outs = [layer.prefill(q[:, :, :prompt_len], k[:, :, :prompt_len], v[:, :, :prompt_len],
-                          scale, selection, obs)]
+                          scale, Selection(selection, obs))]
     pos = prompt_len
     for t in chunks:
         outs.append(layer.extend(q[:, :, pos:pos + t], k[:, :, pos:pos + t],
@@ -331,7 +331,7 @@ def test_static_cache_runs_prefill_and_decode():
     nbytes = cache.nbytes
     q, k, v = random_qkv(2, 1, 3, 3, 40, 8, torch.float32)
     for layer in cache:
-        out = layer.prefill(q[:, :, :30], k[:, :, :30], v[:, :, :30], None, "attention", 16)
+        out = layer.prefill(q[:, :, :30], k[:, :, :30], v[:, :, :30], None, Selection("attention", 16))
         assert out.shape == (1, 9, 30, 8)
     for p in range(30, 40):
         for layer in cache:

@@ -23,12 +23,13 @@ from kvcompile.fit.choice import (
     held_out_prompts,
     measure_plans,
 )
-from kvcompile.fit.greedy import FitRequest, fit
+from kvcompile.fit.greedy import fit
 from kvcompile.plan import Plan
 from kvcompile.profile.statistics import HeadStatistics
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from kvcompile.runtime.model import CompactLM
+from kvcompile.settings import FitSettings
 from tests.tiny import VOCAB, tiny_loaded
 
 SWEEP = (1 / 4, 1 / 6, 1 / 8, 1 / 10, 1 / 12, 1 / 16)
@@ -89,13 +90,13 @@ def test_chosen_plan_is_never_worse_than_uniform_at_every_budget(tiny, budget: f
     loaded, model = tiny
     arch = loaded.arch
     stats = random_stats(arch.n_layers, arch.n_kv_heads, seed=int(budget * 1000))
-    request = FitRequest(kv_budget=budget, at_context=256, min_window=4, min_budgeted_capacity=16)
+    request = FitSettings(kv_budget=budget, at_context=256, min_window=4, min_budgeted_capacity=16)
     prompts = random_prompts(2, 2, context=240, scored=12, seed=int(budget * 1000))
     pool = candidates(stats, arch, request)
     losses = measure_plans(model, None, {c.name: c.result.plan for c in pool}, prompts)
     chosen, table = choose(losses, [c.name for c in pool])
     plan = next(c for c in pool if c.name == chosen).result.plan
-    uniform = fit(None, arch, FitRequest(kv_budget=budget, at_context=256, policy="uniform"))
+    uniform = fit(None, arch, FitSettings(kv_budget=budget, at_context=256, policy="uniform"))
     mine = reference_losses(model, plan, prompts)
     theirs = reference_losses(model, uniform.plan, prompts)
     base = reference_losses(model, Plan.uncompressed(arch.n_layers, arch.n_kv_heads), prompts)
@@ -138,7 +139,7 @@ def test_candidates_are_distinct_plans_within_budget(tiny) -> None:
     arch = loaded.arch
     from kvcompile.memory import plan_memory_ratio
 
-    request = FitRequest(kv_budget=0.25, at_context=256, min_window=4, min_budgeted_capacity=16)
+    request = FitSettings(kv_budget=0.25, at_context=256, min_window=4, min_budgeted_capacity=16)
     pool = candidates(random_stats(arch.n_layers, arch.n_kv_heads, 0), arch, request)
     plans = [c.result.plan for c in pool]
     assert len(set(plans)) == len(plans) >= 2
@@ -152,7 +153,7 @@ def test_candidates_measure_the_proxy_heads_at_every_other_selected_share(tiny) 
     arch = loaded.arch
     stats = random_stats(arch.n_layers, arch.n_kv_heads, 0)
     for own, measured in ((0.5, SELECTED_FRACTIONS), (0.25, SELECTED_FRACTIONS), (0.3, (0.3,))):
-        request = FitRequest(kv_budget=0.25, at_context=256, min_window=4, min_budgeted_capacity=16,
+        request = FitSettings(kv_budget=0.25, at_context=256, min_window=4, min_budgeted_capacity=16,
                              selected_fraction=own)
         pool = candidates(stats, arch, request)
         proxy = pool[0].result.plan
@@ -178,9 +179,9 @@ def test_smollm2_measured_choice_beats_uniform_on_its_held_out_prompts(smollm2) 
     config = ChoiceConfig(length=512, n_passkey=1, n_multikey=1, n_text=1, text_tokens=32)
     prompts = held_out_prompts(smollm2.tokenizer, config)
     for budget in SWEEP:
-        request = FitRequest(kv_budget=budget, at_context=4096)
+        request = FitSettings(kv_budget=budget, at_context=4096)
         result, record = choose_plan(model, smollm2.tokenizer, stats, request, config)
-        uniform = fit(None, smollm2.arch, FitRequest(kv_budget=budget, at_context=4096, policy="uniform"))
+        uniform = fit(None, smollm2.arch, FitSettings(kv_budget=budget, at_context=4096, policy="uniform"))
         mine = reference_losses(model, result.plan, prompts)
         theirs = reference_losses(model, uniform.plan, prompts)
         assert mine[0] <= theirs[0] + 1e-4, (budget, record["chosen"], mine, theirs)

@@ -6,7 +6,7 @@ import torch
 
 from kvcompile.build.artifact import compile_engine
 from kvcompile.errors import ContextLengthError
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
 from kvcompile.runtime.engine import sample
 from tests.tiny import tiny_hf_model, tiny_loaded
 
@@ -88,7 +88,7 @@ def test_batch_of_two_equals_two_single_runs() -> None:
     arch = loaded.arch
     layout = BudgetLayout(2, 1, 2, 6)
     plan = Plan(tuple(LayerPlan((0,), tuple(range(1, arch.n_kv_heads)), layout) for _ in range(arch.n_layers)),
-                selection="key_norm")
+                selection=Selection("key_norm"))
     _, engine = compile_engine(loaded, plan, max_context=64)
     ids = torch.cat([_ids(24, 1), _ids(24, 2)])
     batch = engine.allocate(2, max_context=40)
@@ -107,7 +107,7 @@ def test_one_prefill_compresses_each_cache_with_its_own_selection_rule() -> None
     arch = loaded.arch
     layout = BudgetLayout(2, 1, 6, 4)
     layers = tuple(LayerPlan((), tuple(range(arch.n_kv_heads)), layout) for _ in range(arch.n_layers))
-    by_norm, by_attention = Plan(layers, selection="key_norm"), Plan(layers, selection="attention")
+    by_norm, by_attention = Plan(layers, selection=Selection("key_norm")), Plan(layers, selection=Selection("attention"))
     _, engine = compile_engine(loaded, by_attention, max_context=64)
     ids = _ids(40, seed=1)
     shared = [engine.allocate(1, plan=by_norm), engine.allocate(1, plan=by_attention)]

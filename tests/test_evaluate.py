@@ -12,7 +12,7 @@ from kvcompile.build.artifact import compile_engine
 from kvcompile.eval.evaluate import EvalConfig, evaluate, evaluate_systems
 from kvcompile.gate.rules import evaluate as evaluate_gate
 from kvcompile.gate.rules import load_rules
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from tests.tiny import tiny_loaded
@@ -24,7 +24,7 @@ def _mixed_plan(n_layers: int, n_kv: int, layout: BudgetLayout) -> Plan:
     for i in range(n_layers):
         full = tuple(sorted({i % n_kv, n_kv - 1}))
         layers.append(LayerPlan(full, tuple(h for h in range(n_kv) if h not in full), layout))
-    return Plan(tuple(layers), selection="key_norm")
+    return Plan(tuple(layers), selection=Selection("key_norm"))
 
 
 def test_reordering_at_attention_time_equals_permuted_weights() -> None:

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from kvcompile.arch import ArchSpec, arch_from_config
 from kvcompile.errors import BudgetError
-from kvcompile.fit.greedy import POLICIES, FitRequest, fit
+from kvcompile.fit.greedy import fit
 from kvcompile.memory import plan_memory_ratio
-from kvcompile.plan import BudgetLayout, Plan
+from kvcompile.plan import BudgetLayout, Plan, Selection
 from kvcompile.profile.statistics import DEFAULT_GRID, HeadStatistics
+from kvcompile.settings import POLICIES, FitSettings
 from tests.tiny import tiny_config
 
 CTX = 2048
@@ -92,7 +94,7 @@ def test_fit_meets_the_budget(policy: str, kv_budget: float, seed: int) -> None:
     """
     arch = llama_arch()
     result = fit(make_stats(random_scores(arch, seed), seed=seed), arch,
-                 FitRequest(kv_budget=kv_budget, at_context=CTX, policy=policy))
+                 FitSettings(kv_budget=kv_budget, at_context=CTX, policy=policy))
     budget = budget_slots(arch, kv_budget, CTX)
     used = slots_by_hand(result.plan, CTX)
     check_plan_shape(result.plan, arch)
@@ -110,7 +112,7 @@ def test_fit_meets_the_budget(policy: str, kv_budget: float, seed: int) -> None:
 
 def test_profiled_layouts_use_request_settings() -> None:
     arch = llama_arch()
-    request = FitRequest(kv_budget=0.125, at_context=CTX, sinks=2, compensation=1,
+    request = FitSettings(kv_budget=0.125, at_context=CTX, sinks=2, compensation=1,
                          selected_fraction=0.5, min_window=8)
     result = fit(make_stats(random_scores(arch, 0)), arch, request)
     for layer in result.plan.layers:
@@ -124,10 +126,10 @@ def test_profiled_layouts_use_request_settings() -> None:
 
 def test_pyramid_schedule_falls_with_depth() -> None:
     arch = llama_arch(n_layers=8)
-    plan = fit(None, arch, FitRequest(kv_budget=0.125, at_context=CTX, policy="pyramid")).plan
+    plan = fit(None, arch, FitSettings(kv_budget=0.125, at_context=CTX, policy="pyramid")).plan
     caps = [layer.layout.capacity for layer in plan.layers]
     assert all(a >= b for a, b in itertools.pairwise(caps)) and caps[0] > caps[-1]
-    uniform = fit(None, arch, FitRequest(kv_budget=0.125, at_context=CTX, policy="uniform")).plan
+    uniform = fit(None, arch, FitSettings(kv_budget=0.125, at_context=CTX, policy="uniform")).plan
     assert len({layer.layout.capacity for layer in uniform.layers}) == 1
     assert all(not layer.full_heads for layer in plan.layers + uniform.layers)
 
@@ -139,7 +141,7 @@ def test_full_heads_are_the_top_retrieval_heads_above_threshold() -> None:
     arch = llama_arch()
     scores = random_scores(arch, 3) * 0.4  # all below half of the best ...
     scores[1, 2], scores[4, 0], scores[5, 3] = 1.0, 0.8, 0.55  # ... except three
-    result = fit(make_stats(scores), arch, FitRequest(kv_budget=0.25, at_context=CTX))
+    result = fit(make_stats(scores), arch, FitSettings(kv_budget=0.25, at_context=CTX))
     assert full_set(result.plan) == {(1, 2), (4, 0), (5, 3)}
     assert result.demoted == [] and result.notes == []
 
@@ -148,7 +150,7 @@ def test_full_heads_are_the_top_retrieval_heads_above_threshold() -> None:
 def test_full_heads_outrank_budgeted_heads(seed: int) -> None:
     arch = llama_arch()
     scores = random_scores(arch, seed)
-    plan = fit(make_stats(scores), arch, FitRequest(kv_budget=0.25, at_context=CTX)).plan
+    plan = fit(make_stats(scores), arch, FitSettings(kv_budget=0.25, at_context=CTX)).plan
     full = full_set(plan)
     assert full
     budgeted = {(i, h) for i in range(arch.n_layers) for h in range(arch.n_kv_heads)} - full
@@ -159,7 +161,7 @@ def test_full_heads_outrank_budgeted_heads(seed: int) -> None:
 def test_full_heads_override(count: int) -> None:
     arch = llama_arch()
     scores = random_scores(arch, 5)
-    result = fit(make_stats(scores), arch, FitRequest(kv_budget=0.25, at_context=CTX, full_heads=count))
+    result = fit(make_stats(scores), arch, FitSettings(kv_budget=0.25, at_context=CTX, full_heads=count))
     ranked = sorted(((float(scores[i, h]), (i, h)) for i in range(arch.n_layers)
                      for h in range(arch.n_kv_heads)), reverse=True)
     assert full_set(result.plan) == {lh for _, lh in ranked[:count]}
@@ -169,7 +171,7 @@ def test_full_heads_override(count: int) -> None:
 def test_full_heads_that_do_not_fit_are_demoted_and_reported() -> None:
     arch = llama_arch()
     scores = 0.9 + 0.1 * random_scores(arch, 7)  # every head above the threshold
-    request = FitRequest(kv_budget=0.25, at_context=CTX)
+    request = FitSettings(kv_budget=0.25, at_context=CTX)
     result = fit(make_stats(scores), arch, request)
     budget = budget_slots(arch, 0.25, CTX)
     floor = min(max(request.sinks + request.compensation + request.min_window,
@@ -194,7 +196,7 @@ def test_full_heads_that_do_not_fit_are_demoted_and_reported() -> None:
 def test_impossible_target_raises_one_line_budget_error(policy: str) -> None:
     arch = llama_arch()
     with pytest.raises(BudgetError, match="kv-budget") as info:
-        fit(make_stats(random_scores(arch, 0)), arch, FitRequest(kv_budget=0.001, at_context=CTX, policy=policy))
+        fit(make_stats(random_scores(arch, 0)), arch, FitSettings(kv_budget=0.001, at_context=CTX, policy=policy))
     assert "\n" not in str(info.value)
 
 
@@ -205,22 +207,22 @@ def test_minimum_layout_boundary() -> None:
     context = 1024  # fractions below are exact in binary
     stats = make_stats(torch.zeros(2, 2))
     exact = cmin * 4 / (4 * context)
-    result = fit(stats, arch, FitRequest(kv_budget=exact, at_context=context))
+    result = fit(stats, arch, FitSettings(kv_budget=exact, at_context=context))
     assert result.used_slots == 4 * cmin == result.budget_slots
     below = (cmin * 4 - 1) / (4 * context)
     with pytest.raises(BudgetError):
-        fit(stats, arch, FitRequest(kv_budget=below, at_context=context))
+        fit(stats, arch, FitSettings(kv_budget=below, at_context=context))
 
 
 @pytest.mark.parametrize("kv_budget", [0.0, -0.25, 1.5])
 def test_budget_outside_unit_interval_is_rejected(kv_budget: float) -> None:
     with pytest.raises(BudgetError, match="kv-budget"):
-        FitRequest(kv_budget=kv_budget)
+        FitSettings(kv_budget=kv_budget)
 
 
 def test_whole_budget_is_accepted() -> None:
     arch = llama_arch(n_layers=2)
-    result = fit(make_stats(random_scores(arch, 0)), arch, FitRequest(kv_budget=1.0, at_context=CTX))
+    result = fit(make_stats(random_scores(arch, 0)), arch, FitSettings(kv_budget=1.0, at_context=CTX))
     assert result.used_slots <= result.budget_slots == arch.n_kv_total * CTX
 
 
@@ -228,7 +230,7 @@ def test_whole_budget_is_accepted() -> None:
 def test_context_beyond_model_maximum_is_rejected(policy: str) -> None:
     arch = llama_arch(max_context=4096)
     with pytest.raises(BudgetError, match="4096"):
-        fit(make_stats(random_scores(arch, 0)), arch, FitRequest(at_context=4097, policy=policy))
+        fit(make_stats(random_scores(arch, 0)), arch, FitSettings(at_context=4097, policy=policy))
 
 
 @pytest.mark.parametrize("context", [4, 5, 8])
@@ -236,7 +238,7 @@ def test_tiny_reference_context_gives_a_plan_or_budget_error(context: int) -> No
     """Whatever the context, the fit answers with a valid plan or a BudgetError, never a crash."""
     arch = llama_arch(n_layers=2)
     try:
-        result = fit(make_stats(random_scores(arch, 0)), arch, FitRequest(kv_budget=1.0, at_context=context))
+        result = fit(make_stats(random_scores(arch, 0)), arch, FitSettings(kv_budget=1.0, at_context=context))
     except BudgetError:
         return
     assert result.used_slots == slots_by_hand(result.plan, context) <= result.budget_slots
@@ -244,7 +246,7 @@ def test_tiny_reference_context_gives_a_plan_or_budget_error(context: int) -> No
 
 def test_profiled_policy_needs_statistics() -> None:
     with pytest.raises(BudgetError):
-        fit(None, llama_arch(), FitRequest(at_context=CTX))
+        fit(None, llama_arch(), FitSettings(at_context=CTX))
 
 
 # ------------------------------------------------------------------- sliding-window layers
@@ -257,7 +259,7 @@ def test_sliding_layers_keep_the_model_window_and_no_full_heads(policy: str) -> 
     scores[0] = 1.0  # the sliding layers hold the best retrieval scores ...
     scores[2] = 0.9
     scores[1, 3] = 0.8  # ... and one full-attention head is close
-    result = fit(make_stats(scores), arch, FitRequest(kv_budget=0.25, at_context=CTX, policy=policy))
+    result = fit(make_stats(scores), arch, FitSettings(kv_budget=0.25, at_context=CTX, policy=policy))
     for i in (0, 2):
         layer = result.plan.layers[i]
         assert layer.sliding and layer.full_heads == ()
@@ -271,7 +273,7 @@ def test_sliding_layers_keep_the_model_window_and_no_full_heads(policy: str) -> 
 def test_sliding_layers_never_full_even_when_forced() -> None:
     arch = gemma_arch()
     scores = torch.ones(4, 4)
-    result = fit(make_stats(scores), arch, FitRequest(kv_budget=0.5, at_context=CTX, full_heads=16))
+    result = fit(make_stats(scores), arch, FitSettings(kv_budget=0.5, at_context=CTX, full_heads=16))
     assert all(i in (1, 3) for i, _ in full_set(result.plan))
 
 
@@ -295,7 +297,7 @@ def test_greedy_prefers_the_layer_with_larger_error_reduction() -> None:
     error = torch.zeros(2, 2, len(grid))
     error[0] = torch.tensor([0.8, 0.5, 0.3, 0.15, 0.05])  # steep
     error[1] = torch.tensor([0.08, 0.05, 0.03, 0.015, 0.005])  # ten times flatter
-    request = FitRequest(kv_budget=0.1, at_context=512, equal_weight=0.0)
+    request = FitSettings(kv_budget=0.1, at_context=512, equal_weight=0.0)
     plan = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request).plan
     cap0, cap1 = plan.layers[0].layout.capacity, plan.layers[1].layout.capacity
     assert cap0 > cap1
@@ -317,7 +319,7 @@ def test_greedy_matches_brute_force_on_convex_curves(seed: int, kv_budget: float
         for head in range(2):
             a, p = 0.5 + torch.rand(1, generator=gen).item(), 1 + 2 * torch.rand(1, generator=gen).item()
             error[layer, head] = torch.tensor([a * (1 - c / ctx) ** p for c in grid])
-    request = FitRequest(kv_budget=kv_budget, at_context=ctx, equal_weight=0.0)
+    request = FitSettings(kv_budget=kv_budget, at_context=ctx, equal_weight=0.0)
     result = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request)
     caps = [layer.layout.capacity for layer in result.plan.layers]
     curves = [[float(error[layer, :, i].sum()) for i in range(len(grid))] for layer in range(2)]
@@ -342,8 +344,8 @@ def test_equal_weight_mixes_greedy_and_equal_split(weight: float) -> None:
     error[0] = torch.tensor([0.8, 0.5, 0.3, 0.15, 0.05])
     error[1] = torch.tensor([0.08, 0.05, 0.03, 0.015, 0.005])
     stats = make_stats(torch.zeros(2, 2), error, grid)
-    greedy = fit(stats, arch, FitRequest(kv_budget=0.1, at_context=512, equal_weight=0.0))
-    mixed = fit(stats, arch, FitRequest(kv_budget=0.1, at_context=512, equal_weight=weight))
+    greedy = fit(stats, arch, FitSettings(kv_budget=0.1, at_context=512, equal_weight=0.0))
+    mixed = fit(stats, arch, FitSettings(kv_budget=0.1, at_context=512, equal_weight=weight))
     g = [layer.layout.capacity for layer in greedy.plan.layers]
     m = [layer.layout.capacity for layer in mixed.plan.layers]
     assert g[0] > g[1]  # the steep layer gets more under pure greedy
@@ -360,7 +362,7 @@ def test_equal_weight_mixes_greedy_and_equal_split(weight: float) -> None:
 
 def test_equal_weight_out_of_range_is_a_budget_error() -> None:
     with pytest.raises(BudgetError, match="--equal-weight"):
-        FitRequest(equal_weight=1.5)
+        FitSettings(equal_weight=1.5)
 
 
 # ------------------------------------------------------- hull and end-to-end answer loss
@@ -387,7 +389,7 @@ def test_greedy_buys_a_drop_behind_a_flat_stretch() -> None:
     error = torch.zeros(2, 2, len(grid))
     error[0] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
     error[1] = torch.tensor([0.3, 0.2, 0.1, 0.05, 0.02])
-    request = FitRequest(kv_budget=0.3, at_context=ctx, equal_weight=0.0)
+    request = FitSettings(kv_budget=0.3, at_context=ctx, equal_weight=0.0)
     result = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request)
     assert result.budget_slots == 614
     assert [layer.layout.capacity for layer in result.plan.layers] == [256, 51]
@@ -427,7 +429,7 @@ def test_answer_weight_moves_slots_to_the_layer_the_answers_need() -> None:
     arch = llama_arch(n_layers=2, n_kv=2)
 
     def capacities(stats: HeadStatistics, weight: float) -> list[int]:
-        request = FitRequest(kv_budget=0.3, at_context=512, equal_weight=0.0, answer_weight=weight)
+        request = FitSettings(kv_budget=0.3, at_context=512, equal_weight=0.0, answer_weight=weight)
         return [layer.layout.capacity for layer in fit(stats, arch, request).plan.layers]
 
     local_only = capacities(answer_stats(ANSWER_LOSS), 0.0)
@@ -441,7 +443,7 @@ def test_answer_weight_moves_slots_to_the_layer_the_answers_need() -> None:
 
 def test_answer_weight_out_of_range_is_a_budget_error() -> None:
     with pytest.raises(BudgetError, match="--answer-weight"):
-        FitRequest(answer_weight=-0.1)
+        FitSettings(answer_weight=-0.1)
 
 
 def test_answer_weight_shrinks_with_the_reference_full_heads_the_plan_drops() -> None:
@@ -457,7 +459,7 @@ def test_answer_weight_shrinks_with_the_reference_full_heads_the_plan_drops() ->
         return result
 
     def run(reference: frozenset[tuple[int, int]], full_heads: int, weight: float = 1.0):
-        request = FitRequest(kv_budget=0.3, at_context=512, equal_weight=0.0, answer_weight=weight,
+        request = FitSettings(kv_budget=0.3, at_context=512, equal_weight=0.0, answer_weight=weight,
                              full_heads=full_heads)
         return fit(stats(reference), arch, request)
 
@@ -476,11 +478,10 @@ def test_profiled_plan_selects_with_the_requested_observation_window() -> None:
     arch = llama_arch()
     stats = make_stats(torch.rand(arch.n_layers, arch.n_kv_heads, generator=torch.Generator().manual_seed(2)))
     for window in (8, 300):
-        request = FitRequest(kv_budget=0.3, at_context=512, observation_window=window)
-        assert fit(stats, arch, request).plan.observation_window == window
+        request = FitSettings(kv_budget=0.3, at_context=512).with_values(observation_window=window)
+        assert fit(stats, arch, request).plan.selection == Selection("attention", window)
         for policy in ("uniform", "pyramid"):
-            baseline = fit(None, arch, FitRequest(kv_budget=0.3, at_context=512, policy=policy,
-                                                  observation_window=window)).plan
-            assert baseline.observation_window == Plan(()).observation_window
+            baseline = fit(None, arch, replace(request, policy=policy)).plan
+            assert baseline.selection == Plan(()).selection == Selection()
     with pytest.raises(BudgetError, match="--observation-window"):
-        FitRequest(observation_window=0)
+        FitSettings().with_values(observation_window=0)

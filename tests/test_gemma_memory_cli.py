@@ -84,7 +84,7 @@ def test_the_recorded_choice_rebuilds_the_profile_plan(gemma_run: dict) -> None:
     """``chosen_settings`` refit from the statistics give the plan the profile ships."""
     profile = load_profile(gemma_run["profile"])
     arch = arch_from_description(profile.model["architecture"])
-    request = chosen_request(profile, profile.fit["kv_budget"], profile.fit["at_context"])
+    request = chosen_request(profile, profile.settings.kv_budget, profile.settings.at_context)
     assert fit(stats_from_profile(profile), arch, request).plan == profile.plan
 
 

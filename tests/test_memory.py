@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import kvcompile.memory as memory
 from kvcompile.arch import arch_from_config
 from kvcompile.errors import BudgetError
-from kvcompile.fit.greedy import FitRequest, fit, smallest_budget
+from kvcompile.fit.greedy import fit, smallest_budget
 from kvcompile.memory import (
     budget_slots,
     memory_ratio,
@@ -33,6 +33,7 @@ from kvcompile.memory import (
 )
 from kvcompile.plan import Plan
 from kvcompile.runtime.cache import StaticKVCache
+from kvcompile.settings import FitSettings
 from tests.tiny import tiny_hf_model
 
 SLIDING = {"gemma3_text": dict(sliding_window=24), "mistral": dict(sliding_window=24)}
@@ -92,7 +93,7 @@ def test_fitted_gemma_plan_counts_sliding_layers_at_their_window() -> None:
     arch = arch_from_config(tiny_hf_model("gemma3_text", **SLIDING["gemma3_text"]).config)
     context = 256
     for policy in ("uniform", "pyramid"):
-        result = fit(None, arch, FitRequest(kv_budget=0.5, at_context=context, policy=policy, min_window=4))
+        result = fit(None, arch, FitSettings(kv_budget=0.5, at_context=context, policy=policy, min_window=4))
         cache = StaticKVCache.allocate(result.plan, 1, context, arch.head_dim, arch.group_size)
         reference = 2 * 4 * 24 + 2 * 4 * 256  # two sliding layers at their window, two full layers
         assert cache.nbytes == plan_bytes(result.plan, arch, context, 4)
@@ -112,7 +113,7 @@ def test_budget_below_the_sliding_layers_names_the_smallest_feasible(policy: str
     stats = HeadStatistics((16, 32), *(torch.rand(shape) for _ in range(6)), error=torch.zeros((*shape, 2)))
     context = 256
     with pytest.raises(BudgetError) as caught:
-        fit(stats, arch, FitRequest(kv_budget=0.05, at_context=context, policy=policy))
+        fit(stats, arch, FitSettings(kv_budget=0.05, at_context=context, policy=policy))
     message = str(caught.value)
     assert "\n" not in message
     smallest = float(re.search(r"smallest feasible budget at 256 tokens is ([0-9.]+)", message).group(1))
@@ -120,18 +121,18 @@ def test_budget_below_the_sliding_layers_names_the_smallest_feasible(policy: str
     assert smallest == smallest_budget(arch, context, per_head)
     # by hand: 2 sliding layers x 4 heads x 24 + 2 x 4 x per_head, over 2 x 4 x (24 + 256)
     assert smallest == pytest.approx((8 * 24 + 8 * per_head) / (8 * 280), abs=1e-4)
-    result = fit(stats, arch, FitRequest(kv_budget=smallest, at_context=context, policy=policy))
+    result = fit(stats, arch, FitSettings(kv_budget=smallest, at_context=context, policy=policy))
     assert plan_memory_ratio(result.plan, arch, context) <= smallest
     with pytest.raises(BudgetError):
-        fit(stats, arch, FitRequest(kv_budget=smallest - 2e-4, at_context=context, policy=policy))
+        fit(stats, arch, FitSettings(kv_budget=smallest - 2e-4, at_context=context, policy=policy))
 
 
 def test_all_sliding_model_needs_its_whole_window() -> None:
     """Mistral-style: every layer slides, so nothing is left to compress below the windows."""
     arch = arch_from_config(tiny_hf_model("mistral", **SLIDING["mistral"]).config)
     with pytest.raises(BudgetError, match="smallest feasible budget at 256 tokens is 1$"):
-        fit(None, arch, FitRequest(kv_budget=0.5, at_context=256, policy="uniform"))
-    result = fit(None, arch, FitRequest(kv_budget=1.0, at_context=256, policy="uniform"))
+        fit(None, arch, FitSettings(kv_budget=0.5, at_context=256, policy="uniform"))
+    result = fit(None, arch, FitSettings(kv_budget=1.0, at_context=256, policy="uniform"))
     assert plan_memory_ratio(result.plan, arch, 256) == 1.0
 
 

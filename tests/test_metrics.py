@@ -26,7 +26,7 @@ from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
 from kvcompile.eval.tasks import EvalCase
 from kvcompile.metrics import greedy_agreement, greedy_token, kl, log_probs, nll, nll_increase
 from kvcompile.models import LoadedModel
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
 from kvcompile.runtime.engine import Engine
 from tests.test_stats import wilson_by_quadratic
 from tests.tiny import VOCAB, state_of, tiny_hf_model
@@ -58,7 +58,7 @@ def tiny():
     # layer 0 all full; layer 1 budgets KV head 0 (so the served order, 1 2 3 0, is not the
     # identity). Milder plans leave the greedy tokens of a random model too fragile to agree.
     plan = Plan((LayerPlan((0, 1, 2, 3), (), None),
-                 LayerPlan((1, 2, 3), (0,), BudgetLayout(SINKS, 0, 0, WINDOW))), selection="key_norm")
+                 LayerPlan((1, 2, 3), (0,), BudgetLayout(SINKS, 0, 0, WINDOW))), selection=Selection("key_norm"))
     model = loaded.build()
     assert model.dtype == torch.float64
     engine = Engine(model, plan, DigitTokenizer(), max_context=256, eos_token_ids=(EOS,))

@@ -27,7 +27,7 @@ from kvcompile.passes.onnx import (
     static_budget_passes,
 )
 from kvcompile.passes.onnx.functions import function_for
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
 from kvcompile.runtime import onnx_io
 from kvcompile.runtime.cache import BudgetedBuffer, compress_prefill, selection_scores
 from kvcompile.runtime.ops import budgeted_attention, budgeted_cache_update, log_count
@@ -50,7 +50,7 @@ def tiny_plan(arch, selection: str = "attention") -> Plan:
             full = ((2,), (1, 3))[index % 2] if index % 3 else ()
             rest = tuple(h for h in range(arch.n_kv_heads) if h not in full)
             layers.append(LayerPlan(full, rest, LAYOUTS[index % 2]))
-    return Plan(tuple(layers), selection=selection, observation_window=4)
+    return Plan(tuple(layers), selection=Selection(selection, observation_window=4))
 
 
 _SOURCES: dict[str, tuple] = {}

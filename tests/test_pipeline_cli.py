@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 from kvcompile.build.artifact import MANIFEST, WEIGHTS, load_engine
 from kvcompile.cli import main
-from kvcompile.fit.greedy import FitRequest
 from kvcompile.fit.pipeline import run_profile
 from kvcompile.profile.calibration import CalibConfig
 from kvcompile.profile.record import load_profile, save_profile
+from kvcompile.settings import FitSettings
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def profile_path(smollm2, workdir) -> Path:
-    profile = run_profile(smollm2, SMALL_CALIB, FitRequest(kv_budget=0.25, at_context=1024))
+    profile = run_profile(smollm2, SMALL_CALIB, FitSettings(kv_budget=0.25, at_context=1024))
     path = workdir / "profile.yaml"
     save_profile(profile, path)
     return path

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from kvcompile.errors import ProfileError
-from kvcompile.fit.greedy import FitRequest, fit
+from kvcompile.fit.greedy import fit
 from kvcompile.fit.pipeline import (
     make_profile,
     measure_answer_loss,
@@ -20,6 +20,7 @@ from kvcompile.fit.pipeline import (
     stats_from_profile,
 )
 from kvcompile.models import LoadedModel, load_model
+from kvcompile.plan import Selection
 from kvcompile.profile.calibration import CalibConfig, CalibPrompt
 from kvcompile.profile.record import (
     PROFILE_FORMAT,
@@ -29,10 +30,11 @@ from kvcompile.profile.record import (
     save_profile,
 )
 from kvcompile.profile.statistics import HeadStatistics, ProfileSettings, profile_heads
+from kvcompile.settings import FitSettings
 from tests.tiny import VOCAB, save_tokenizer, tiny_hf_model, tiny_loaded
 
 SETTINGS = ProfileSettings(capacity_grid=(8, 16, 32), sinks=2, last_queries=8, repeat_queries=16)
-REQUEST = FitRequest(kv_budget=0.3, at_context=128, min_window=4)
+REQUEST = FitSettings(kv_budget=0.3, at_context=128, min_window=4)
 Edit = Callable[[Any], None]
 STAT_FIELDS = ("induction", "echo", "needle", "sink_mass", "local_mass", "entropy", "error", "retrieval",
                "layer_loss")
@@ -198,6 +200,14 @@ CASES = {
     "answer-reference-head": (_set(("sensitivity", "reference_full_heads"), [[99, 0]]),
                               "sensitivity.reference_full_heads[0]"),
     "answer-reference-capacity": (_set(("sensitivity", "reference_capacity"), 0), "sensitivity.reference_capacity"),
+    "missing-at-context": (lambda d: d["fit"].pop("at_context"), "fit.at_context: missing"),
+    "budget-out-of-range": (_set(("fit", "kv_budget"), 1.5), "fit.kv_budget"),
+    "unknown-fit-setting": (_set(("fit", "settings", "magic"), 1), "fit.settings.magic"),
+    "target-in-fit-settings": (_set(("fit", "settings", "kv_budget"), 0.5), "fit.settings.kv_budget"),
+    "string-sinks": (_set(("fit", "settings", "sinks"), "four"), "fit.settings.sinks"),
+    "bool-full-heads": (_set(("fit", "settings", "full_heads"), True), "fit.settings.full_heads"),
+    "bad-fit-selection": (_set(("fit", "settings", "selection"), "magic"), "fit.settings.selection"),
+    "observation-window-zero": (_set(("fit", "settings", "observation_window"), 0), "fit.settings.observation_window"),
 }
 
 
@@ -231,6 +241,65 @@ def test_tampered_candidate_split_is_refused(value: Any, tmp_path: Path) -> None
     with pytest.raises(ProfileError) as info:
         load_profile(path)
     assert str(info.value).startswith(f"{path}: choice.candidates[0].selected_fraction"), str(info.value)
+
+
+CUSTOM = FitSettings(kv_budget=0.3, at_context=128, full_heads=1, full_rank="needle", retrieval_threshold=0.4,
+                     sinks=2, compensation=0, selected_fraction=0.25, min_window=4, min_budgeted_capacity=8,
+                     equal_weight=0.2, answer_weight=0.7, selection=Selection("key_norm", 32))
+
+
+def test_fit_settings_round_trip_in_their_file_form(profile_and_stats: tuple[Profile, HeadStatistics],
+                                                    tmp_path: Path) -> None:
+    """Every setting comes back; the file keeps the keys it always had, each once."""
+    path = tmp_path / "custom.yaml"
+    save_profile(dataclasses.replace(profile_and_stats[0], settings=CUSTOM), path)
+    assert load_profile(path).settings == CUSTOM
+    fit_data = yaml.safe_load(path.read_text())["fit"]
+    assert (fit_data["kv_budget"], fit_data["at_context"]) == (0.3, 128)
+    assert fit_data["settings"] == {
+        "policy": "profiled", "full_heads": 1, "full_rank": "needle", "retrieval_threshold": 0.4, "sinks": 2,
+        "compensation": 0, "selected_fraction": 0.25, "min_window": 4, "min_budgeted_capacity": 8,
+        "equal_weight": 0.2, "answer_weight": 0.7, "selection": "key_norm", "observation_window": 32}
+    assert not set(fit_data) & {"policy", "retrieval_threshold", "min_budgeted_capacity", "equal_weight",
+                                "answer_weight"}  # once, in ``settings``
+
+
+def test_profiles_before_fit_settings_keep_what_they_recorded(saved: Path, tmp_path: Path) -> None:
+    """Without ``fit.settings``: the weights and policy beside the target, the plan's selection,
+    the defaults for the rest. With it, ``settings`` wins over those older keys."""
+    def older(data: Any) -> None:
+        settings = data["fit"].pop("settings")
+        assert settings["equal_weight"] == 0.5
+        data["fit"].update(policy="uniform", retrieval_threshold=0.3, equal_weight=0.25)
+        data["plan"]["observation_window"] = 32
+
+    path = edited(saved, tmp_path, older)
+    assert load_profile(path).settings == FitSettings(
+        kv_budget=0.3, at_context=128, policy="uniform", retrieval_threshold=0.3, equal_weight=0.25,
+        selection=Selection("attention", 32))
+    both = edited(saved, tmp_path, lambda d: d["fit"].update(equal_weight=0.25, policy="uniform"))
+    assert load_profile(both).settings == REQUEST
+
+
+def test_refit_command_uses_the_recorded_settings(profile_and_stats: tuple[Profile, HeadStatistics],
+                                                  tmp_path: Path) -> None:
+    """``kvcompile fit`` changes the budget and keeps every other recorded setting: the
+    refitted layouts have the recorded sinks, compensation and selection."""
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+
+    path, out = tmp_path / "custom.yaml", tmp_path / "refit.yaml"
+    save_profile(dataclasses.replace(profile_and_stats[0], settings=CUSTOM), path)
+    result = CliRunner().invoke(main, ["fit", str(path), "--kv-budget", "0.5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    refit = load_profile(out)
+    assert refit.settings == dataclasses.replace(CUSTOM, kv_budget=0.5)
+    assert refit.plan.selection == Selection("key_norm", 32) and refit.plan.n_full == 1
+    layouts = [layer.layout for layer in refit.plan.layers if layer.budgeted_heads]
+    assert layouts and all((lay.sinks, lay.compensation) == (2, 0) for lay in layouts)
+    budget = 0.5 * 2 * 4 * 128  # of the 2 layers x 4 KV heads x 128 tokens
+    assert refit.fit["budget_slots"] == budget and budget - 8 < refit.plan.kv_slots(128) <= budget
 
 
 def test_plan_layer_count_must_match_model(saved: Path, tmp_path: Path) -> None:
@@ -287,7 +356,7 @@ def test_extra_top_level_keys_survive(saved: Path, tmp_path: Path) -> None:
 # every prompt kind, kept short: the whole suite must stay fast on 2 shared CPU cores
 SMALL_CALIB = CalibConfig(n_text=1, text_length=160, n_passkey=1, n_multikey=1, probe_length=160,
                           repeat_block=48, repeat_times=3)
-SMOL_REQUEST = FitRequest(kv_budget=0.25, at_context=2048)
+SMOL_REQUEST = FitSettings(kv_budget=0.25, at_context=2048)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from kvcompile.arch import arch_from_config
 from kvcompile.build.artifact import compile_engine
 from kvcompile.fit.pipeline import stats_from_profile
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
 from kvcompile.profile.record import load_profile
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
@@ -56,11 +56,11 @@ def test_uniform_has_the_shipped_memory_at_the_eval_context(shipped, context: in
 
 def test_refit_at_half_the_budget(shipped) -> None:
     profile, arch = shipped
-    plan = refit(profile, arch, kv_budget=profile.fit["kv_budget"] / 2)
-    at = profile.fit["at_context"]
+    plan = refit(profile, arch, kv_budget=profile.settings.kv_budget / 2)
+    at = profile.settings.at_context
     total = arch.n_kv_total * at
-    assert plan.kv_slots(at) <= total * profile.fit["kv_budget"] / 2
-    assert plan.kv_slots(at) > 0.95 * total * profile.fit["kv_budget"] / 2
+    assert plan.kv_slots(at) <= total * profile.settings.kv_budget / 2
+    assert plan.kv_slots(at) > 0.95 * total * profile.settings.kv_budget / 2
     assert plan.n_full < profile.plan.n_full
 
 
@@ -96,9 +96,9 @@ def test_a_variant_served_on_an_artifact_computes_what_it_computes_on_the_source
     loaded = tiny_loaded("llama", seed=4)
     arch = loaded.arch
     served = Plan((LayerPlan((2,), (0, 1, 3), BudgetLayout(1, 1, 2, 4)),
-                   LayerPlan((1, 3), (0, 2), BudgetLayout(1, 0, 2, 3))), selection="key_norm")
+                   LayerPlan((1, 3), (0, 2), BudgetLayout(1, 0, 2, 3))), selection=Selection("key_norm"))
     variant = Plan((LayerPlan((0, 3), (1, 2), BudgetLayout(2, 0, 1, 3)),
-                    LayerPlan((), (0, 1, 2, 3), BudgetLayout(1, 1, 1, 4))), selection="key_norm")
+                    LayerPlan((), (0, 1, 2, 3), BudgetLayout(1, 1, 1, 4))), selection=Selection("key_norm"))
     _, artifact = compile_engine(loaded, served)
     source = Engine(loaded.build(), variant, tokenizer=None, eos_token_ids=(0,))
     ids = torch.randint(1, 90, (1, 36), generator=torch.Generator().manual_seed(1))
@@ -124,13 +124,14 @@ def test_a_variant_served_on_an_artifact_computes_what_it_computes_on_the_source
 def test_uniform_variant_on_sliding_layers_has_the_plans_memory() -> None:
     """Memory is counted against the model's own cache (sliding layers at their window), so
     the variant gets the plan's slots, not a share of an all-full cache the model never has."""
-    from kvcompile.fit.greedy import FitRequest, fit
+    from kvcompile.fit.greedy import fit
     from kvcompile.memory import plan_memory_ratio
+    from kvcompile.settings import FitSettings
     from tests.tiny import tiny_hf_model
 
     arch = arch_from_config(tiny_hf_model("gemma3_text", sliding_window=24).config)
     context = 256
-    plan = fit(None, arch, FitRequest(kv_budget=0.6, at_context=context, policy="pyramid",
+    plan = fit(None, arch, FitSettings(kv_budget=0.6, at_context=context, policy="pyramid",
                                       min_window=4)).plan
     variant = equal_memory_uniform(plan, arch, context)
     assert variant.policy == "uniform"

@@ -17,6 +17,7 @@ from kvcompile.arch import arch_from_config
 from kvcompile.profile.calibration import CalibPrompt
 from kvcompile.profile.sensitivity import FULL, SensitivitySettings, _ProbeRun, layer_sensitivity
 from kvcompile.runtime.model import CompactLM
+from kvcompile.settings import FitSettings
 from tests.tiny import VOCAB, state_of, tiny_hf_model
 
 N_CTX = 48
@@ -41,8 +42,8 @@ def probe() -> CalibPrompt:
 
 
 def settings(compensation: int) -> SensitivitySettings:
-    return SensitivitySettings(reference_capacity=16, sinks=SINKS, compensation=compensation,
-                               selected_fraction=0.0)
+    return SensitivitySettings(reference_capacity=16,
+                               fit=FitSettings(sinks=SINKS, compensation=compensation, selected_fraction=0.0))
 
 
 def reference_nll(model: CompactLM, prompt: CalibPrompt, capacities: list[int], compensation: int) -> float:

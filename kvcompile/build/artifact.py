@@ -19,14 +19,14 @@ import torch
 from safetensors.torch import save_file
 
 from kvcompile import __version__
-from kvcompile.errors import ArtifactError, ProfileError
+from kvcompile.errors import ArtifactError
 from kvcompile.memory import memory_table, plan_bytes
 from kvcompile.metrics import greedy_agreement
 from kvcompile.models import LoadedModel, fingerprint_weights
 from kvcompile.passes import DEFAULT_PASSES, CompiledModel, run_passes
 from kvcompile.plan import Plan
 from kvcompile.plan_io import plan_to_dict
-from kvcompile.profile.record import Profile
+from kvcompile.profile.record import Profile, check_profile_matches
 from kvcompile.runtime.artifact import (
     ARTIFACT_FORMAT,
     MANIFEST,
@@ -47,15 +47,6 @@ __all__ = ["ARTIFACT_FORMAT", "MANIFEST", "WEIGHTS", "artifact_plan", "build_art
 PARITY_DECODE_STEPS = 4
 LOW_PRECISION_MIN_AGREEMENT = 0.8  # greedy tokens of the parity prompt that must survive the cast
 PARITY_PROMPT = "The quick brown fox jumps over the lazy dog. Static KV budgets keep memory flat."
-
-
-def check_profile_matches(profile: Profile, loaded: LoadedModel) -> None:
-    if profile.fingerprint != loaded.fingerprint:
-        raise ProfileError(
-            f"the profile was made for model {profile.model.get('name', '?')} "
-            f"({profile.fingerprint[:19]}…), not {loaded.name} ({loaded.fingerprint[:19]}…); "
-            f"run `kvcompile profile {loaded.source}` first"
-        )
 
 
 def _config_dict(config: Any, dtype: str) -> dict[str, Any]:

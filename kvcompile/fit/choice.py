@@ -1,4 +1,5 @@
-"""Fitting step 3: the plan is chosen by measured loss, not by the proxies alone.
+"""Fitting step 3, first part (the measured choice): the plan is chosen by measured loss, not
+by the proxies alone; the held-out check that the profile reports is ``validation``.
 
 The proxy fit (retrieval scores, error curves, answer-loss curves) proposes several plans at
 the same memory: different numbers of full heads, a quarter or half of each budgeted head's
@@ -19,14 +20,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from kvcompile.arch import ArchSpec
 from kvcompile.errors import BudgetError
-from kvcompile.fit.greedy import FitRequest, FitResult, fit
+from kvcompile.fit.greedy import FitResult, fit
 from kvcompile.metrics import kl, log_probs, nll
 from kvcompile.plan import Plan
 from kvcompile.profile.calibration import build_probe, multikey_spec, passkey_spec, probe_prompt
@@ -34,6 +35,7 @@ from kvcompile.profile.statistics import HeadStatistics
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from kvcompile.runtime.model import CompactLM
+from kvcompile.settings import FitSettings
 from kvcompile.textsource import bos_prefix, calibration_paragraphs, haystack_ids
 from kvcompile.yamlio import rounded
 
@@ -79,7 +81,7 @@ class Losses:
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    request: FitRequest
+    request: FitSettings
     result: FitResult
 
 
@@ -152,7 +154,7 @@ def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prom
     return {name: Losses(mean(answer[name]), mean(text_nll[name]), mean(text_kl[name])) for name in all_plans}
 
 
-def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> list[Candidate]:
+def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitSettings) -> list[Candidate]:
     """The proxy fit, other full heads, other capacity splits, and ``uniform``; distinct plans only.
 
     Full heads in retrieval-score order: half of those above the score threshold, all of them;
@@ -220,7 +222,7 @@ def choose(losses: dict[str, Losses], names: Sequence[str]) -> tuple[str, dict[s
     return chosen, table
 
 
-def choose_plan(model: CompactLM, tokenizer: Any, stats: HeadStatistics, request: FitRequest,
+def choose_plan(model: CompactLM, tokenizer: Any, stats: HeadStatistics, request: FitSettings,
                 config: ChoiceConfig = ChoiceConfig(),
                 progress: Callable[[HeldOutPrompt], None] | None = None) -> tuple[FitResult, dict[str, Any]]:
     """The measured choice among :func:`candidates`; returns the chosen fit and the profile's record."""
@@ -249,12 +251,7 @@ def choose_plan(model: CompactLM, tokenizer: Any, stats: HeadStatistics, request
             for c in pool
         ],
         "chosen": chosen,
-        # the fit settings that rebuild the chosen plan from the statistics (``profiling.chosen_request``)
-        "chosen_settings": chosen_settings(picked.request),
+        # the fit settings that rebuild the chosen plan from the statistics (``pipeline.chosen_request``)
+        "chosen_settings": picked.request,
     }
     return result, record
-
-
-def chosen_settings(request: FitRequest) -> dict[str, Any]:
-    """``request``'s settings but the budget and context, as the profile records them."""
-    return {f.name: getattr(request, f.name) for f in fields(FitRequest) if f.name not in ("kv_budget", "at_context")}

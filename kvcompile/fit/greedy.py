@@ -8,6 +8,7 @@ norm, a proxy that over-ranks the first layer) blended with the measured end-to-
 loss of the layer (``sensitivity``), which finds the layers that carry a near needle into
 the question. The result is shrunk toward an equal split; the half-and-half mixes measured
 lower NLL and KL, and better needles, than either extreme (docs/BENCHMARKS.md).
+The settings, their defaults and their checks are ``kvcompile.settings.FitSettings``.
 """
 from __future__ import annotations
 
@@ -20,56 +21,10 @@ from kvcompile.arch import ArchSpec
 from kvcompile.errors import BudgetError
 from kvcompile.memory import budget_slots, memory_ratio, sliding_slots, uncompressed_slots
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.settings import FitSettings
 
-if TYPE_CHECKING:  # a type only: fitting (and the profile reader's check of fit settings) needs no torch
+if TYPE_CHECKING:  # a type only: fitting needs no torch
     from kvcompile.profile.statistics import HeadStatistics
-
-POLICIES = ("profiled", "uniform", "pyramid")
-FULL_RANKS = ("retrieval", "needle")  # the head statistic that orders candidates for full heads
-
-
-@dataclass(frozen=True)
-class FitRequest:
-    kv_budget: float = 0.125  # fraction of the uncompressed KV cache at ``at_context``
-    at_context: int = 8192
-    policy: str = "profiled"
-    full_heads: int | None = None  # override the fitted number of full heads
-    full_rank: str = "retrieval"  # with full_heads: rank heads by the retrieval score or the needle mass alone
-    retrieval_threshold: float = 0.5  # full when score >= threshold x best score
-    sinks: int = 4
-    compensation: int = 1
-    # share of a budgeted head's free slots picked by score; 0.5 measured a lower NLL than 0.25 on
-    # both benchmark genres at 1/8 with the same answers (docs/BENCHMARKS.md)
-    selected_fraction: float = 0.5
-    min_window: int = 16
-    min_budgeted_capacity: int = 128  # full heads may not push budgeted heads below this on average
-    equal_weight: float = 0.5  # budgeted capacities: (1 - w) x greedy on the error curves + w x equal split
-    answer_weight: float = 0.5  # share of the end-to-end answer-loss curves in the greedy's objective
-    selection: str = "attention"
-    # last prompt positions whose attention scores the selected tokens; 256 measured a lower NLL
-    # but lost passkeys at 1/8 of the memory, so the default stays 16 (docs/BENCHMARKS.md)
-    observation_window: int = 16
-
-    def __post_init__(self) -> None:
-        if not 0 < self.kv_budget <= 1:
-            raise BudgetError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
-        if self.at_context < 1:
-            raise BudgetError(f"--at-context must be positive, got {self.at_context}")
-        if self.policy not in POLICIES:
-            raise BudgetError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.full_rank not in FULL_RANKS:
-            raise BudgetError(f"full-head ranking must be one of {', '.join(FULL_RANKS)}, got {self.full_rank!r}")
-        if self.full_heads is not None and self.full_heads < 0:
-            raise BudgetError(f"--full-heads must be >= 0, got {self.full_heads}")
-        if not 0 <= self.selected_fraction < 1:
-            raise BudgetError(f"selected fraction must be in [0, 1), got {self.selected_fraction}")
-        if not 0 <= self.equal_weight <= 1:
-            raise BudgetError(f"--equal-weight must be in [0, 1], got {self.equal_weight}")
-        if not 0 <= self.answer_weight <= 1:
-            raise BudgetError(f"--answer-weight must be in [0, 1], got {self.answer_weight}")
-        if self.observation_window < 1:
-            raise BudgetError(f"--observation-window must be >= 1, got {self.observation_window}")
-
 
 @dataclass
 class FitResult:
@@ -81,7 +36,7 @@ class FitResult:
     notes: list[str] = field(default_factory=list)
 
 
-def check_request(arch: ArchSpec, request: FitRequest) -> None:
+def check_request(arch: ArchSpec, request: FitSettings) -> None:
     """Checks that need the model: run before calibrating so a bad target fails in seconds."""
     smallest = request.sinks + request.compensation + 1
     if request.at_context < smallest:
@@ -96,7 +51,7 @@ def check_request(arch: ArchSpec, request: FitRequest) -> None:
         )
 
 
-def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitRequest) -> FitResult:
+def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitSettings) -> FitResult:
     """Fit a plan with the requested policy; the baselines need no statistics."""
     check_request(arch, request)
     if request.policy == "profiled":
@@ -106,12 +61,12 @@ def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitRequest) -> Fi
     return _fit_baseline(arch, request)
 
 
-def _budget_slots(arch: ArchSpec, request: FitRequest) -> int:
+def _budget_slots(arch: ArchSpec, request: FitSettings) -> int:
     """The target in KV slots: a fraction of the cache the source model allocates (``memory``)."""
     return budget_slots(arch, request.at_context, request.kv_budget)
 
 
-def _min_capacity(request: FitRequest) -> int:
+def _min_capacity(request: FitSettings) -> int:
     return request.sinks + request.compensation + request.min_window
 
 
@@ -123,7 +78,7 @@ def smallest_budget(arch: ArchSpec, context: int, per_head: int) -> float:
     return math.ceil(memory_ratio(needed, uncompressed_slots(arch, context)) * 1e4) / 1e4
 
 
-def _refuse(arch: ArchSpec, request: FitRequest, budget: int, per_head: int) -> BudgetError:
+def _refuse(arch: ArchSpec, request: FitSettings, budget: int, per_head: int) -> BudgetError:
     ctx = request.at_context
     sliding = sliding_slots(arch, ctx)
     parts = [f"{per_head} slots per KV head"]
@@ -136,7 +91,7 @@ def _refuse(arch: ArchSpec, request: FitRequest, budget: int, per_head: int) -> 
     )
 
 
-def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) -> FitResult:
+def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitSettings) -> FitResult:
     budget = _budget_slots(arch, request)
     ctx = request.at_context
     cmin = min(_min_capacity(request), ctx)
@@ -197,12 +152,10 @@ def _fit_profiled(stats: HeadStatistics, arch: ArchSpec, request: FitRequest) ->
             continue
         heads = tuple(sorted(h for full_layer, h in full if full_layer == layer))
         rest = tuple(budgeted.get(layer, ()))
-        layout = (BudgetLayout.split(capacities[layer], request.sinks, request.compensation,
-                                     request.selected_fraction) if rest else None)
+        layout = request.layout(capacities[layer]) if rest else None
         used += len(rest) * (layout.capacity if layout else 0)
         layers.append(LayerPlan(heads, rest, layout))
-    plan = Plan(tuple(layers), policy="profiled", selection=request.selection,
-                observation_window=request.observation_window)
+    plan = Plan(tuple(layers), policy="profiled", selection=request.selection)
     return FitResult(plan, budget, used, rule, demoted, notes)
 
 
@@ -329,7 +282,7 @@ def _greedy_capacities(
     return capacities
 
 
-def _fit_baseline(arch: ArchSpec, request: FitRequest) -> FitResult:
+def _fit_baseline(arch: ArchSpec, request: FitSettings) -> FitResult:
     """``uniform``: StreamingLLM everywhere; ``pyramid``: PyramidKV's linear schedule."""
     budget = _budget_slots(arch, request)
     ctx = request.at_context
@@ -361,8 +314,9 @@ def _fit_baseline(arch: ArchSpec, request: FitRequest) -> FitResult:
             layout = BudgetLayout(0, 0, cap - window_slots, window_slots)
         used += n * layout.capacity
         layers.append(LayerPlan((), tuple(range(n)), layout))
-    # the baselines keep SnapKV's short observation window (the Plan default) whatever the request says
-    plan = Plan(tuple(layers), policy=request.policy, selection="attention")
+    # the baselines keep SnapKV's attention selection over a short observation window (the Plan
+    # default) whatever the request says
+    plan = Plan(tuple(layers), policy=request.policy)
     return FitResult(plan, budget, used, rule)
 
 

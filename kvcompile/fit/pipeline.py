@@ -13,19 +13,20 @@ import torch
 from kvcompile.arch import arch_from_description
 from kvcompile.errors import CalibrationError, ContextLengthError
 from kvcompile.fit.choice import ChoiceConfig, choose_plan
-from kvcompile.fit.greedy import FitRequest, FitResult, check_request, fit
+from kvcompile.fit.greedy import FitResult, check_request, fit
 from kvcompile.memory import memory_table
 from kvcompile.models import LoadedModel
 from kvcompile.plan import Plan
 from kvcompile.profile.calibration import CalibConfig, CalibPrompt, build_calibration_set
-from kvcompile.profile.record import Profile
+from kvcompile.profile.record import Profile, check_profile_matches
 from kvcompile.profile.sensitivity import SensitivitySettings, answer_probes, layer_sensitivity
 from kvcompile.profile.statistics import HeadStatistics, ProfileSettings, profile_heads
 from kvcompile.runtime.model import CompactLM
 from kvcompile.runtime.placement import dtype_name
+from kvcompile.settings import FitSettings
 from kvcompile.yamlio import FlowList
 
-VALIDATION_LENGTH = 2048  # held-out prompt for the plan's KL check (fitting step 3)
+VALIDATION_LENGTH = 2048  # held-out prompt for the plan's KL check (``validation``)
 
 
 def head_records(stats: HeadStatistics, plan: Plan) -> list[dict[str, Any]]:
@@ -83,28 +84,15 @@ def calibration_summary(prompts: Sequence[CalibPrompt], config: CalibConfig, use
     }
 
 
-def fit_summary(result: FitResult, request: FitRequest) -> dict[str, Any]:
+def fit_summary(result: FitResult) -> dict[str, Any]:
+    """What the fit did, as the profile records it beside its settings (``Profile.fit``)."""
     return {
-        "policy": request.policy,
-        "kv_budget": request.kv_budget,
-        "at_context": request.at_context,
         "full_heads": result.plan.n_full,
         "full_heads_rule": result.full_rule,
-        "retrieval_threshold": request.retrieval_threshold,
-        "min_budgeted_capacity": request.min_budgeted_capacity,
-        "equal_weight": request.equal_weight,
-        "answer_weight": request.answer_weight,
-        "settings": {name: getattr(request, name) for name in REFIT_SETTINGS},
         "budget_slots": result.budget_slots,
         "used_slots": result.used_slots,
         "notes": list(result.notes),
     }
-
-
-# FitRequest fields a refit takes from the profile (everything but the budget and the context)
-REFIT_SETTINGS = ("policy", "full_heads", "retrieval_threshold", "sinks", "compensation", "selected_fraction",
-                  "min_window", "min_budgeted_capacity", "equal_weight", "answer_weight", "selection",
-                  "observation_window")
 
 
 def _ticker(progress: Callable[[int, int, Any], None] | None, total: int) -> Callable[[Any], None]:
@@ -120,33 +108,25 @@ def _ticker(progress: Callable[[int, int, Any], None] | None, total: int) -> Cal
     return tick
 
 
-def request_from_profile(profile: Profile, kv_budget: float, at_context: int) -> FitRequest:
-    """The profile's fit settings at another budget; profiles older than ``settings`` keep
-    the weights they recorded and the defaults for the rest."""
-    fit_data = profile.fit
-    stored = dict(fit_data.get("settings") or {})
-    for name in ("retrieval_threshold", "min_budgeted_capacity", "equal_weight", "answer_weight"):
-        stored.setdefault(name, fit_data.get(name, getattr(FitRequest, name)))
-    stored.setdefault("observation_window", profile.plan.observation_window)
-    stored.setdefault("selection", profile.plan.selection)
-    values = {name: stored[name] for name in REFIT_SETTINGS if name in stored}
-    return FitRequest(kv_budget=kv_budget, at_context=at_context, **values)
+def request_from_profile(profile: Profile, kv_budget: float, at_context: int) -> FitSettings:
+    """The profile's fit settings (the user's) at another memory target."""
+    return replace(profile.settings, kv_budget=kv_budget, at_context=at_context)
 
 
-def chosen_request(profile: Profile, kv_budget: float, at_context: int) -> FitRequest:
-    """The settings of the plan the measured choice shipped, at another budget: they rebuild
-    that plan from the statistics (``request_from_profile`` is the user's request, whose proxy
-    fit the choice may have passed over). Profiles without a recorded choice: the request."""
+def chosen_request(profile: Profile, kv_budget: float, at_context: int) -> FitSettings:
+    """The settings of the plan the measured choice shipped, at another memory target: they
+    rebuild that plan from the statistics (``request_from_profile`` is the user's request, whose
+    proxy fit the choice may have passed over). Profiles without a recorded choice: the request."""
     settings = (profile.choice or {}).get("chosen_settings")
     if settings is None:
         return request_from_profile(profile, kv_budget, at_context)
-    return FitRequest(kv_budget=kv_budget, at_context=at_context, **settings)
+    return replace(settings, kv_budget=kv_budget, at_context=at_context)
 
 
 def run_profile(
     loaded: LoadedModel,
     calib: CalibConfig,
-    request: FitRequest,
+    request: FitSettings,
     user_files: Sequence[Path] = (),
     settings: ProfileSettings = ProfileSettings(),
     progress: Callable[[int, int, CalibPrompt], None] | None = None,
@@ -207,7 +187,7 @@ def measure_answer_loss(
     model: CompactLM,
     prompts: Sequence[CalibPrompt],
     stats: HeadStatistics,
-    request: FitRequest,
+    request: FitSettings,
     settings: ProfileSettings,
     progress: Callable[[CalibPrompt], None] | None = None,
 ) -> dict[str, Any]:
@@ -220,10 +200,7 @@ def measure_answer_loss(
     plan = fit(stats, model.arch, request).plan
     reference_full = sorted((layer, head) for layer, layer_plan in enumerate(plan.layers)
                             for head in layer_plan.full_heads)
-    answer_settings = SensitivitySettings(
-        reference_capacity=settings.answer_reference, sinks=request.sinks, compensation=request.compensation,
-        selected_fraction=request.selected_fraction, selection=request.selection,
-        observation_window=request.observation_window)
+    answer_settings = SensitivitySettings(reference_capacity=settings.answer_reference, fit=request)
     stats.layer_loss = layer_sensitivity(model, prompts, set(reference_full), settings.capacity_grid,
                                          answer_settings, progress=progress)
     stats.layer_loss_full = frozenset(reference_full)
@@ -237,11 +214,10 @@ def make_profile(
     loaded: LoadedModel,
     stats: HeadStatistics,
     result: FitResult,
-    request: FitRequest,
+    request: FitSettings,
     calibration: dict[str, Any],
     settings: ProfileSettings,
     bytes_per_value: int = 4,
-    validate: bool = True,
 ) -> Profile:
     arch = loaded.arch
     return Profile(
@@ -252,13 +228,14 @@ def make_profile(
                    "last_queries": settings.last_queries, "repeat_queries": settings.repeat_queries,
                    "local_window": settings.local_window, "score": "0.4 needle + 0.4 induction + 0.2 echo (each / max)"},
         heads=head_records(stats, result.plan),
-        fit=fit_summary(result, request),
+        settings=request,
+        fit=fit_summary(result),
         plan=result.plan,
         memory=memory_table(result.plan, arch, bytes_per_value, extra=(request.at_context,)),
     )
 
 
-def refit_profile(profile: Profile, request: FitRequest, loaded: LoadedModel | None = None,
+def refit_profile(profile: Profile, request: FitSettings, loaded: LoadedModel | None = None,
                   choice: ChoiceConfig = ChoiceConfig(),
                   progress: Callable[[int, int, Any], None] | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Profile:
@@ -279,7 +256,6 @@ def refit_profile(profile: Profile, request: FitRequest, loaded: LoadedModel | N
             result.notes.append("refitted without the model: the proxy fit, not a measured choice "
                                 "(pass --model to measure)")
     else:
-        from kvcompile.build.artifact import check_profile_matches
         from kvcompile.fit.validation import validate_plan
 
         check_profile_matches(profile, loaded)
@@ -291,12 +267,12 @@ def refit_profile(profile: Profile, request: FitRequest, loaded: LoadedModel | N
         result, measured = choose_plan(model, loaded.tokenizer, stats, request, choice, progress=tick)
         validation = validate_plan(model, result.plan, loaded.tokenizer, min(request.at_context, VALIDATION_LENGTH),
                                    seed)
-    fit_record = fit_summary(result, request)
+    fit_record = fit_summary(result)
     if validation is not None:
         fit_record["validation"] = validation
     return Profile(
         model=profile.model, calibration=profile.calibration, profiling=profile.profiling,
-        heads=head_records(stats, result.plan), fit=fit_record, plan=result.plan,
+        heads=head_records(stats, result.plan), settings=request, fit=fit_record, plan=result.plan,
         memory=memory_table(result.plan, arch, 4, extra=(request.at_context,)),
         sensitivity=profile.sensitivity, choice=measured, extra=dict(profile.extra),
     )

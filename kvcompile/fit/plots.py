@@ -43,7 +43,7 @@ def write_profile_plots(profile: Profile, yaml_path: Path) -> list[Path]:
     stats = stats_from_profile(profile)
     plan = profile.plan
     n_layers, n_kv = stats.retrieval.shape
-    ctx = int(profile.fit["at_context"])
+    ctx = profile.settings.at_context
     labels = [["F" if h in plan.layers[layer].full_heads else "" for h in range(n_kv)] for layer in range(n_layers)]
     paths = []
 
@@ -72,7 +72,7 @@ def write_profile_plots(profile: Profile, yaml_path: Path) -> list[Path]:
     twin.plot(range(n_layers), full, "o", color="tab:red", label="full heads")
     twin.set_ylabel("full KV heads")
     twin.set_ylim(0, n_kv + 0.5)
-    ax.set_title(f"per-layer plan ({profile.fit['policy']}, {profile.fit['kv_budget']:g} at {ctx} tokens)")
+    ax.set_title(f"per-layer plan ({profile.settings.policy}, {profile.settings.kv_budget:g} at {ctx} tokens)")
     fig.legend(loc="upper right")
     capacity_path = Path(f"{stem}-capacity.png")
     _save(fig, capacity_path)

@@ -61,17 +61,17 @@ def print_profile_summary(console: Any, profile: Profile) -> None:
     labels: dict[str, int] = {}
     for head in profile.heads:
         labels[head["label"]] = labels.get(head["label"], 0) + 1
-    fit = profile.fit
+    fit, settings = profile.fit, profile.settings
     console.print(plan_table(profile.plan))
     console.print(memory_rows_table(profile.memory))
     console.print(
         "heads: " + ", ".join(f"{n} {label}" for label, n in sorted(labels.items()))
         + f" | full-head rule: {fit['full_heads_rule']}"
     )
-    target = next(r for r in profile.memory if r["context"] == fit["at_context"])
+    target = next(r for r in profile.memory if r["context"] == settings.at_context)
     console.print(
-        f"memory at {fit['at_context']} tokens: {target['ratio']:.4f} of uncompressed "
-        f"(target {fit['kv_budget']:g}; {fit['used_slots']} of {fit['budget_slots']} slots)"
+        f"memory at {settings.at_context} tokens: {target['ratio']:.4f} of uncompressed "
+        f"(target {settings.kv_budget:g}; {fit['used_slots']} of {fit['budget_slots']} slots)"
     )
     sensitivity = profile.sensitivity
     if sensitivity is not None:

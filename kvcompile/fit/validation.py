@@ -1,4 +1,5 @@
-"""Fitting step 3: check a plan on a held-out calibration prompt against the full model.
+"""Fitting step 3, second part (the held-out check, ``fit.validation`` in the profile): the
+chosen plan (``choice``) on a held-out calibration prompt against the full model.
 
 Model-level KL of the next-token distributions on a continuation fed through the
 static-budget cache after an exactly prefilled context — the same protocol as eval, on

@@ -1,26 +1,34 @@
-"""The profile file (``kvcompile-profile/1``): statistics, labels, plan, memory table.
+"""The profile file (``kvcompile-profile/1``): statistics, labels, fit settings, plan, memory table.
 
 Loading validates the whole schema and names the first bad field by its path, so a
 hand-edited or truncated profile fails with a message, not a KeyError three stages later.
+The fit's settings are read into one :class:`~kvcompile.settings.FitSettings`, from
+``fit.kv_budget``, ``fit.at_context`` and ``fit.settings``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from kvcompile import __version__
-from kvcompile.errors import KVCompileError, ProfileError
-from kvcompile.fit.greedy import FitRequest
+from kvcompile.errors import ProfileError
 from kvcompile.plan import Plan
 from kvcompile.plan_io import Reader as _Reader
 from kvcompile.plan_io import plan_from_dict, plan_to_dict
+from kvcompile.settings import TARGET, FitSettings, read_settings
 from kvcompile.yamlio import FlowDict, FlowList, atomic_write_text, dump_yaml, rounded
+
+if TYPE_CHECKING:
+    from kvcompile.models import LoadedModel
 
 PROFILE_FORMAT = "kvcompile-profile/1"
 HEAD_FIELDS = ("retrieval", "induction", "echo", "needle", "sink_mass", "local_mass", "entropy")
+# profiles made before ``fit.settings`` recorded these beside the target (and the selection only in
+# the plan); read where ``fit.settings`` lacks them, never written
+LEGACY_FIT_KEYS = ("policy", "retrieval_threshold", "min_budgeted_capacity", "equal_weight", "answer_weight")
 
 
 @dataclass
@@ -29,19 +37,31 @@ class Profile:
     calibration: dict[str, Any]
     profiling: dict[str, Any]  # capacity grid and scoring settings
     heads: list[dict[str, Any]]  # one per (layer, kv head): statistics, error curve, label
-    fit: dict[str, Any]
+    settings: FitSettings  # what the fit was told: the memory target and how to spend it
+    fit: dict[str, Any]  # what it did: full heads and their rule, slots, notes, held-out validation
     plan: Plan
     memory: list[dict[str, Any]]
     kvcompile_version: str = __version__
     # end-to-end answer loss per layer (``sensitivity``): settings + one curve per layer
     sensitivity: dict[str, Any] | None = None
-    # the measured choice among candidate plans (``kvcompile.fit.choice``): prompts, losses, winner
+    # the measured choice among candidate plans (``kvcompile.fit.choice``): prompts, losses, winner,
+    # and the winner's settings (``chosen_settings``, a FitSettings)
     choice: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
         return self.model["fingerprint"]
+
+
+def check_profile_matches(profile: Profile, loaded: LoadedModel) -> None:
+    """A profile applies only to the model whose weights it was made from."""
+    if profile.fingerprint != loaded.fingerprint:
+        raise ProfileError(
+            f"the profile was made for model {profile.model.get('name', '?')} "
+            f"({profile.fingerprint[:19]}…), not {loaded.name} ({loaded.fingerprint[:19]}…); "
+            f"run `kvcompile profile {loaded.source}` first"
+        )
 
 
 def profile_to_dict(profile: Profile) -> dict[str, Any]:
@@ -58,7 +78,8 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         "model": profile.model,
         "calibration": profile.calibration,
         "profiling": {**profile.profiling, "capacity_grid": FlowList(profile.profiling["capacity_grid"])},
-        "fit": profile.fit,
+        "fit": {**{key: getattr(profile.settings, key) for key in TARGET},
+                "settings": profile.settings.recorded(), **profile.fit},
         "plan": plan_to_dict(profile.plan),
         "memory": [FlowDict(row) for row in profile.memory],
         "heads": heads,
@@ -72,6 +93,8 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         choice = dict(profile.choice)
         choice["uncompressed"] = FlowDict(choice["uncompressed"])
         choice["candidates"] = [FlowDict(row) for row in choice["candidates"]]
+        if "chosen_settings" in choice:
+            choice["chosen_settings"] = choice["chosen_settings"].recorded()
         data["choice"] = choice
     data.update(profile.extra)
     return data
@@ -98,8 +121,8 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
     calibration = reader.get(data, "calibration", "", dict)
     profiling = reader.get(data, "profiling", "", dict)
     grid = reader.int_list(profiling, "capacity_grid", "profiling")
-    fit = reader.get(data, "fit", "", dict)
     plan = plan_from_dict(reader.get(data, "plan", "", dict), reader)
+    settings, fit = _fit_from_dict(reader, reader.get(data, "fit", "", dict), plan)
     if len(plan.layers) != n_layers:
         raise reader.fail("plan.layers", f"has {len(plan.layers)} layers, the model has {n_layers}")
     for i, layer in enumerate(plan.layers):
@@ -125,19 +148,34 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
     sensitivity = None
     if "sensitivity" in data:
         sensitivity = _sensitivity_from_dict(reader, data["sensitivity"], n_layers, n_kv, len(grid))
-    choice = _choice_from_dict(reader, data["choice"]) if "choice" in data else None
+    choice = _choice_from_dict(reader, data["choice"], settings) if "choice" in data else None
     known = {"format", "kvcompile_version", "model", "calibration", "profiling", "fit", "plan", "memory", "heads",
              "sensitivity", "choice"}
     extra = {k: v for k, v in data.items() if k not in known}
-    return Profile(model, calibration, profiling, heads, fit, plan, memory,
+    return Profile(model, calibration, profiling, heads, settings, fit, plan, memory,
                    kvcompile_version=str(data.get("kvcompile_version", "?")), sensitivity=sensitivity,
                    choice=choice, extra=extra)
+
+
+def _fit_from_dict(reader: _Reader, data: dict[str, Any], plan: Plan) -> tuple[FitSettings, dict[str, Any]]:
+    """The fit section: its settings (the target, then ``settings``), and the rest as recorded."""
+    path = "fit"
+    for key in TARGET:
+        reader.get(data, key, path, object)  # required; read with checks below
+    older = replace(FitSettings(), selection=plan.selection)  # the defaults of profiles before ``settings``
+    settings = read_settings(reader, data, path, older, keys=(*TARGET, *LEGACY_FIT_KEYS))
+    if "settings" in data:
+        settings = read_settings(reader, data["settings"], f"{path}.settings", settings)
+    rest = {key: value for key, value in data.items() if key not in (*TARGET, *LEGACY_FIT_KEYS, "settings")}
+    return settings, rest
 
 
 CHOICE_LOSSES = ("answer_nll", "text_nll", "text_kl")
 
 
-def _choice_from_dict(reader: _Reader, data: Any) -> dict[str, Any]:
+def _choice_from_dict(reader: _Reader, data: Any, settings: FitSettings) -> dict[str, Any]:
+    """The measured choice; its ``chosen_settings`` are read at the fit's target (the choice is
+    measured there), with the defaults for any a profile does not record."""
     path = "choice"
     data = reader.mapping(data, path)
     if reader.get(data, "context_tokens", path, int) < 1:
@@ -163,29 +201,21 @@ def _choice_from_dict(reader: _Reader, data: Any) -> dict[str, Any]:
         reader.get(row, "policy", at, str)
         reader.get(row, "full_heads", at, int)
         reader.get(row, "equal_weight", at, (int, float))
-        if "selected_fraction" in row:  # profiled candidates of profiles that record the split
-            fraction = reader.get(row, "selected_fraction", at, (int, float))
-            _check_fit_settings(reader, {"selected_fraction": fraction}, f"{at}.selected_fraction")
+        # profiled candidates of profiles that record the split: checked as the fit checks it
+        read_settings(reader, row, at, FitSettings(), keys=("selected_fraction",))
         reader.get(row, "eligible", at, bool)
         reader.get(row, "score", at, (int, float))
         losses(row, at)
     chosen = reader.get(data, "chosen", path, str)
+    data = dict(data)
     if "chosen_settings" in data:  # absent from profiles made before it was recorded
-        settings = reader.mapping(reader.get(data, "chosen_settings", path, dict), f"{path}.chosen_settings")
-        _check_fit_settings(reader, settings, f"{path}.chosen_settings")
+        target = replace(FitSettings(), **{key: getattr(settings, key) for key in TARGET})
+        data["chosen_settings"] = read_settings(reader, data["chosen_settings"], f"{path}.chosen_settings", target)
     if chosen not in names:
         raise reader.fail(f"{path}.chosen", f"{chosen!r} is not one of the candidates")
     if not rows[names.index(chosen)]["eligible"]:
         raise reader.fail(f"{path}.chosen", f"{chosen!r} is not eligible (measured worse than uniform)")
     return data
-
-
-def _check_fit_settings(reader: _Reader, settings: dict[str, Any], at: str) -> None:
-    """Fit settings read from a profile pass the fit's own checks (names, ranges), or fail at ``at``."""
-    try:
-        FitRequest(**settings)
-    except (TypeError, KVCompileError) as err:
-        raise reader.fail(at, str(err).split("\n")[0]) from None
 
 
 def _sensitivity_from_dict(reader: _Reader, data: Any, n_layers: int, n_kv: int, n_grid: int) -> dict[str, Any]:

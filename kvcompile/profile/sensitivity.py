@@ -23,26 +23,22 @@ from dataclasses import dataclass
 import torch
 
 from kvcompile.metrics import log_probs, nll
-from kvcompile.plan import BudgetLayout
 from kvcompile.profile.calibration import CalibPrompt
+from kvcompile.profile.statistics import ProfileSettings
 from kvcompile.runtime.cache import compress_prefill, selection_scores
 from kvcompile.runtime.model import CompactLM, exact_attention
 from kvcompile.runtime.ops import budgeted_attention
+from kvcompile.settings import FitSettings
 
 FULL = 0  # capacity marker: the layer's budgeted heads keep the whole context
 
 
 @dataclass(frozen=True)
 class SensitivitySettings:
-    reference_capacity: int = 256  # every budgeted head's capacity in the reference state
-    sinks: int = 4  # layout of the compressed heads, as the fit builds it
-    compensation: int = 1
-    selected_fraction: float = 0.5
-    observation_window: int = 16
-    selection: str = "attention"
-
-    def layout(self, capacity: int) -> BudgetLayout:
-        return BudgetLayout.split(capacity, self.sinks, self.compensation, self.selected_fraction)
+    # every budgeted head's capacity in the reference state
+    reference_capacity: int = ProfileSettings.answer_reference
+    # the compressed heads' layouts and selection, as the fit builds them (``fit.layout``)
+    fit: FitSettings = FitSettings()
 
 
 @dataclass
@@ -51,7 +47,7 @@ class _LayerContext:
 
     k: torch.Tensor  # [1, Hkv, L, D]
     v: torch.Tensor
-    scores: torch.Tensor | None  # selection scores [1, Hkv, L]
+    scores: torch.Tensor  # selection scores [1, Hkv, L]
     compressed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -79,11 +75,10 @@ class _ProbeRun:
         self.layers: list[_LayerContext] = []
         self.n_ctx = n_ctx
 
+        selection = settings.fit.selection
+
         def record(layer: int, residual, q, k, v, attn) -> None:  # noqa: ANN001 - tensors
-            scores = None
-            if settings.selection:
-                scores = selection_scores(q, k, arch.attention_scale, settings.selection,
-                                          settings.observation_window)
+            scores = selection_scores(q, k, arch.attention_scale, selection.rule, selection.observation_window)
             self.layers.append(_LayerContext(k, v, scores, {}))
 
         with torch.no_grad():
@@ -101,9 +96,8 @@ class _ProbeRun:
                 k, v = ctx.k, ctx.v
                 bias = k.new_zeros(k.shape[:3], dtype=torch.float32)
             else:
-                buf = compress_prefill(ctx.k[:, heads], ctx.v[:, heads],
-                                       None if ctx.scores is None else ctx.scores[:, heads],
-                                       self.settings.layout(capacity))
+                buf = compress_prefill(ctx.k[:, heads], ctx.v[:, heads], ctx.scores[:, heads],
+                                       self.settings.fit.layout(capacity))
                 full = self.full[layer]
                 n = max(self.n_ctx if full else 0, buf.k.shape[2])
                 shape = (1, self.arch.n_kv_heads, n, ctx.k.shape[-1])
@@ -170,7 +164,7 @@ def layer_sensitivity(
     if not probes:
         return curves.float()
     reference = [FULL if arch.sliding_windows[i] else settings.reference_capacity for i in range(arch.n_layers)]
-    smallest = settings.sinks + settings.compensation + 1  # a layout needs one window slot
+    smallest = settings.fit.sinks + settings.fit.compensation + 1  # a layout needs one window slot
     capacities = [max(c, smallest) for c in capacity_grid]
     for prompt in probes:
         run = _ProbeRun(model, prompt, settings, full_heads)

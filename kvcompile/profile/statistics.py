@@ -13,6 +13,7 @@ import torch
 
 from kvcompile.profile.calibration import CalibPrompt
 from kvcompile.runtime.model import CompactLM, exact_attention
+from kvcompile.settings import FitSettings
 
 DEFAULT_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -20,7 +21,7 @@ DEFAULT_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)
 @dataclass(frozen=True)
 class ProfileSettings:
     capacity_grid: tuple[int, ...] = DEFAULT_GRID
-    sinks: int = 4  # sink slots of the layout the error curves score
+    sinks: int = FitSettings.sinks  # sink slots of the layout the error curves score: the fit's
     last_queries: int = 32  # decode-like queries at the end of every prompt
     repeat_queries: int = 128  # sampled queries in the repeats of the random block
     local_window: int = 64  # "local mass": attention on the last tokens before the query

@@ -209,9 +209,9 @@ class RewritePrefillCache(ir.passes.InPlacePass):
                 g = arch.group_size
                 _, q_budget = tape.split_heads(query, (n_full * g, n_budget * g))
                 attrs = {**_layout_attributes(layer), "scale": _attention_scale(
-                    attention, arch.head_dim), "observation_window": self.plan.observation_window}
+                    attention, arch.head_dim), "observation_window": self.plan.selection.observation_window}
                 produced += tape.kvcompile(COMPRESS_PREFILL, [q_budget, k_budget, v_budget],
-                                           self.plan.selection, attrs, outputs=4)
+                                           self.plan.selection.rule, attrs, outputs=4)
             _name_cache_outputs(produced, specs)
             graph.insert_before(attention, tape.nodes)
             new_outputs += produced
