@@ -119,6 +119,7 @@ def main() -> None:
                request_from_profile(profile, args.budget, args.at_context)).plan
     group = loaded.arch.group_size
     engine = Engine(loaded.build(), plan, loaded.tokenizer)
+    plan = plan.to_served(permuted_by=None)  # reordered at attention time on the source weights
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=(args.length,), samples=args.samples,
                         seed=args.seed, genre=args.genre, agreement_tokens=0)
     results: dict[str, dict[str, str]] = {}

@@ -231,7 +231,8 @@ def main() -> None:
     def progress(done: int, total: int, label: str) -> None:
         print(f"[{time.perf_counter() - started:7.0f} s] {done}/{total} {label}", flush=True)
 
-    reports = evaluate_systems(engine, plans, config, reorder=True, progress=progress)
+    served = {name: plan.to_served(permuted_by=None) for name, plan in plans.items()}  # source weights
+    reports = evaluate_systems(engine, served, config, progress=progress)
     for name in reports:
         reports[name]["full_heads"] = full_heads[name]
         if name in chosen:

@@ -97,7 +97,8 @@ def main() -> None:
     engine = Engine(loaded.build(), next(iter(plans.values())), loaded.tokenizer)
     config = EvalConfig(tasks=tuple(args.tasks.split(",")), lengths=tuple(int(x) for x in args.lengths.split(",")),
                         samples=args.samples, seed=args.seed, genre=args.genre, agreement_tokens=0)
-    reports = evaluate_systems(engine, plans, config, reorder=True, progress=lambda done, total, label: print(
+    served = {name: plan.to_served(permuted_by=None) for name, plan in plans.items()}  # source weights
+    reports = evaluate_systems(engine, served, config, progress=lambda done, total, label: print(
         f"[{time.perf_counter() - started:7.0f} s] {done}/{total} {label}", flush=True))
     for name, plan in plans.items():
         reports[name]["full_heads"] = plan.n_full

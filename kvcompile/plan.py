@@ -1,13 +1,43 @@
 """The plan: which KV heads keep everything and what the others keep.
 
 Small, frozen dataclasses shared by profile, fit, build and runtime; their file form (a
-mapping inside profiles and artifact manifests) lives in ``kvcompile.plan_io``.
+mapping inside profiles and artifact manifests) lives in ``kvcompile.plan_io``. A plan states
+which head order its indices count (:class:`HeadOrder`), and :func:`head_rows` is the one
+place a head order becomes tensor indices.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
 
 SELECTIONS = ("attention", "key_norm")
+
+
+class HeadOrder(str, Enum):
+    """What a plan's KV-head indices count.
+
+    ``SOURCE``: the source checkpoint's heads. Profiles and artifact manifests hold plans in
+    this order; the build permutes the weights by it (``LayerPlan.permutation``: full heads
+    first), so the engine built from a plan serves it without reordering.
+    ``SERVED``: positions in the weights an engine holds (:meth:`Plan.to_served`); such a plan
+    is served through ``ReorderedCache``, which puts its full heads first at attention time.
+    """
+
+    SOURCE = "source"
+    SERVED = "served"
+
+
+def head_rows(kv_order: Sequence[int], heads_per_kv: int, head_dim: int = 1) -> tuple[int, ...]:
+    """Indices along a head-major axis that put its KV heads in ``kv_order``.
+
+    The axis holds, per KV head, ``heads_per_kv`` heads of ``head_dim`` entries each: with
+    ``(group_size, head_dim)`` the rows of q_proj (columns of o_proj), with ``(1, head_dim)``
+    the rows of k/v_proj, with ``head_dim`` 1 the heads of a ``[batch, heads, ...]`` tensor.
+    The torch and ONNX head permutations and ``ReorderedCache`` all take their indices here.
+    """
+    return tuple((kv * heads_per_kv + j) * head_dim + d
+                 for kv in kv_order for j in range(heads_per_kv) for d in range(head_dim))
 
 
 @dataclass(frozen=True)
@@ -114,10 +144,15 @@ class Plan:
     layers: tuple[LayerPlan, ...]
     policy: str = "profiled"
     selection: Selection = Selection()
+    order: HeadOrder = HeadOrder.SOURCE  # what the layers' head indices count
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, Selection):
             raise ValueError(f"selection must be a Selection, got {self.selection!r}")
+        if self.order not in tuple(HeadOrder):
+            raise ValueError(f"order must be one of {[o.value for o in HeadOrder]}, "
+                             f"got {self.order!r}")
+        object.__setattr__(self, "order", HeadOrder(self.order))
 
     @property
     def n_full(self) -> int:
@@ -129,6 +164,51 @@ class Plan:
     def kv_bytes(self, context: int, head_dim: int, bytes_per_value: int) -> int:
         """KV memory at ``context`` tokens: keys and values, every layer."""
         return self.kv_slots(context) * 2 * head_dim * bytes_per_value
+
+    def require_order(self, order: HeadOrder, use: str) -> None:
+        """Refuse, in one line, a plan whose indices count another order than ``use`` needs."""
+        if self.order is not order:
+            raise ValueError(f"{use} needs a plan in {order.value} order, got one in "
+                             f"{self.order.value} order; convert it with "
+                             f"Plan.to_{order.value}(permuted_by=...)")
+
+    def to_served(self, permuted_by: Plan | None) -> Plan:
+        """This source-order plan with every head index replaced by that head's position in
+        weights permuted by ``permuted_by`` (an artifact's own plan, in source order); ``None``:
+        the source model's own, unpermuted weights, where the positions are the indices.
+
+        Served there through ``ReorderedCache``, the result keeps each head in the cache slot
+        this plan gives it on the source model, so it computes what this plan computes there.
+        """
+        self.require_order(HeadOrder.SOURCE, "Plan.to_served")
+        return self._renumbered([{head: j for j, head in enumerate(order)}
+                                 for order in self._weight_orders(permuted_by)], HeadOrder.SERVED)
+
+    def to_source(self, permuted_by: Plan | None) -> Plan:
+        """The inverse of :meth:`to_served`: this served-order plan in source indices."""
+        self.require_order(HeadOrder.SERVED, "Plan.to_source")
+        return self._renumbered([dict(enumerate(order))
+                                 for order in self._weight_orders(permuted_by)], HeadOrder.SOURCE)
+
+    def _weight_orders(self, permuted_by: Plan | None) -> list[tuple[int, ...]]:
+        """Per layer, the source head at each position of the weights ``permuted_by`` made."""
+        if permuted_by is None:
+            return [tuple(range(layer.n_heads)) for layer in self.layers]
+        permuted_by.require_order(HeadOrder.SOURCE, "permuted_by (the weights' own plan)")
+        if len(permuted_by.layers) != len(self.layers):
+            raise ValueError(f"the plan has {len(self.layers)} layers, the weights' plan "
+                             f"{len(permuted_by.layers)}")
+        return [layer.permutation for layer in permuted_by.layers]
+
+    def _renumbered(self, maps: list[dict[int, int]], order: HeadOrder) -> Plan:
+        layers = []
+        for index, (layer, mapping) in enumerate(zip(self.layers, maps, strict=True)):
+            if sorted(layer.permutation) != sorted(mapping):
+                raise ValueError(f"plan layer {index} lists heads {sorted(layer.permutation)}, the "
+                                 f"weights hold {sorted(mapping)}")
+            layers.append(replace(layer, full_heads=tuple(mapping[h] for h in layer.full_heads),
+                                  budgeted_heads=tuple(mapping[h] for h in layer.budgeted_heads)))
+        return replace(self, layers=tuple(layers), order=order)
 
     @staticmethod
     def uncompressed(n_layers: int, n_kv_heads: int, sliding: tuple[int | None, ...] | None = None) -> Plan:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvcompile.errors import ProfileError
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
+from kvcompile.plan import BudgetLayout, HeadOrder, LayerPlan, Plan, Selection
 from kvcompile.yamlio import FlowDict, FlowList
 
 
@@ -27,12 +27,15 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             window=layout.window if layout else 0,
             sliding=layer.sliding,
         ))
-    return {
+    data: dict[str, Any] = {
         "policy": plan.policy,
         "selection": plan.selection.rule,
         "observation_window": plan.selection.observation_window,
         "layers": layers,
     }
+    if plan.order is not HeadOrder.SOURCE:  # implied when absent: profiles, manifests unchanged
+        data["order"] = plan.order.value
+    return data
 
 
 class Reader:
@@ -69,8 +72,14 @@ class Reader:
         return tuple(values)
 
 
-def plan_from_dict(data: Any, reader: Reader, path: str = "plan") -> Plan:
+def plan_from_dict(data: Any, reader: Reader, path: str = "plan",
+                   order: HeadOrder = HeadOrder.SOURCE) -> Plan:
+    """``order``: the head order the plan's context implies (profiles and artifact manifests
+    hold source-order plans, written without the field); a plan stating another is refused."""
     data = reader.mapping(data, path)
+    if "order" in data and (stated := reader.get(data, "order", path, str)) != order.value:
+        raise reader.fail(f"{path}.order", f"expected {order.value!r} here, got {stated!r}; store the "
+                                           f"plan in {order.value} order (Plan.to_{order.value})")
     layers_data = reader.get(data, "layers", path, list)
     layers = []
     for i, raw in enumerate(layers_data):
@@ -93,6 +102,7 @@ def plan_from_dict(data: Any, reader: Reader, path: str = "plan") -> Plan:
             policy=reader.get(data, "policy", path, str),
             selection=Selection(reader.get(data, "selection", path, str),
                                 reader.get(data, "observation_window", path, int)),
+            order=order,
         )
     except ValueError as exc:
         raise reader.fail(path, str(exc)) from exc

@@ -1,8 +1,10 @@
-"""Graph passes: torch head permutation and the budgeted-attention swap."""
-from kvcompile.passes.attention import InstallBudgetedAttention
-from kvcompile.passes.base import CompiledModel, Pass, run_passes
-from kvcompile.passes.permute import PermuteHeads
+"""Compile passes: ``compile_model`` (torch: the head permutation) and ``passes.onnx``."""
+from kvcompile.passes.permute import (
+    ATTENTION_NAME,
+    PASSES,
+    CompiledModel,
+    check_plan,
+    compile_model,
+)
 
-DEFAULT_PASSES: tuple[Pass, ...] = (PermuteHeads(), InstallBudgetedAttention())
-
-__all__ = ["CompiledModel", "Pass", "run_passes", "PermuteHeads", "InstallBudgetedAttention", "DEFAULT_PASSES"]
+__all__ = ["ATTENTION_NAME", "PASSES", "CompiledModel", "check_plan", "compile_model"]

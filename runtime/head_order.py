@@ -1,9 +1,10 @@
-"""Serve a plan on an *unpermuted* model by reordering heads at attention time.
+"""Serve a served-order plan by reordering heads at attention time.
 
-The artifact bakes the head order into its weights; comparing several plans on one
-model (bench/policies.py, ``kvcompile eval`` baselines) would otherwise need one weight
-copy per plan. Reordering q/k/v heads before the cache and the output after it computes
-exactly what the permuted weights compute.
+The artifact bakes its plan's head order into its weights; comparing several plans on one
+model (bench/policies.py, the gate's broken variants) would otherwise need one weight copy
+per plan. A plan in served order (``Plan.to_served``: its indices are positions in the
+engine's weights) is served here: reordering q/k/v heads before the cache and the output
+after it computes exactly what weights permuted for the plan compute.
 """
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvcompile.plan import Plan
+from kvcompile.plan import HeadOrder, Plan, head_rows
 from kvcompile.runtime.cache import LayerKV, StaticKVCache
 
 
 def _orders(order: tuple[int, ...], group: int, device: torch.device
             ) -> tuple[Tensor, Tensor, Tensor]:
-    kv = torch.tensor(order, dtype=torch.long, device=device)
-    q = torch.tensor([h * group + j for h in order for j in range(group)], dtype=torch.long,
-                     device=device)
+    """KV-head order, query-head order and its inverse, as index tensors."""
+    kv = torch.tensor(head_rows(order, 1), dtype=torch.long, device=device)
+    q = torch.tensor(head_rows(order, group), dtype=torch.long, device=device)
     return kv, q, torch.argsort(q)
 
 
@@ -44,9 +45,15 @@ class ReorderedLayer:
 
 
 class ReorderedCache:
-    """A StaticKVCache whose plan's full heads are put first on the fly."""
+    """A StaticKVCache whose served-order plan's full heads are put first on the fly.
+
+    A source-order plan is refused: its indices count the source checkpoint's heads, which
+    are the engine's positions only on unpermuted weights; ``plan.to_served(permuted_by=...)``
+    says which weights the engine holds.
+    """
 
     def __init__(self, cache: StaticKVCache, plan: Plan, group_size: int) -> None:
+        plan.require_order(HeadOrder.SERVED, "ReorderedCache")
         self.cache = cache
         self.plan = plan
         self.layers = []

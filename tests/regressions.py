@@ -14,9 +14,9 @@ when the profile is refitted:
 - ``sinks + 32``: the shipped full heads kept, every budgeted head cut to its sinks and a
   32-token window.
 
-The plans use the source model's KV-head indices. :func:`in_served_order` rewrites one for
-an artifact whose weights are already permuted, so it can be served on the artifact's
-engine next to the artifact's own plan (``evaluate_systems(..., reorder=True)``).
+The plans are in source order (the source model's KV-head indices). ``Plan.to_served``
+rewrites one for an artifact whose weights are already permuted, so it can be served on the
+artifact's engine next to the artifact's own plan (``evaluate_with_regressions``).
 """
 from __future__ import annotations
 
@@ -89,27 +89,6 @@ def broken_variants(profile: Profile, arch: ArchSpec, context: int) -> dict[str,
     }
 
 
-def in_served_order(plan: Plan, served: Plan) -> Plan:
-    """``plan`` with its head indices rewritten for weights permuted by ``served``.
-
-    An artifact built from ``served`` stores layer ``l``'s KV head ``served.layers[l].permutation[j]``
-    at position ``j``. Serving the rewritten plan on those weights with a
-    :class:`~kvcompile.runtime.head_order.ReorderedCache` computes what ``plan`` computes on
-    the source model.
-    """
-    if len(plan.layers) != len(served.layers):
-        raise ValueError(f"plans of {len(plan.layers)} and {len(served.layers)} layers")
-    layers = []
-    for mine, theirs in zip(plan.layers, served.layers, strict=True):
-        position = {head: j for j, head in enumerate(theirs.permutation)}
-        layers.append(replace(
-            mine,
-            full_heads=tuple(sorted(position[h] for h in mine.full_heads)),
-            budgeted_heads=tuple(sorted(position[h] for h in mine.budgeted_heads)),
-        ))
-    return replace(plan, layers=tuple(layers))
-
-
 def evaluate_with_regressions(
     engine: Engine,
     profile: Profile,
@@ -126,10 +105,10 @@ def evaluate_with_regressions(
     """
     if engine.plan != profile.plan:
         raise ValueError("the engine does not serve this profile's plan; load the artifact built from it")
-    plans = {ARTIFACT: in_served_order(profile.plan, profile.plan)}
+    plans = {ARTIFACT: profile.plan.to_served(permuted_by=profile.plan)}
     for name, plan in broken_variants(profile, engine.arch, max(config.lengths)).items():
-        plans[name] = in_served_order(plan, profile.plan)
-    return evaluate_systems(engine, plans, config, reorder=True, progress=progress)
+        plans[name] = plan.to_served(permuted_by=profile.plan)
+    return evaluate_systems(engine, plans, config, progress=progress)
 
 
 __all__ = [
@@ -138,7 +117,6 @@ __all__ = [
     "broken_variants",
     "equal_memory_uniform",
     "evaluate_with_regressions",
-    "in_served_order",
     "lowest_scoring_full",
     "refit",
     "refit_request",

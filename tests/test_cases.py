@@ -95,8 +95,8 @@ def test_cases_report_against_an_independent_greedy_and_nll(tiny_engine: Engine,
     arch = engine.arch
     budgeted = Plan(tuple(LayerPlan((0,), tuple(range(1, arch.n_kv_heads)), BudgetLayout(2, 1, 2, 6))
                           for _ in range(arch.n_layers)))
-    reports = evaluate_systems(engine, {"plan": budgeted}, EvalConfig(agreement_tokens=4), reorder=True,
-                               cases=cases)
+    reports = evaluate_systems(engine, {"plan": budgeted.to_served(permuted_by=None)},
+                               EvalConfig(agreement_tokens=4), cases=cases)
     report = reports["plan"]
     rows = {row["task"]: row for row in report["tasks"]}
     assert set(rows) == {ANSWERS_TASK, "continuation"}

@@ -40,7 +40,8 @@ def reference_losses(model: CompactLM, plan: Plan, prompts: list[HeldOutPrompt])
     engine = Engine(model, plan, None, eos_token_ids=(-1,))
 
     def logprobs(p: Plan, prompt: HeldOutPrompt) -> torch.Tensor:
-        cache = ReorderedCache(engine.allocate(1, max_context=len(prompt.ids), plan=p), p, model.arch.group_size)
+        cache = ReorderedCache(engine.allocate(1, max_context=len(prompt.ids), plan=p),
+                               p.to_served(permuted_by=None), model.arch.group_size)
         n = prompt.context_length
         first = engine.prefill(torch.tensor([prompt.ids[:n]]), [cache])
         rest = engine.extend(torch.tensor([prompt.ids[n:max(prompt.targets)]]), cache, all_logits=True)[0]

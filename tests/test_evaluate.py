@@ -36,7 +36,7 @@ def test_reordering_at_attention_time_equals_permuted_weights() -> None:
     plain = Engine(loaded.build(), plan, tokenizer=None, eos_token_ids=(0,))
     ids = torch.randint(1, 90, (1, 40), generator=torch.Generator().manual_seed(0))
     a = permuted.allocate(1, 64)
-    b = ReorderedCache(plain.allocate(1, 64), plan, arch.group_size)
+    b = ReorderedCache(plain.allocate(1, 64), plan.to_served(permuted_by=None), arch.group_size)
     torch.testing.assert_close(permuted.prefill(ids[:, :30], [a]), plain.prefill(ids[:, :30], [b]),
                                atol=1e-5, rtol=1e-5)
     for t in range(30, 40):  # decode past every budgeted head's capacity (2 + 3 + 4 slots)
@@ -163,8 +163,9 @@ def test_shared_prefill_matches_separate_runs(engines) -> None:
     small = Plan(tuple(LayerPlan((), tuple(range(arch.n_kv_heads)), BudgetLayout(4, 1, 8, 64))
                        for _ in range(arch.n_layers)))
     config = EvalConfig(tasks=("continuation",), lengths=(256,), samples=1, seed=2, agreement_tokens=4)
-    together = evaluate_systems(engine, {"small": small, "full": engine.plan}, config, reorder=True)
-    alone = evaluate_systems(engine, {"small": small}, config, reorder=True)
+    small, full = small.to_served(permuted_by=None), engine.plan.to_served(permuted_by=None)
+    together = evaluate_systems(engine, {"small": small, "full": full}, config)
+    alone = evaluate_systems(engine, {"small": small}, config)
     assert together["small"]["tasks"][0]["kl"] == pytest.approx(alone["small"]["tasks"][0]["kl"], abs=1e-9)
     assert together["small"]["tasks"][0]["kl"] > 1e-4
     assert together["full"]["tasks"][0]["kl"] < 1e-6

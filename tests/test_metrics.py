@@ -154,7 +154,7 @@ def test_continuation_metrics_match_a_plain_forward(tiny, monkeypatch) -> None:
     monkeypatch.setattr(evaluate_module, "build_cases", lambda *args: cases)
     config = EvalConfig(tasks=("continuation",), lengths=(LENGTH,), samples=len(cases), seed=0,
                         agreement_tokens=AGREEMENT)
-    row = evaluate_systems(engine, {"artifact": plan}, config, reorder=True)["artifact"]["tasks"][0]
+    row = evaluate_systems(engine, {"artifact": plan.to_served(permuted_by=None)}, config)["artifact"]["tasks"][0]
     refs = [_reference_continuation(hf, model, plan, case) for case in cases]
     tol = 1e-6
     assert row["cases"]["baseline_nll"] == pytest.approx([r["nll_base"] for r in refs], abs=tol)
@@ -215,7 +215,7 @@ def test_accuracy_matches_hand_made_answers(tiny, monkeypatch) -> None:
              for c, a in zip(blanks, answers, strict=True)]
     monkeypatch.setattr(evaluate_module, "build_cases", lambda *args: cases)
     config = EvalConfig(tasks=("passkey",), lengths=(LENGTH,), samples=len(cases), seed=0)
-    row = evaluate_systems(engine, {"artifact": plan}, config, reorder=True)["artifact"]["tasks"][0]
+    row = evaluate_systems(engine, {"artifact": plan.to_served(permuted_by=None)}, config)["artifact"]["tasks"][0]
     n = len(cases)
     base_right = sum(_first_number(t) == a for t, a in zip(base_texts, answers, strict=True))
     art_right = sum(_first_number(t) == a for t, a in zip(art_texts, answers, strict=True))

@@ -2,7 +2,7 @@
 
 References: the torch model (``compact_logits``) for the exported source graphs, the torch
 ops and cache (``runtime/ops.py``, ``runtime/cache.py``) for the function bodies, the torch
-pass ``PermuteHeads`` for the initializer permutation, and the torch runtime (``Engine``) for
+``compile_model`` for the initializer permutation, and the torch runtime (``Engine``) for
 the rewritten graphs run by onnxruntime with nothing registered.
 """
 from __future__ import annotations
@@ -15,15 +15,17 @@ import torch
 
 from kvcompile.build.artifact import compile_engine
 from kvcompile.build.onnx_export import export_source
-from kvcompile.passes import CompiledModel, PermuteHeads
+from kvcompile.passes import compile_model
 from kvcompile.passes.onnx import (
     AttachFunctionBodies,
+    PassFailed,
     PermuteKVHeads,
     RewriteDecode,
     RewritePrefillAttention,
     RewritePrefillCache,
     StaticBudgetGraphError,
     ValidateStaticBudgetGraph,
+    run_static_budget_passes,
     static_budget_passes,
 )
 from kvcompile.passes.onnx.functions import function_for
@@ -121,7 +123,7 @@ def test_permute_pass_moves_the_heads_the_torch_pass_moves() -> None:
     plan = tiny_plan(arch)
     result = PermuteKVHeads(plan, arch)(decode)
     assert result.modified
-    expected = PermuteHeads().apply(CompiledModel(arch, loaded.config, loaded.state, plan)).state
+    expected = compile_model(arch, loaded.config, loaded.state, plan).state
     for name in (f"model.layers.{i}.self_attn.{proj}.{kind}" for i in range(arch.n_layers)
                  for proj in ("q_proj", "k_proj", "v_proj", "o_proj") for kind in ("weight", "bias")):
         if name in expected:
@@ -133,6 +135,16 @@ def test_permute_pass_moves_the_heads_the_torch_pass_moves() -> None:
                           for _ in range(arch.n_layers)))
     _, _, fresh = source("qwen2")
     assert not PermuteKVHeads(identity, arch)(fresh).modified
+
+
+def test_permute_pass_refuses_a_served_order_plan() -> None:
+    """A plan rewritten for permuted weights would permute the source graph wrongly."""
+    loaded, _, decode = source("llama")
+    plan = tiny_plan(loaded.arch)
+    with pytest.raises(ir.passes.PreconditionError, match="served order") as info:
+        PermuteKVHeads(plan.to_served(permuted_by=plan), loaded.arch)(decode)
+    assert "\n" not in str(info.value)
+    assert "kvcompile.heads_permuted" not in decode.metadata_props
 
 
 def test_prefill_rewrites() -> None:
@@ -362,8 +374,7 @@ def test_static_budget_graphs_equal_the_torch_runtime(family: str) -> None:
     arch = loaded.arch
     plan = tiny_plan(arch, selection="key_norm" if family == "qwen2" else "attention")
     for kind, graph in (("prefill", prefill), ("decode", decode)):
-        for compiler_pass in static_budget_passes(kind, plan, arch, CONTEXT):
-            compiler_pass(graph)
+        run_static_budget_passes(graph, kind, plan, arch, CONTEXT)  # as the build runs them
     _, engine = compile_engine(loaded, plan, max_context=CONTEXT)
     prompt, steps = 30, 40
     tokens = ids(2, prompt + steps, seed=5)
@@ -397,3 +408,66 @@ def test_static_budget_graphs_equal_the_torch_runtime(family: str) -> None:
         logits, *state = step.run(None, feed)
         found = dict(zip(names, state, strict=True))
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ the pass manager
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_pass_manager_run_equals_the_passes_one_by_one(kind: str) -> None:
+    """Under onnx-ir's PassManager the graph and each pass's ``modified`` are what running
+    the passes by hand gives (the build report lists the latter)."""
+    loaded, prefill, decode = source("gemma3_text")
+    _, prefill_by_hand, decode_by_hand = source("gemma3_text")
+    arch = loaded.arch
+    plan = tiny_plan(arch)
+    managed = prefill if kind == "prefill" else decode
+    by_hand = prefill_by_hand if kind == "prefill" else decode_by_hand
+    log = run_static_budget_passes(managed, kind, plan, arch, CONTEXT)
+    expected = [{"pass": type(p).__name__, "modified": p(by_hand).modified}
+                for p in static_budget_passes(kind, plan, arch, CONTEXT)]
+    assert log == expected
+    assert [entry["modified"] for entry in log].count(True) >= 3
+    assert ir.to_proto(managed).SerializeToString() == ir.to_proto(by_hand).SerializeToString()
+
+
+def test_pass_manager_names_the_pass_that_refused_the_graph() -> None:
+    """The manager wraps a refusal twice; the build still names the pass and its reason."""
+    loaded, _, decode = source("llama")
+    plan = tiny_plan(loaded.arch)
+    PermuteKVHeads(plan, loaded.arch)(decode)
+    with pytest.raises(PassFailed) as info:
+        run_static_budget_passes(decode, "decode", plan, loaded.arch, CONTEXT)
+    assert info.value.pass_name == "PermuteKVHeads"
+    assert isinstance(info.value.reason, ir.passes.PreconditionError)
+    assert "already permuted" in str(info.value.reason)
+
+
+def test_pass_manager_lets_a_bug_in_a_pass_through(monkeypatch) -> None:
+    """Only refusals become PassFailed (one line in the build); a bug keeps its own type."""
+    loaded, _, decode = source("llama")
+
+    def broken(self, model):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(RewriteDecode, "call", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        run_static_budget_passes(decode, "decode", tiny_plan(loaded.arch), loaded.arch, CONTEXT)
+
+
+def test_a_refused_graph_is_one_build_line_naming_the_pass(tmp_path, monkeypatch) -> None:
+    """write_onnx (the build) turns a pass's refusal into one ArtifactError line: the pass,
+    the graph, the reason's first line and ``--no-onnx``; nothing is saved."""
+    from kvcompile.build.onnx_graphs import write_onnx
+    from kvcompile.errors import ArtifactError
+
+    def refuse(self, model):
+        raise ir.passes.PreconditionError("no cache input here\nmore detail")
+
+    monkeypatch.setattr(RewriteDecode, "requires", refuse)
+    loaded = tiny_loaded("llama", seed=3, max_position_embeddings=512)
+    with pytest.raises(ArtifactError) as info:
+        write_onnx(tmp_path / "onnx", loaded.build(), tiny_plan(loaded.arch), CONTEXT)
+    assert str(info.value) == ("the ONNX pass RewriteDecode failed on the decode graph (no cache "
+                               "input here); build with --no-onnx to skip the ONNX graphs")
+    assert list((tmp_path / "onnx").iterdir()) == []

@@ -1,8 +1,8 @@
-"""Torch passes: head permutation (same function, full heads first) and the attention swap."""
+"""Torch compile (``compile_model``): the plan is checked against the model, then the head
+permutation (same function, full heads first)."""
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,15 +10,8 @@ import torch
 
 from kvcompile.arch import ArchSpec, arch_from_config
 from kvcompile.errors import ProfileError
-from kvcompile.passes import (
-    DEFAULT_PASSES,
-    CompiledModel,
-    InstallBudgetedAttention,
-    PermuteHeads,
-    run_passes,
-)
-from kvcompile.passes.attention import ATTENTION_NAME
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.passes import ATTENTION_NAME, PASSES, compile_model
+from kvcompile.plan import BudgetLayout, HeadOrder, LayerPlan, Plan
 from kvcompile.runtime.model import CompactLM
 from tests.tiny import VOCAB, compact_logits, state_of, tiny_hf_model
 
@@ -50,7 +43,7 @@ def test_permuted_model_computes_the_same_logits(family: str, seed: int) -> None
     config, arch, state = _double_model(family, seed)
     plan = random_plan(arch.n_layers, arch.n_kv_heads, seed=100 + seed)
     assert any(layer.permutation != tuple(range(arch.n_kv_heads)) for layer in plan.layers)
-    compiled = PermuteHeads().apply(CompiledModel(arch, config, state, plan))
+    compiled = compile_model(arch, config, state, plan)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
     original = compact_logits(CompactLM.from_state_dict(arch, config, state), ids)
     permuted = compact_logits(CompactLM.from_state_dict(arch, config, compiled.state), ids)
@@ -62,7 +55,7 @@ def test_permutation_is_not_a_no_op_guard() -> None:
     """Guard: permuting only k/v rows (not q/o) must break the function, so the test above can fail."""
     config, arch, state = _double_model("qwen2", 0)
     plan = Plan(tuple(LayerPlan((3, 1), (0, 2), LAYOUT) for _ in range(arch.n_layers)))
-    compiled = PermuteHeads().apply(CompiledModel(arch, config, state, plan))
+    compiled = compile_model(arch, config, state, plan)
     broken = dict(compiled.state)
     for i in range(arch.n_layers):
         for key in ("q_proj.weight", "q_proj.bias", "o_proj.weight"):
@@ -78,7 +71,7 @@ def test_permutation_is_not_a_no_op_guard() -> None:
 def test_full_heads_rows_come_first(family: str) -> None:
     config, arch, state = _double_model(family, 3)
     plan = random_plan(arch.n_layers, arch.n_kv_heads, seed=7)
-    new = PermuteHeads().apply(CompiledModel(arch, config, state, plan)).state
+    new = compile_model(arch, config, state, plan).state
     d, g = arch.head_dim, arch.group_size
     for i, layer in enumerate(plan.layers):
         prefix = f"model.layers.{i}.self_attn."
@@ -100,32 +93,31 @@ def test_full_heads_rows_come_first(family: str) -> None:
     assert all(torch.equal(new[k], state[k]) for k in untouched)
 
 
-def test_permute_does_not_mutate_its_input_and_is_idempotent() -> None:
+def test_compile_does_not_mutate_its_input() -> None:
     config, arch, state = _double_model("llama", 0)
     before = {k: v.clone() for k, v in state.items()}
     plan = Plan(tuple(LayerPlan((2,), (0, 1, 3), LAYOUT) for _ in range(arch.n_layers)))
-    once = PermuteHeads().apply(CompiledModel(arch, config, state, plan))
+    compiled = compile_model(arch, config, state, plan)
     assert all(torch.equal(state[k], before[k]) for k in state)
-    assert once.heads_permuted
-    twice = PermuteHeads().apply(once)
-    assert all(torch.equal(twice.state[k], once.state[k]) for k in state)
+    assert not all(torch.equal(compiled.state[k], state[k]) for k in state)
 
 
-def test_default_passes_permute_install_and_log() -> None:
+def test_compiled_model_records_what_the_manifest_lists() -> None:
+    """The manifest's ``attention`` and ``passes`` keep the values the pass objects set."""
     config, arch, state = _double_model("llama", 0)
     plan = random_plan(arch.n_layers, arch.n_kv_heads, seed=1)
-    compiled = run_passes(CompiledModel(arch, config, state, plan), DEFAULT_PASSES)
-    assert compiled.heads_permuted and compiled.attention == ATTENTION_NAME
-    assert compiled.log == [p.name for p in DEFAULT_PASSES]
+    compiled = compile_model(arch, config, state, plan)
+    assert compiled.attention == ATTENTION_NAME == "kvcompile.budgeted_attention"
+    assert compiled.log == list(PASSES) == ["permute-heads", "install-budgeted-attention"]
+    assert compiled.plan is plan and compiled.plan.order is HeadOrder.SOURCE
 
 
-# ----------------------------------------------------------------- install refuses mismatches
+# ----------------------------------------------------------------- compile refuses mismatches
 
 
-def _permuted(plan: Plan, family: str = "llama", **overrides) -> CompiledModel:
+def _compile(plan: Plan, family: str = "llama", **overrides):
     hf = tiny_hf_model(family, seed=0, **overrides)
-    arch = arch_from_config(hf.config)
-    return CompiledModel(arch, hf.config, state_of(hf), plan, heads_permuted=True)
+    return compile_model(arch_from_config(hf.config), hf.config, state_of(hf), plan)
 
 
 def _good_plan(n_layers: int = 2, n_kv: int = 4) -> Plan:
@@ -133,15 +125,24 @@ def _good_plan(n_layers: int = 2, n_kv: int = 4) -> Plan:
     return Plan(tuple(LayerPlan((n_kv - 1,), tuple(range(n_kv - 1)), LAYOUT) for _ in range(n_layers)))
 
 
-def test_install_refuses_unpermuted_model() -> None:
-    model = replace(_permuted(_good_plan()), heads_permuted=False)
-    with pytest.raises(ProfileError, match="permute-heads"):
-        InstallBudgetedAttention().apply(model)
+def test_compile_refuses_a_served_order_plan() -> None:
+    """A plan already rewritten for permuted weights would permute the source twice."""
+    plan = _good_plan()
+    for served in (plan.to_served(permuted_by=plan), plan.to_served(permuted_by=None)):
+        with pytest.raises(ProfileError, match="served order") as info:
+            _compile(served)
+        assert "\n" not in str(info.value)
 
 
-def test_install_accepts_matching_plan() -> None:
-    out = InstallBudgetedAttention().apply(_permuted(_good_plan()))
-    assert out.attention == ATTENTION_NAME
+def test_compile_accepts_matching_plan() -> None:
+    """The full head (3) moves to slot 0: k rows and the query group's o_proj columns."""
+    hf = tiny_hf_model("llama", seed=0)
+    arch, state = arch_from_config(hf.config), state_of(hf)
+    compiled = _compile(_good_plan())
+    d, g = arch.head_dim, arch.group_size
+    key, out = "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(compiled.state[key][:d], state[key][3 * d:4 * d])
+    assert torch.equal(compiled.state[out][:, :g * d], state[out][:, 3 * g * d:4 * g * d])
 
 
 @pytest.mark.parametrize(
@@ -154,33 +155,30 @@ def test_install_accepts_matching_plan() -> None:
     ],
     ids=["layer-count", "head-count", "duplicate-head", "sliding-flag"],
 )
-def test_install_refuses_mismatched_plan(plan: Plan, message: str) -> None:
+def test_compile_refuses_mismatched_plan(plan: Plan, message: str) -> None:
     with pytest.raises(ProfileError, match=message) as info:
-        InstallBudgetedAttention().apply(_permuted(plan))
+        _compile(plan)
     assert "\n" not in str(info.value)
 
 
-def test_install_refuses_plan_without_sliding_flag_on_sliding_model() -> None:
+def test_compile_refuses_plan_without_sliding_flag_on_sliding_model() -> None:
     plan = Plan(tuple(LayerPlan((), (0, 1, 2, 3), BudgetLayout(0, 0, 0, 6)) for _ in range(2)))
     with pytest.raises(ProfileError, match="sliding"):
-        InstallBudgetedAttention().apply(_permuted(plan, family="mistral"))
+        _compile(plan, family="mistral")
 
 
-def test_install_refuses_sliding_layer_larger_than_its_window() -> None:
+def test_compile_refuses_sliding_layer_larger_than_its_window() -> None:
     wide = BudgetLayout(0, 0, 0, 7)
     plan = Plan(tuple(LayerPlan((), (0, 1, 2, 3), wide, sliding=True) for _ in range(2)))
     with pytest.raises(ProfileError, match="window 6"):
-        InstallBudgetedAttention().apply(_permuted(plan, family="mistral"))
+        _compile(plan, family="mistral")
     exact = Plan(tuple(LayerPlan((), (0, 1, 2, 3), BudgetLayout(0, 0, 0, 6), sliding=True)
                        for _ in range(2)))
-    assert InstallBudgetedAttention().apply(_permuted(exact, family="mistral")).attention == ATTENTION_NAME
+    assert _compile(exact, family="mistral").attention == ATTENTION_NAME
 
 
 @pytest.mark.parametrize("n_layers,n_kv", [(3, 4), (2, 5)], ids=["extra-layer", "extra-head"])
-def test_default_passes_reject_mismatched_plan_with_profile_error(n_layers: int, n_kv: int) -> None:
-    """Through the default pipeline (permute first), a mismatched plan is still a ProfileError."""
-    hf = tiny_hf_model("llama", seed=0)
-    arch = arch_from_config(hf.config)
-    plan = _good_plan(n_layers=n_layers, n_kv=n_kv)
+def test_compile_checks_the_plan_before_permuting(n_layers: int, n_kv: int) -> None:
+    """A plan naming heads or layers the model lacks is a ProfileError, not an index error."""
     with pytest.raises(ProfileError):
-        run_passes(CompiledModel(arch, hf.config, state_of(hf), plan), DEFAULT_PASSES)
+        _compile(_good_plan(n_layers=n_layers, n_kv=n_kv))

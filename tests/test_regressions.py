@@ -17,7 +17,6 @@ from tests.regressions import (
     STARVED_WINDOW,
     broken_variants,
     equal_memory_uniform,
-    in_served_order,
     lowest_scoring_full,
     refit,
     starved_windows,
@@ -92,7 +91,7 @@ def test_the_four_variants_are_distinct(shipped) -> None:
 
 
 def test_a_variant_served_on_an_artifact_computes_what_it_computes_on_the_source() -> None:
-    """in_served_order: a plan rewritten for weights permuted by another plan."""
+    """Plan.to_served: a plan rewritten for weights permuted by another plan."""
     loaded = tiny_loaded("llama", seed=4)
     arch = loaded.arch
     served = Plan((LayerPlan((2,), (0, 1, 3), BudgetLayout(1, 1, 2, 4)),
@@ -102,18 +101,23 @@ def test_a_variant_served_on_an_artifact_computes_what_it_computes_on_the_source
     _, artifact = compile_engine(loaded, served)
     source = Engine(loaded.build(), variant, tokenizer=None, eos_token_ids=(0,))
     ids = torch.randint(1, 90, (1, 36), generator=torch.Generator().manual_seed(1))
-    on_artifact = ReorderedCache(artifact.allocate(1, 64, plan=in_served_order(variant, served)),
-                                 in_served_order(variant, served), arch.group_size)
-    on_source = ReorderedCache(source.allocate(1, 64), variant, arch.group_size)
+    rewritten = variant.to_served(permuted_by=served)
+    on_artifact = ReorderedCache(artifact.allocate(1, 64, plan=rewritten), rewritten, arch.group_size)
+    on_source = ReorderedCache(source.allocate(1, 64), variant.to_served(permuted_by=None),
+                               arch.group_size)
     torch.testing.assert_close(artifact.prefill(ids[:, :28], [on_artifact]),
                                source.prefill(ids[:, :28], [on_source]), atol=1e-5, rtol=1e-5)
     for t in range(28, 36):
         torch.testing.assert_close(artifact.extend(ids[:, t:t + 1], on_artifact),
                                    source.extend(ids[:, t:t + 1], on_source), atol=1e-5, rtol=1e-5)
-    # served without the rewrite, the variant's head indices point at the wrong heads (the
-    # exact prefill cannot tell; the compressed decode steps can)
-    wrong = ReorderedCache(artifact.allocate(1, 64, plan=variant), variant, arch.group_size)
-    fresh = ReorderedCache(source.allocate(1, 64), variant, arch.group_size)
+    # served as if the artifact's weights were the source's, the variant's head indices point
+    # at the wrong heads (the exact prefill cannot tell; the compressed decode steps can); in
+    # source order it is refused outright
+    with pytest.raises(ValueError, match="ReorderedCache needs a plan in served order"):
+        ReorderedCache(artifact.allocate(1, 64, plan=variant), variant, arch.group_size)
+    unpermuted = variant.to_served(permuted_by=None)
+    wrong = ReorderedCache(artifact.allocate(1, 64, plan=unpermuted), unpermuted, arch.group_size)
+    fresh = ReorderedCache(source.allocate(1, 64), unpermuted, arch.group_size)
     artifact.prefill(ids[:, :28], [wrong])
     source.prefill(ids[:, :28], [fresh])
     gap = max(float((artifact.extend(ids[:, t:t + 1], wrong) - source.extend(ids[:, t:t + 1], fresh))

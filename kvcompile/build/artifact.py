@@ -23,7 +23,7 @@ from kvcompile.errors import ArtifactError
 from kvcompile.memory import memory_table, plan_bytes
 from kvcompile.metrics import greedy_agreement
 from kvcompile.models import LoadedModel, fingerprint_weights
-from kvcompile.passes import DEFAULT_PASSES, CompiledModel, run_passes
+from kvcompile.passes import CompiledModel, compile_model
 from kvcompile.plan import Plan
 from kvcompile.plan_io import plan_to_dict
 from kvcompile.profile.record import Profile, check_profile_matches
@@ -93,7 +93,7 @@ def compile_engine(loaded: LoadedModel, plan: Plan, max_context: int | None = No
     from kvcompile.runtime.engine import Engine
     from kvcompile.runtime.model import CompactLM
 
-    compiled = run_passes(CompiledModel(loaded.arch, loaded.config, loaded.state, plan), DEFAULT_PASSES)
+    compiled = compile_model(loaded.arch, loaded.config, loaded.state, plan)
     model = CompactLM.from_state_dict(loaded.arch, loaded.config, compiled.state)
     return compiled, Engine(model, compiled.plan, loaded.tokenizer, max_context=max_context)
 

@@ -34,7 +34,7 @@ def write_onnx(directory: Path, model: CompactLM, plan: Plan, max_context: int) 
     save them in ``directory``; returns the build report's ``onnx`` section (times, sizes,
     which passes changed the graphs)."""
     from kvcompile.build.onnx_export import export_source
-    from kvcompile.passes.onnx import static_budget_passes
+    from kvcompile.passes.onnx import PassFailed, run_static_budget_passes
 
     arch = model.arch
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,16 +47,12 @@ def write_onnx(directory: Path, model: CompactLM, plan: Plan, max_context: int) 
     exported = time.perf_counter()
     log: dict[str, list[dict[str, Any]]] = {}
     for kind in ("prefill", "decode"):
-        graph = getattr(source, kind)
-        log[kind] = []
-        for compiler_pass in static_budget_passes(kind, plan, arch, max_context):
-            try:
-                result = compiler_pass(graph)
-            except (ir.passes.PassError, ir.passes.InvariantError) as exc:
-                cause = exc.__cause__ or exc
-                raise ArtifactError(f"the ONNX pass {type(compiler_pass).__name__} failed on the "
-                                    f"{kind} graph ({_first_line(cause)}); {_SKIP_HINT}") from exc
-            log[kind].append({"pass": type(compiler_pass).__name__, "modified": result.modified})
+        try:
+            graph = getattr(source, kind)
+            log[kind] = run_static_budget_passes(graph, kind, plan, arch, max_context)
+        except PassFailed as exc:
+            raise ArtifactError(f"the ONNX pass {exc.pass_name} failed on the {kind} graph "
+                                f"({_first_line(exc.reason)}); {_SKIP_HINT}") from exc
     rewritten = time.perf_counter()
     save_shared(source.prefill, source.decode, directory)
     saved = time.perf_counter()

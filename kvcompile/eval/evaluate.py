@@ -20,7 +20,7 @@ from kvcompile.errors import ContextLengthError, KVCompileError
 from kvcompile.eval.tasks import TASKS, EvalCase, build_cases, score_answer
 from kvcompile.memory import memory_ratio
 from kvcompile.metrics import greedy_agreement, greedy_token, kl, log_probs, nll, nll_increase
-from kvcompile.plan import Plan
+from kvcompile.plan import HeadOrder, Plan
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from kvcompile.stats import mean_ci, relative_increase_ci, wilson_interval
@@ -158,16 +158,18 @@ def _case_groups(cases: Sequence[EvalCase]) -> list[tuple[str, int, list[EvalCas
     return groups
 
 
-def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConfig, reorder: bool = False,
+def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConfig,
                      progress: Callable[[int, int, str], None] | None = None,
                      cases: Sequence[EvalCase] | None = None) -> dict[str, dict[str, Any]]:
     """One report per plan, each against the shared uncompressed baseline.
 
-    ``reorder``: the engine's weights are unpermuted, so each plan's full heads are moved
-    first at attention time (same function as baking the order into the weights).
+    Each plan is served as its head order says: in source order by the weights built for it
+    (the engine's own plan); in served order (``Plan.to_served``) with its full heads moved
+    first at attention time (the same function), the baseline then served alike.
     ``cases``: a team's own cases instead of the generated tasks (``config`` keeps the rest).
     """
     arch = engine.arch
+    _check_source_plans(engine, plans)
     groups = _case_groups(cases) if cases else _generated_groups(engine, config)
     # tokens a case puts in the cache: context, question + answer, or continuation + agreement steps
     context = max(len(c.context_ids) + max(len(c.question_ids) + ANSWER_TOKENS,
@@ -184,11 +186,15 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
     done = 0
     started_all = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in plans}
+    served = dict(all_plans)
+    if any(plan.order is HeadOrder.SERVED for plan in plans.values()):  # every head alike: any weights
+        served[BASELINE] = baseline_plan.to_served(permuted_by=None)
     for task, length, group in groups:
         caches = {}
-        for name, plan in all_plans.items():
+        for name, plan in served.items():
             cache = engine.allocate(1, max_context=context, plan=plan)
-            caches[name] = ReorderedCache(cache, plan, arch.group_size) if reorder else cache
+            reordered = plan.order is HeadOrder.SERVED
+            caches[name] = ReorderedCache(cache, plan, arch.group_size) if reordered else cache
         tallies = {name: _Tally() for name in all_plans}
         for case in group:
             if task == "continuation":
@@ -240,6 +246,16 @@ def memory_context(engine: Engine, context: int) -> int:
     """The context whose buffers a request of ``context`` tokens really gets: its own in the
     torch runtime; the graphs' build context for ONNX graphs (their buffers are fixed then)."""
     return getattr(engine, "buffer_context", None) or context
+
+
+def _check_source_plans(engine: Engine, plans: Mapping[str, Plan]) -> None:
+    """A source-order plan is served by the engine's weights as they are, so it must be the
+    head order they were built for (the engine's own plan)."""
+    built = [layer.permutation for layer in engine.plan.layers]
+    for name, plan in plans.items():
+        if plan.order is HeadOrder.SOURCE and [layer.permutation for layer in plan.layers] != built:
+            raise ValueError(f"plan {name!r} is in source order but the engine's weights hold another "
+                             f"head order; pass plan.to_served(permuted_by=the weights' plan)")
 
 
 def allocated_memory_ratios(engine: Engine, plans: Mapping[str, Plan], baseline: Plan,

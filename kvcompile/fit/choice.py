@@ -121,7 +121,8 @@ def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prom
     engine = Engine(model, next(iter(plans.values())), tokenizer, eos_token_ids=(-1,))
     all_plans = {UNCOMPRESSED: engine.uncompressed_plan(), **plans}
     longest = max(len(p.ids) for p in prompts)
-    caches = {name: ReorderedCache(engine.allocate(1, max_context=longest, plan=plan), plan, arch.group_size)
+    caches = {name: ReorderedCache(engine.allocate(1, max_context=longest, plan=plan),
+                                   plan.to_served(permuted_by=None), arch.group_size)  # source weights
               for name, plan in all_plans.items()}
     answer: dict[str, list[float]] = {name: [] for name in all_plans}
     text_nll: dict[str, list[float]] = {name: [] for name in all_plans}

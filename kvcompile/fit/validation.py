@@ -30,7 +30,8 @@ def validate_plan(model: CompactLM, plan: Plan, tokenizer: Any, length: int, see
     engine = Engine(model, plan, tokenizer, eos_token_ids=(-1,))
     baseline_plan = engine.uncompressed_plan()
     caches = {
-        name: ReorderedCache(engine.allocate(1, max_context=length, plan=p), p, model.arch.group_size)
+        name: ReorderedCache(engine.allocate(1, max_context=length, plan=p),
+                             p.to_served(permuted_by=None), model.arch.group_size)  # source weights
         for name, p in (("full", baseline_plan), ("plan", plan))
     }
     last = engine.prefill(torch.tensor([context]), list(caches.values()))

@@ -1,6 +1,6 @@
 """Permute every layer's KV heads in the exported initializers: full heads first.
 
-The ONNX twin of the torch ``PermuteHeads`` pass (same row order, ``head_rows``): q/k/v
+The ONNX twin of the torch ``compile_model`` (same row order, ``plan.head_rows``): q/k/v
 output rows (and biases) and ``o_proj`` input columns move, so the graph computes the same
 function with each layer's full heads in the leading slots, as the static-budget cache wants.
 Weights are found by their checkpoint names (the exporter keeps them); the layout of each
@@ -12,10 +12,9 @@ import numpy as np
 import onnx_ir as ir
 
 from kvcompile.arch import ArchSpec
-from kvcompile.passes.permute import head_rows
-from kvcompile.plan import Plan
+from kvcompile.plan import HeadOrder, Plan, head_rows
 
-PERMUTED_KEY = "kvcompile.heads_permuted"  # model metadata: the pass has run
+PERMUTED_KEY = "kvcompile.heads_permuted"  # model metadata: weights in the plan's served order
 
 
 def _feature_axes(weight: ir.Value) -> tuple[int, int]:
@@ -49,7 +48,7 @@ def _take(graph: ir.Graph, name: str, rows: np.ndarray, axis: int) -> None:
 
 
 class PermuteKVHeads(ir.passes.InPlacePass):
-    """Reorder the KV heads of every layer as the plan's ``LayerPlan.permutation`` says."""
+    """Reorder every layer's KV heads as the source-order plan's ``LayerPlan.permutation`` says."""
 
     def __init__(self, plan: Plan, arch: ArchSpec) -> None:
         super().__init__()
@@ -63,6 +62,10 @@ class PermuteKVHeads(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if model.metadata_props.get(PERMUTED_KEY) == "true":
             raise ir.passes.PreconditionError("the KV heads are already permuted")
+        if self.plan.order is not HeadOrder.SOURCE:
+            raise ir.passes.PreconditionError(
+                f"the plan is in {self.plan.order.value} order; the source graph is permuted by the "
+                f"source-order plan (the profile's)")
         if len(self.plan.layers) != self.arch.n_layers:
             raise ir.passes.PreconditionError(
                 f"the plan has {len(self.plan.layers)} layers, the model {self.arch.n_layers}")
@@ -78,8 +81,8 @@ class PermuteKVHeads(ir.passes.InPlacePass):
             order = layer.permutation
             if order == tuple(range(arch.n_kv_heads)):
                 continue
-            q_rows = head_rows(order, arch.group_size, arch.head_dim).numpy()
-            kv_rows = head_rows(order, 1, arch.head_dim).numpy()
+            q_rows = np.array(head_rows(order, arch.group_size, arch.head_dim), dtype=np.int64)
+            kv_rows = np.array(head_rows(order, 1, arch.head_dim), dtype=np.int64)
             names = self._names(index)
             for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
                 weight = f"{names[proj]}.weight"
