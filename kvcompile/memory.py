@@ -60,6 +60,14 @@ def kv_ratio(plan: Plan, arch: ArchSpec, context: int) -> float:
     return plan.kv_slots(context) / uncompressed_slots(arch, context)
 
 
+def bytes_ratio(kv_bytes: int, uncompressed: int) -> float:
+    """The memory ratio of two measured sizes: KV bytes over the uncompressed cache's (eval
+    reports and the gate's memory rule, from the bytes the runtime allocates)."""
+    if uncompressed <= 0:
+        raise ValueError(f"the uncompressed cache must have a positive size, got {uncompressed} bytes")
+    return kv_bytes / uncompressed
+
+
 def memory_table(plan: Plan, arch: ArchSpec, bytes_per_value: int, extra: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Plan bytes next to the source model's own cache at several context lengths."""
     contexts = sorted({c for c in TABLE_CONTEXTS if c <= arch.max_context} | set(extra))
