@@ -29,8 +29,9 @@ the smallest regression it detects at that row's n, in the unit of what the rule
 agreement, in the units of its threshold). Without ``detect`` it must detect the default
 regression its threshold implies (:func:`default_detect`):
 
-- ``max_drop t``: a drop of ``t + 0.10`` (ten points beyond what the rule allows);
-- ``min_accuracy t``: an accuracy of ``t - 0.10`` (ten points below the floor; 0 at most);
+- ``max_drop t``: a drop of ``t + 0.10`` (ten points beyond what the rule allows; 1 at
+  most, and no more than the baseline: a drop to accuracy 0);
+- ``min_accuracy t``: an accuracy of ``t - 0.10`` (ten points below the floor; 0 at least);
 - ``max_nll_increase t`` / ``max_kl t``: twice the threshold's distance from the
   baseline's value 0, ``2t`` (a threshold of 0 needs an explicit ``detect``);
 - ``min_agreement t``: twice its distance from the baseline's agreement 1, ``1 - 2(1 - t)``
@@ -40,8 +41,9 @@ A rule that passes while falling short is an error of the rules file, unless it 
 ``allow_underpowered: true`` (a check that failed needs no power).
 
 **Samples needed.** The smallest n (at most ``MAX_SAMPLES``) from which the rule meets its
-requirement, with the row's baseline accuracy (accuracy rules) or its per-case spread
-(``se`` scaling as ``1/√n``) carried over to the new n. Whole counts make the binomial
+requirement, with the row's baseline accuracy (accuracy rules: ``round(p_b·m)`` correct
+answers at m cases) or its per-case spread (``se`` scaling as ``1/√n``) carried over to the
+new n. Whole counts make the binomial
 power saw-tooth in n, so for accuracy rules it is the smallest n from which the requirement
 holds at every n up to twice that.
 """
@@ -67,16 +69,16 @@ Basis = Literal["sampled", "exact", "not assessed"]
 
 MAX_SAMPLES = 5000
 EPS = 1e-9  # comparisons tolerate float rounding: 1.0 - 0.98 must pass max_drop 0.02
-ACCURACY_KINDS = ("min_accuracy", "max_drop")
-CONTINUOUS_KINDS = ("max_nll_increase", "max_kl", "min_agreement")
 DEFAULT_ACCURACY_MARGIN = 0.10  # default detect of accuracy rules: ten points past the threshold
-_LOWER_IS_WORSE = ("min_accuracy", "min_agreement")  # the rest fail on high values
 
 
 class RuleLike(Protocol):
+    """What the power definitions read of a rule (:mod:`kvcompile.gate.rules`)."""
+
     kind: str
     threshold: float
     detect: float | None
+    lower_is_worse: bool  # fails below its threshold (else above)
 
 
 class AccuracyRuleLike(RuleLike, Protocol):
@@ -250,7 +252,7 @@ def continuous_power(rule: RuleLike, n: int | None, se: float | None) -> Power:
         return Power(n, None, False, None, "no standard error: the row has neither per-case "
                      "values nor a 95% interval for it")
     z = normal_power_z(POWER)
-    lower = rule.kind in _LOWER_IS_WORSE
+    lower = rule.lower_is_worse
     detectable: float | None = rule.threshold - z * se if lower else rule.threshold + z * se
     if lower and detectable is not None and detectable < 0:
         detectable = None  # agreement cannot go below 0
@@ -284,8 +286,6 @@ def describe(kind: str, value: float | None) -> str:
 
 
 __all__ = [
-    "ACCURACY_KINDS",
-    "CONTINUOUS_KINDS",
     "DEFAULT_ACCURACY_MARGIN",
     "EXACT",
     "MAX_SAMPLES",
