@@ -389,7 +389,8 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
     """
     from kvcompile.eval.cases import read_cases, tokenize_cases
     from kvcompile.eval.evaluate import ANSWER_TOKENS, EvalConfig, evaluate
-    from kvcompile.eval.report import render_markdown, write_report
+    from kvcompile.eval.render import render_markdown
+    from kvcompile.eval.report import ArtifactInfo, write_report
 
     default, per_task = _samples(samples)
     config = EvalConfig(tasks=_split(tasks, str, "--tasks"), lengths=_split(lengths, int, "--lengths"),
@@ -406,9 +407,9 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
         cases = tokenize_cases(engine.tokenizer, raw_cases, cases_path, engine.max_context,
                                max(ANSWER_TOKENS, agreement_tokens))
     manifest = engine.manifest or {}
-    info = {"path": str(artifact), "model_id": manifest.get("source_model", {}).get("source"),
-            "fingerprint": manifest.get("source_model", {}).get("fingerprint"), "policy": engine.plan.policy,
-            "backend": backend}
+    info = ArtifactInfo(path=str(artifact), model_id=manifest.get("source_model", {}).get("source"),
+                        fingerprint=manifest.get("source_model", {}).get("fingerprint"),
+                        policy=engine.plan.policy, backend=backend)
     report = _with_progress(console, "evaluating",
                             lambda tick: evaluate(engine, config, info, progress=tick, cases=cases))
     paths = write_report(report, output)
@@ -428,11 +429,16 @@ def gate(report: Path | None, rules: Path | None, plan_rules: Path | None) -> No
     """Check an eval report against rules; exit 0 if every rule holds, 1 if not, 2 on bad input.
 
     Every check also shows the smallest regression it detects at the report's sample size
-    (power 0.8); a rule that cannot fail at that size is an error (exit 2) unless it says
-    `allow_underpowered: true`. `kvcompile gate --plan-samples RULES [PILOT]` sizes an eval.
+    (power 0.8); a rule that does not detect its `detect:` (by default: 0.10 past an
+    accuracy threshold, twice an NLL or KL threshold, twice the agreement's distance from 1)
+    at that size is an error (exit 2) unless it says `allow_underpowered: true`.
+    `kvcompile gate --plan-samples RULES [PILOT]` sizes an eval.
     """
     from kvcompile.eval.report import load_report
-    from kvcompile.gate.rules import load_rules, plan_samples, render_plan, render_table, run_gate
+    from kvcompile.gate.checks import run_gate
+    from kvcompile.gate.loader import load_rules
+    from kvcompile.gate.planning import plan_samples
+    from kvcompile.gate.render import render_plan, render_table
 
     if plan_rules is not None:
         if rules is not None:

@@ -21,8 +21,10 @@ import torch
 
 from kvcompile.build.artifact import build_artifact, load_engine
 from kvcompile.eval.evaluate import EvalConfig
-from kvcompile.gate.rules import evaluate as evaluate_gate
-from kvcompile.gate.rules import load_rules, render_table
+from kvcompile.eval.report import ContinuationRow, Interval, Report, report_to_dict
+from kvcompile.gate.checks import evaluate as evaluate_gate
+from kvcompile.gate.loader import load_rules
+from kvcompile.gate.render import render_table
 from kvcompile.models import load_model
 from kvcompile.profile.record import load_profile
 from tests.regressions import evaluate_with_regressions
@@ -58,35 +60,37 @@ def parse_samples(text: str) -> tuple[int, tuple[tuple[str, int], ...]]:
     return default, tuple(pairs)
 
 
-def _ci(values: list[float] | None, scale: float = 100.0, digits: int = 0) -> str:
+def _ci(values: Interval | None, scale: float = 100.0, digits: int = 0) -> str:
     if not values:
         return ""
     return f" [{scale * values[0]:.{digits}f}, {scale * values[1]:.{digits}f}]"
 
 
-def table(reports: dict[str, dict]) -> str:
+def _num(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(scale * value, spec)
+
+
+def table(reports: dict[str, Report]) -> str:
     header = ["system", "KV memory"]
     first = next(iter(reports.values()))
-    for row in first["tasks"]:
-        label = f"{row['task']}@{row['length']} (n={row['n']})"
-        header += [f"{label} NLL Δ", "KL", "agreement"] if row["task"] == "continuation" else [label]
+    for row in first.rows:
+        label = f"{row.label} (n={row.n})"
+        header += [f"{label} NLL Δ", "KL", "agreement"] if isinstance(row, ContinuationRow) else [label]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = ["uncompressed", "1.000"]
-    for row in first["tasks"]:
-        side = row["baseline"]
-        base += ["—", "—", "—"] if row["task"] == "continuation" else [
-            f"{side['correct']}/{row['n']}" + _ci(side["ci95"])]
+    for row in first.rows:
+        base += ["—", "—", "—"] if isinstance(row, ContinuationRow) else [
+            f"{row.baseline.correct}/{row.n}" + _ci(row.baseline.ci95)]
     lines.append("| " + " | ".join(base) + " |")
     for name, report in reports.items():
-        cells = [name, f"{report['kv_memory']['ratio']:.3f}"]
-        for row in report["tasks"]:
-            if row["task"] == "continuation":
-                cells += [f"{100 * row['nll_increase']:+.2f}%" + _ci(row["nll_increase_ci95"], digits=2),
-                          f"{row['kl']:.3f}" + _ci(row["kl_ci95"], 1, 3),
-                          f"{100 * row['agreement']:.0f}%" + _ci(row["agreement_ci95"])]
+        cells = [name, _num(report.memory.ratio if report.memory else None, ".3f")]
+        for row in report.rows:
+            if isinstance(row, ContinuationRow):
+                cells += [_num(row.nll_increase, "+.2f", 100) + "%" + _ci(row.nll_increase_ci95, digits=2),
+                          _num(row.kl, ".3f") + _ci(row.kl_ci95, 1, 3),
+                          _num(row.agreement, ".0f", 100) + "%" + _ci(row.agreement_ci95)]
             else:
-                side = row["artifact"]
-                cells.append(f"{side['correct']}/{row['n']}" + _ci(side["ci95"]))
+                cells.append(f"{row.artifact.correct}/{row.n}" + _ci(row.artifact.ci95))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,7 +121,7 @@ def main() -> None:
     print(f"\nseed {args.seed}; build + load {built:.0f} s, total {seconds:.0f} s\n")
     print(table(reports))
     if args.json:
-        args.json.write_text(json.dumps(reports, indent=2))
+        args.json.write_text(json.dumps({name: report_to_dict(r) for name, r in reports.items()}, indent=2))
     if args.rules:
         rules = load_rules(args.rules)
         for name, report in reports.items():

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
+from kvcompile.eval.report import (
+    AccuracySide,
+    ContinuationRow,
+    EvalSettings,
+    Report,
+    report_from_dict,
+    report_to_dict,
+)
 from kvcompile.fit.pipeline import refit_profile, request_from_profile
 from kvcompile.models import load_model
 from kvcompile.profile.record import load_profile, save_profile
@@ -63,46 +72,74 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def fmt_acc(side: dict) -> str:
-    lo, hi = side["ci95"]
-    return f"{100 * side['accuracy']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+def fmt_acc(side: AccuracySide, n: int | None) -> str:
+    estimate = side.estimate(n)
+    if estimate is None:
+        return "—"
+    return f"{100 * estimate.value:.0f}% [{100 * estimate.lo:.0f}, {100 * estimate.hi:.0f}]"
 
 
-def table(reports: dict[str, dict], names: list[str], context: int) -> str:
+def _num(value: float | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    return "—" if value is None else format(scale * value, spec) + unit
+
+
+def _ratio(report: Report) -> float | None:
+    return report.memory.ratio if report.memory is not None else None
+
+
+def dump_runs(reports: Mapping[str, Report], full_heads: Mapping[str, int],
+              chosen: Mapping[str, str] | None = None) -> str:
+    """``--json``: each system's report in its file form, with the bench's full-head count and
+    measured choice beside it (what --from-json and bench/pool.py read back)."""
+    out = {}
+    for name, report in reports.items():
+        extra = {"chosen": chosen[name]} if chosen and name in chosen else {}
+        out[name] = {**report_to_dict(report), "full_heads": full_heads[name], **extra}
+    return json.dumps(out, indent=2)
+
+
+def load_runs(path: Path) -> tuple[dict[str, Report], dict[str, int]]:
+    """The reports and full-head counts of a ``--json`` file (:func:`dump_runs`)."""
+    data = json.loads(path.read_text())
+    reports = {name: report_from_dict(entry, source=f"{path}: {name}") for name, entry in data.items()}
+    return reports, {name: int(entry["full_heads"]) for name, entry in data.items()}
+
+
+def table(reports: Mapping[str, Report], names: list[str], context: int, full_heads: Mapping[str, int]) -> str:
     tasks = []
-    for row in next(iter(reports.values()))["tasks"]:
-        if (row["task"], row["length"]) not in tasks:
-            tasks.append((row["task"], row["length"]))
+    for row in next(iter(reports.values())).rows:
+        if (row.task, row.length) not in tasks:
+            tasks.append((row.task, row.length))
     header = ["KV budget", "policy", "full heads", f"memory @ {context}"]
     for task, length in tasks:
         header += [f"{task}@{length} NLL Δ", "KL", "agreement"] if task == "continuation" else [f"{task}@{length}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     first = reports[names[0]]
     base_cells = ["1", "uncompressed", "all", "1.000"]
-    for row in first["tasks"]:
-        base_cells += ["—", "—", "—"] if row["task"] == "continuation" else [fmt_acc(row["baseline"])]
+    for row in first.rows:
+        base_cells += ["—", "—", "—"] if isinstance(row, ContinuationRow) else [fmt_acc(row.baseline, row.n)]
     lines.append("| " + " | ".join(base_cells) + " |")
     for name in names:
         report = reports[name]
         budget, policy = name.split(":")
-        cells = [budget, policy, str(report["full_heads"]), f"{report['kv_memory']['ratio']:.3f}"]
-        for row in report["tasks"]:
-            if row["task"] == "continuation":
-                agreement = f"{100 * row['agreement']:.0f}%" if "agreement" in row else "—"
-                cells += [f"{100 * row['nll_increase']:+.2f}%", f"{row['kl']:.3f}", agreement]
+        cells = [budget, policy, str(full_heads[name]), _num(_ratio(report), ".3f")]
+        for row in report.rows:
+            if isinstance(row, ContinuationRow):
+                cells += [_num(row.nll_increase, "+.2f", 100, "%"), _num(row.kl, ".3f"),
+                          _num(row.agreement, ".0f", 100, "%")]
             else:
-                cells.append(fmt_acc(row["artifact"]))
+                cells.append(fmt_acc(row.artifact, row.n))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(reports: dict[str, dict], names: list[str], path: Path, title: str) -> None:
+def plot(reports: Mapping[str, Report], names: list[str], path: Path, title: str) -> None:
     """Accuracy per retrieval task and continuation NLL increase against KV memory, one line per policy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = next(iter(reports.values()))["tasks"]
-    panels = [(row["task"], row["length"]) for row in rows]
+    first = next(iter(reports.values()))
+    panels = [(row.task, row.length) for row in first.rows]
     fig = Figure(figsize=(4.2 * len(panels), 3.6))
     FigureCanvasAgg(fig)
     for index, (task, length) in enumerate(panels):
@@ -113,14 +150,16 @@ def plot(reports: dict[str, dict], names: list[str], path: Path, title: str) -> 
                 if name.split(":")[1] != policy:
                     continue
                 report = reports[name]
-                row = next(r for r in report["tasks"] if (r["task"], r["length"]) == (task, length))
-                value = 100 * (row["nll_increase"] if task == "continuation" else row["artifact"]["accuracy"])
-                points.append((report["kv_memory"]["ratio"], value))
+                row = report.row(task, length)
+                value = row.nll_increase if isinstance(row, ContinuationRow) else row.artifact.accuracy
+                if value is not None and (ratio := _ratio(report)) is not None:
+                    points.append((ratio, 100 * value))
             points.sort()
             if points:
                 ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=policy)
-        if task != "continuation":
-            base = next(r for r in rows if (r["task"], r["length"]) == (task, length))["baseline"]["accuracy"]
+        base_row = first.row(task, length)
+        if not isinstance(base_row, ContinuationRow):
+            base = base_row.baseline.accuracy or 0.0
             ax.axhline(100 * base, color="black", linestyle="--", linewidth=1, label="uncompressed")
             ax.set_ylabel("accuracy (%)")
         else:
@@ -157,38 +196,40 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
     path.write_text(text)
 
 
-def merged(paths: list[Path]) -> tuple[dict[str, dict], float]:
+def merged(paths: list[Path]) -> tuple[dict[str, Report], dict[str, int], float]:
     """Reports of several runs, ordered by budget then policy; a system's task rows from every
     run that has it (cases depend only on seed, genre, task, length and samples)."""
-    runs = [json.loads(path.read_text()) for path in paths]
-    reports: dict[str, dict] = {}
-    for run in runs:
+    runs = [load_runs(path) for path in paths]
+    reports: dict[str, Report] = {}
+    full_heads: dict[str, int] = {}
+    for run, heads in runs:
+        full_heads.update(heads)
         for name, report in run.items():
             if name in reports:
-                reports[name] = {**reports[name], "tasks": reports[name]["tasks"] + report["tasks"]}
+                reports[name] = replace(reports[name], rows=reports[name].rows + report.rows)
             else:
                 reports[name] = report
-    keep = ("lengths", "genre")
-    settings = {json.dumps({k: r["settings"].get(k) for k in keep}, sort_keys=True) for r in reports.values()}
+    settings = [r.settings or EvalSettings() for r in reports.values()]
     samples: dict[str, int] = {}  # per task: runs of other tasks may say nothing of it
-    same_samples = all(samples.setdefault(task, n) == n
-                       for r in reports.values() for task, n in r["settings"]["samples"].items())
-    if len(settings) != 1 or not same_samples or len({r["seed"] for r in reports.values()}) != 1:
+    same_samples = all(samples.setdefault(task, n) == n for s in settings for task, n in (s.samples or {}).items())
+    if (len({(s.lengths, s.genre) for s in settings}) != 1 or not same_samples
+            or len({r.seed for r in reports.values()}) != 1):
         raise SystemExit("--from-json: runs differ in seed, genre, lengths or samples per task")
     task_order = {"passkey": 0, "multikey": 1, "continuation": 2}
-    for report in reports.values():
-        report["tasks"] = sorted(report["tasks"], key=lambda row: (task_order.get(row["task"], 9), row["length"]))
+    for name, report in reports.items():
+        rows = sorted(report.rows, key=lambda row: (task_order.get(row.task, 9), row.length))
+        reports[name] = replace(report, rows=tuple(rows))
     order = {policy: i for i, policy in enumerate(POLICY_STYLE)}
     names = sorted(reports, key=lambda n: (-float(n.split(":")[0]), order.get(n.split(":")[1], 9)))
-    seconds = sum(next(iter(run.values()))["wall_time_s"] for run in runs)
-    return {name: reports[name] for name in names}, seconds
+    seconds = sum(next(iter(run.values())).wall_time_s or 0.0 for run, _ in runs)
+    return {name: reports[name] for name in names}, full_heads, seconds
 
 
 def main() -> None:
     args = parse_args()
     if args.from_json:
-        reports, seconds = merged(args.from_json)
-        markdown = table(reports, list(reports), args.at_context)
+        reports, full_heads, seconds = merged(args.from_json)
+        markdown = table(reports, list(reports), args.at_context, full_heads)
         print(markdown)
         if args.write_docs:
             write_docs(markdown, args, seconds)
@@ -233,15 +274,11 @@ def main() -> None:
 
     served = {name: plan.to_served(permuted_by=None) for name, plan in plans.items()}  # source weights
     reports = evaluate_systems(engine, served, config, progress=progress)
-    for name in reports:
-        reports[name]["full_heads"] = full_heads[name]
-        if name in chosen:
-            reports[name]["chosen"] = chosen[name]
     seconds = time.perf_counter() - started
-    markdown = table(reports, list(plans), args.at_context)
+    markdown = table(reports, list(plans), args.at_context, full_heads)
     print(markdown)
     if args.json:
-        args.json.write_text(json.dumps(reports, indent=2))
+        args.json.write_text(dump_runs(reports, full_heads, chosen))
     if args.write_docs:
         write_docs(markdown, args, seconds)
         plot(reports, list(plans), Path(f"docs/policies-{args.genre}.png"),

@@ -13,43 +13,52 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from policies import table  # bench/ is on sys.path when this script runs
+from policies import load_runs, table  # bench/ is on sys.path when this script runs
 
+from kvcompile.errors import KVCompileError
+from kvcompile.eval.report import AccuracyRow, AccuracySide, ContinuationRow, NllSide, Report, Row
 from kvcompile.stats import wilson_interval
 
 
-def _accuracy(correct: int, n: int) -> dict:
-    return {"correct": correct, "accuracy": correct / n, "ci95": list(wilson_interval(correct, n))}
+def _accuracy(correct: int, n: int) -> AccuracySide:
+    return AccuracySide(correct=correct, accuracy=correct / n, ci95=wilson_interval(correct, n))
 
 
-def _pooled_task(rows: list[dict]) -> dict:
-    """One task row of the report format from the same task's rows of several runs."""
-    n = sum(row["n"] for row in rows)
-    pooled = {"task": rows[0]["task"], "length": rows[0]["length"], "n": n}
-    if rows[0]["task"] != "continuation":
-        for side in ("baseline", "artifact"):
-            pooled[side] = _accuracy(sum(row[side]["correct"] for row in rows), n)
-        return pooled
-    base = sum(row["n"] * row["baseline"]["nll"] for row in rows) / n
-    art = sum(row["n"] * row["artifact"]["nll"] for row in rows) / n
-    tokens = sum(row["agreement_n"] for row in rows)
-    pooled.update(
-        baseline={"nll": base}, artifact={"nll": art}, nll_increase=art / base - 1,
-        kl=sum(row["n"] * row["kl"] for row in rows) / n,
-        agreement=sum(row["agreement_n"] * row["agreement"] for row in rows) / tokens, agreement_n=tokens,
+def _need(value: float | None) -> float:
+    if value is None:
+        raise SystemExit("a run's report lacks a count or mean the pool needs; pass complete runs")
+    return value
+
+
+def _pooled_task(rows: list[Row]) -> Row:
+    """One task row from the same task's rows of several runs."""
+    first = rows[0]
+    n = sum(int(_need(row.n)) for row in rows)
+    if isinstance(first, AccuracyRow):
+        acc = [row for row in rows if isinstance(row, AccuracyRow)]
+        return AccuracyRow(first.task, first.length, n,
+                           baseline=_accuracy(sum(int(_need(r.baseline.correct)) for r in acc), n),
+                           artifact=_accuracy(sum(int(_need(r.artifact.correct)) for r in acc), n))
+    cont = [row for row in rows if isinstance(row, ContinuationRow)]
+    base = sum(_need(r.n) * _need(r.baseline.nll) for r in cont) / n
+    art = sum(_need(r.n) * _need(r.artifact.nll) for r in cont) / n
+    tokens = sum(int(_need(r.agreement_n)) for r in cont)
+    return ContinuationRow(
+        first.task, first.length, n, baseline=NllSide(nll=base), artifact=NllSide(nll=art),
+        nll_increase=art / base - 1, kl=sum(_need(r.n) * _need(r.kl) for r in cont) / n,
+        agreement=sum(_need(r.agreement_n) * _need(r.agreement) for r in cont) / tokens, agreement_n=tokens,
     )
-    return pooled
 
 
-def pooled_report(reports: list[dict]) -> dict:
+def pooled_report(reports: list[Report]) -> Report:
     """The reports of one system over several runs, merged task by task."""
-    keys = [(row["task"], row["length"]) for row in reports[0]["tasks"]]
-    by_key = {key: [row for report in reports for row in report["tasks"]
-                    if (row["task"], row["length"]) == key] for key in keys}
-    return {**reports[0], "seed": [report["seed"] for report in reports],
-            "tasks": [_pooled_task(rows) for rows in by_key.values()]}
+    keys = [(row.task, row.length) for row in reports[0].rows]
+    by_key = {key: [row for report in reports for row in report.rows if (row.task, row.length) == key]
+              for key in keys}
+    return replace(reports[0], rows=tuple(_pooled_task(rows) for rows in by_key.values()))
 
 
 def main() -> None:
@@ -57,21 +66,25 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="JSON files written by bench/policies.py --json")
     args = parser.parse_args()
     runs = []
+    full_heads: dict[str, int] = {}
     for path in args.runs:
         try:
-            runs.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as err:
+            run, heads = load_runs(path)
+        except (OSError, json.JSONDecodeError, KeyError, KVCompileError) as err:
             parser.error(f"cannot read {path}: {err}; pass files written by bench/policies.py --json")
-    seeds = sorted({report["seed"] for run in runs for report in run.values()})
+        runs.append(run)
+        full_heads = {**heads, **full_heads}
+    seeds = sorted({report.seed for run in runs for report in run.values() if report.seed is not None})
     if len(seeds) < len(runs):
         parser.error(f"runs share a seed ({seeds}); pooled runs must use different seeds")
     names = [name for name in runs[0] if all(name in run for run in runs)]
     if not names:
         parser.error("no system is present in every run; pool runs of the same budgets and policies")
     pooled = {name: pooled_report([run[name] for run in runs]) for name in names}
-    context = pooled[names[0]]["kv_memory"]["context"]
+    memory = pooled[names[0]].memory
+    context = memory.context if memory is not None and memory.context is not None else 0
     print(f"seeds {', '.join(map(str, seeds))}; n per task and length is the sum over runs\n")
-    print(table(pooled, names, context))
+    print(table(pooled, names, context, full_heads))
 
 
 if __name__ == "__main__":

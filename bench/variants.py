@@ -15,7 +15,6 @@ The "Where the 1/8 answers go" tables of docs/BENCHMARKS.md were run with this l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import replace
@@ -24,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP workers (bench/decode.py)
 
 import torch  # noqa: E402
-from policies import table  # noqa: E402  (bench/ is the script's directory)
+from policies import dump_runs, table  # noqa: E402  (bench/ is the script's directory)
 
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems  # noqa: E402
 from kvcompile.fit.greedy import fit  # noqa: E402
@@ -100,11 +99,10 @@ def main() -> None:
     served = {name: plan.to_served(permuted_by=None) for name, plan in plans.items()}  # source weights
     reports = evaluate_systems(engine, served, config, progress=lambda done, total, label: print(
         f"[{time.perf_counter() - started:7.0f} s] {done}/{total} {label}", flush=True))
-    for name, plan in plans.items():
-        reports[name]["full_heads"] = plan.n_full
-    print(table(reports, list(plans), args.at_context))
+    full_heads = {name: plan.n_full for name, plan in plans.items()}
+    print(table(reports, list(plans), args.at_context, full_heads))
     if args.json:
-        args.json.write_text(json.dumps(reports, indent=2))
+        args.json.write_text(dump_runs(reports, full_heads))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from kvcompile.arch import ArchSpec
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
+from kvcompile.eval.report import Report
 from kvcompile.fit.greedy import fit
 from kvcompile.fit.pipeline import chosen_request, stats_from_profile
 from kvcompile.memory import plan_memory_ratio
@@ -94,7 +94,7 @@ def evaluate_with_regressions(
     profile: Profile,
     config: EvalConfig,
     progress: Callable[[int, int, str], None] | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, Report]:
     """Reports for the artifact ``engine`` serves and for each broken variant of its profile.
 
     ``engine`` is an artifact's (weights permuted for ``profile.plan``); the variants are

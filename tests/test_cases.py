@@ -9,6 +9,7 @@ import torch
 
 from kvcompile.eval.cases import ANSWERS_TASK, CasesError, read_cases, tokenize_cases
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
+from kvcompile.eval.report import AccuracyRow, ContinuationRow, report_to_dict
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan
 from kvcompile.runtime.engine import Engine
 from tests.tiny import compact_logits, save_tokenizer, tiny_loaded
@@ -98,16 +99,19 @@ def test_cases_report_against_an_independent_greedy_and_nll(tiny_engine: Engine,
     reports = evaluate_systems(engine, {"plan": budgeted.to_served(permuted_by=None)},
                                EvalConfig(agreement_tokens=4), cases=cases)
     report = reports["plan"]
-    rows = {row["task"]: row for row in report["tasks"]}
+    rows = {row.task: row for row in report.rows}
     assert set(rows) == {ANSWERS_TASK, "continuation"}
-    assert rows[ANSWERS_TASK]["n"] == 3 and rows[ANSWERS_TASK]["baseline"]["correct"] == 2
-    assert rows[ANSWERS_TASK]["length"] == max(len(c.context_ids) for c in cases)
+    answers, cont_row = rows[ANSWERS_TASK], rows["continuation"]
+    assert isinstance(answers, AccuracyRow) and isinstance(cont_row, ContinuationRow)
+    assert answers.n == 3 and answers.baseline.correct == 2
+    assert answers.length == max(len(c.context_ids) for c in cases)
     ctx = tok.encode(contexts[2], add_special_tokens=False)
     cont = tok.encode(continuation, add_special_tokens=False)
     logp = torch.log_softmax(compact_logits(engine.model, torch.tensor([ctx + cont]))[0].float(), -1)
     nll = -logp[torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1), torch.tensor(cont)].mean()
-    assert rows["continuation"]["baseline"]["nll"] == pytest.approx(float(nll), rel=1e-4)
-    assert report["settings"]["cases"] == 4 and "genre" not in report["settings"]
+    assert cont_row.baseline.nll == pytest.approx(float(nll), rel=1e-4)
+    assert report.settings is not None and report.settings.cases == 4 and report.settings.genre is None
+    assert "genre" not in report_to_dict(report)["settings"]
 
 
 def test_case_longer_than_the_context_is_refused(tiny_engine: Engine, tmp_path: Path) -> None:

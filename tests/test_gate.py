@@ -9,18 +9,17 @@ from typing import Any
 
 import pytest
 
-from kvcompile.eval.report import ReportError
-from kvcompile.gate.rules import (
+from kvcompile.eval.report import ReportError, report_from_dict
+from kvcompile.gate.checks import evaluate, run_gate
+from kvcompile.gate.loader import (
     GateRulesError,
     UnderpoweredRuleError,
-    evaluate,
     load_rules,
     loads_rules,
     parse_rules,
-    plan_samples,
-    render_table,
-    run_gate,
 )
+from kvcompile.gate.planning import plan_samples
+from kvcompile.gate.render import render_table
 from kvcompile.stats import Z95, largest_detected_rate, normal_power_z
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -87,10 +86,16 @@ def report() -> dict[str, Any]:
     return copy.deepcopy(REPORT)
 
 
+# For tests of a check's verdict on REPORT's 20 cases, where a rule need not detect its
+# default regression (power has its own tests below and in test_power.py).
+LAX = {"allow_underpowered": True}
+
+
 def gate(rules: list[dict[str, Any]], rep: dict[str, Any] | None = None):
+    """The rules on a report given in its file form (read by the report's own reader)."""
     return evaluate(
         parse_rules({"format": "kvcompile-gates/1", "rules": rules}),
-        report() if rep is None else rep,
+        report_from_dict(report() if rep is None else rep),
     )
 
 
@@ -105,7 +110,7 @@ def test_min_accuracy_per_length() -> None:
     res = gate([{"task": "passkey", "min_accuracy": 0.96}]).results
     assert [(r.length, r.passed) for r in res] == [(1024, True), (4096, False)]
     assert res[1].value == pytest.approx(0.95)
-    assert res[1].threshold == 0.96
+    assert res[1].rule.threshold == 0.96
     assert outcomes([{"task": "passkey", "min_accuracy": 0.95}]) == [True, True]
 
 
@@ -131,14 +136,17 @@ def test_max_drop_interval_vs_point() -> None:
     # above 1.0 - 0.02 = 0.98: the drop is not statistically established.
     rule = {"task": "passkey", "length": 4096, "max_drop": 0.02}
     assert outcomes([rule]) == [False]
-    res = gate([{**rule, "by": "interval"}]).results[0]
+    res = gate([{**rule, "by": "interval", **LAX}]).results[0]
     assert res.passed and "not established" in res.detail
+    # that pass is no evidence at n = 20: it detects a drop of 0.14, not the default 0.12
+    with pytest.raises(UnderpoweredRuleError, match=r"detects drop >= 0\.14, not drop >= 0\.12"):
+        gate([{**rule, "by": "interval"}])
     # multikey@4096: 0.8 -> 0.4; upper bound 0.6134 < 0.8 - 0.1 = 0.7: established.
     res = gate([{"task": "multikey", "max_drop": 0.1, "by": "interval"}]).results[0]
     assert not res.passed and "established" in res.detail
     assert res.value == pytest.approx(0.4)
     # ... but not against a lenient threshold: 0.6134 >= 0.8 - 0.25
-    assert outcomes([{"task": "multikey", "max_drop": 0.25, "by": "interval"}]) == [True]
+    assert outcomes([{"task": "multikey", "max_drop": 0.25, "by": "interval", **LAX}]) == [True]
 
 
 def test_max_drop_interval_falls_back_to_wilson_from_counts() -> None:
@@ -146,7 +154,7 @@ def test_max_drop_interval_falls_back_to_wilson_from_counts() -> None:
     del rep["tasks"][2]["artifact"]["ci95"]
     del rep["tasks"][2]["artifact"]["accuracy"]  # 8/20 -> Wilson upper 0.6134
     assert outcomes([{"task": "multikey", "max_drop": 0.1, "by": "interval"}], rep) == [False]
-    assert outcomes([{"task": "multikey", "max_drop": 0.19, "by": "interval"}], rep) == [True]
+    assert outcomes([{"task": "multikey", "max_drop": 0.19, "by": "interval", **LAX}], rep) == [True]
 
 
 def test_max_nll_increase() -> None:
@@ -178,7 +186,7 @@ def test_max_memory_ratio_top_level_and_per_row() -> None:
 
 
 def test_rule_without_task_applies_to_rows_with_the_metric() -> None:
-    res = gate([{"min_accuracy": 0.5}]).results
+    res = gate([{"min_accuracy": 0.5, **LAX}]).results
     assert [(r.task, r.length, r.passed) for r in res] == [
         ("multikey", 4096, False),
         ("passkey", 1024, True),
@@ -198,7 +206,7 @@ def test_unmatched_task_fails() -> None:
 
 
 def test_unmatched_length_fails_but_matched_lengths_are_checked() -> None:
-    res = gate([{"task": "passkey", "length": [4096, 8192], "max_drop": 0.5}]).results
+    res = gate([{"task": "passkey", "length": [4096, 8192], "max_drop": 0.5, **LAX}]).results
     assert [(r.length, r.passed) for r in res] == [(4096, True), (8192, False)]
     assert "length 8192" in res[1].detail and res[1].value is None
 
@@ -222,7 +230,7 @@ def test_row_missing_the_metric_fails() -> None:
 
 
 def test_empty_outcome_does_not_pass() -> None:
-    from kvcompile.gate.rules import GateOutcome
+    from kvcompile.gate.checks import GateOutcome
 
     assert not GateOutcome([]).passed
 
@@ -235,7 +243,7 @@ def test_report_of_the_wrong_format_is_an_error() -> None:
 
 
 def test_overall_pass_requires_every_check() -> None:
-    rules = [{"task": "passkey", "max_drop": 0.1}, {"max_memory_ratio": 0.2}]
+    rules = [{"task": "passkey", "max_drop": 0.1, "detect": 0.25}, {"max_memory_ratio": 0.2}]
     assert gate(rules).passed
     assert not gate([*rules, {"task": "continuation", "max_kl": 0.001}]).passed
 
@@ -351,11 +359,11 @@ def test_load_rules_prefixes_the_file(tmp_path: Path) -> None:
 def test_example_rules_files_are_valid(name: str) -> None:
     rules = load_rules(EXAMPLES / name)
     assert rules.rules
-    assert evaluate(rules, report()).results
+    assert evaluate(rules, report_from_dict(report())).results
 
 
 def test_default_example_gate_on_the_sample_report() -> None:
-    out = evaluate(load_rules(EXAMPLES / "gates.yaml"), report())
+    out = evaluate(load_rules(EXAMPLES / "gates.yaml"), report_from_dict(report()))
     failed = {(r.task, r.length) for r in out.failures}
     # passkey@4096 drops 5 points, multikey 40: both fail the 2-point rule.
     assert failed == {("passkey", 4096), ("multikey", 4096)}
@@ -414,10 +422,14 @@ def test_every_check_shows_what_it_detects() -> None:
     multikey, kl, memory = out.results
     # baseline 16/20; the Wilson upper bound of 6/20 (0.52) is below 0.7, of 7/20 (0.57)
     # too, of 8/20 (0.61) too, of 9/20 (0.66) too, of 10/20 (0.70) not: k_fail = 9
-    assert multikey.n == 20 and multikey.powered
-    assert multikey.detectable == pytest.approx(0.8 - largest_detected_rate(9, 20), abs=1e-12)
+    assert multikey.power.n == 20
+    assert multikey.power.detectable == pytest.approx(0.8 - largest_detected_rate(9, 20), abs=1e-12)
+    # it detects a drop of 0.42, not the default 0.1 + 0.10 (it failed, so that is no error)
+    assert not multikey.power.powered and not multikey.passed
+    assert multikey.detects == f"drop >= {multikey.power.detectable:.2f} (underpowered)"
     # KL: se from the stored interval [0.015, 0.027]
-    assert kl.detectable == pytest.approx(0.05 + normal_power_z() * 0.012 / (2 * Z95), abs=1e-12)
+    assert kl.power.detectable == pytest.approx(0.05 + normal_power_z() * 0.012 / (2 * Z95), abs=1e-12)
+    assert kl.power.powered  # 0.0526 <= the default 2 x 0.05
     assert memory.detects == "exact"
     text = render_table(out)
     assert "detects (power 0.8)" in text and "drop >= " in text and "KL >= 0.0" in text
@@ -425,9 +437,10 @@ def test_every_check_shows_what_it_detects() -> None:
 
 def test_underpowered_rule_is_an_error_naming_n_and_the_n_it_needs() -> None:
     """The issue's case: max_drop 0.10 by interval at n = 4 from a 1/4 baseline cannot fail
-    (the Wilson upper bound of 0/4 is 0.49 > 0.15)."""
+    (the Wilson upper bound of 0/4 is 0.49 > 0.15). ``detect: 1.0`` asks only that it can
+    fail (catch a total loss: a drop cannot exceed the baseline)."""
     rep = _tiny_passkey_report(1, 0, 4)
-    rule = {"task": "passkey", "max_drop": 0.1, "by": "interval", "name": "passkey drop"}
+    rule = {"task": "passkey", "max_drop": 0.1, "by": "interval", "name": "passkey drop", "detect": 1.0}
     with pytest.raises(UnderpoweredRuleError) as info:
         gate([{"max_memory_ratio": 0.5}, rule], rep)
     msg = str(info.value)
@@ -436,7 +449,7 @@ def test_underpowered_rule_is_an_error_naming_n_and_the_n_it_needs() -> None:
     assert "needs n >= 22" in msg and "allow_underpowered" in msg
     assert info.value.exit_code == 2
     allowed = gate([{**rule, "allow_underpowered": True}], rep).results[0]
-    assert allowed.passed and not allowed.powered and allowed.needed == 22
+    assert allowed.passed and not allowed.power.powered and allowed.power.needed == 22
     assert allowed.detects == "nothing (underpowered)"
 
 
@@ -448,7 +461,7 @@ def test_detect_requirement() -> None:
         gate([{**rule, "detect": 0.25}], rep)
     # a check that fails has shown it can: a failure (exit 1), not a rules error
     failed = gate([{**rule, "detect": 0.25}], _tiny_passkey_report(18, 10, 20)).results[0]
-    assert not failed.passed and not failed.powered
+    assert not failed.passed and not failed.power.powered
 
 
 def test_detect_and_allow_underpowered_validation() -> None:
@@ -483,7 +496,7 @@ def test_memory_rule_fails_a_report_whose_ratio_disagrees_with_its_bytes() -> No
 
 def test_plan_samples_hand_computed() -> None:
     rules = parse_rules({"format": "kvcompile-gates/1", "rules": [
-        {"task": "passkey", "max_drop": 0.5, "by": "interval"},
+        {"task": "passkey", "max_drop": 0.5, "by": "interval", "detect": 1.0},
         {"task": "passkey", "min_accuracy": 1.0, "detect": 0.5},
         {"task": "continuation", "max_kl": 0.1},
         {"max_memory_ratio": 0.2},
@@ -501,7 +514,7 @@ def test_plan_samples_hand_computed() -> None:
     pilot["tasks"][3]["n"] = 4
     kl_rule = parse_rules({"format": "kvcompile-gates/1",
                            "rules": [{"task": "continuation", "max_kl": 0.5, "detect": 0.52}]})
-    assert [n.needed for n in plan_samples(kl_rule, pilot)] == [30]  # see test_power.py
+    assert [n.needed for n in plan_samples(kl_rule, report_from_dict(pilot))] == [30]  # test_power.py
 
 
 def test_gate_cli_underpowered_and_plan_samples(tmp_path: Path) -> None:
@@ -512,14 +525,14 @@ def test_gate_cli_underpowered_and_plan_samples(tmp_path: Path) -> None:
     (tmp_path / "report.json").write_text(json.dumps(_tiny_passkey_report(1, 0, 4)))
     rules = tmp_path / "rules.yaml"
     rules.write_text("format: kvcompile-gates/1\nrules:\n"
-                     "  - {task: passkey, max_drop: 0.1, by: interval}\n")
+                     "  - {task: passkey, max_drop: 0.1, by: interval, detect: 1.0}\n")
     runner = CliRunner()
     result = runner.invoke(main, ["gate", str(tmp_path / "report.json"), "--rules", str(rules)])
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "rules[0]" in result.stderr
     assert "n=4" in result.stderr and "needs n >= 22" in result.stderr
     rules.write_text("format: kvcompile-gates/1\nrules:\n"
-                     "  - {task: passkey, max_drop: 0.1, by: interval, allow_underpowered: true}\n")
+                     "  - {task: passkey, max_drop: 0.1, by: interval, detect: 1.0, allow_underpowered: true}\n")
     result = runner.invoke(main, ["gate", str(tmp_path / "report.json"), "--rules", str(rules)])
     assert result.exit_code == 0 and "underpowered" in result.stdout
     plan = runner.invoke(main, ["gate", "--plan-samples", str(rules)])
@@ -530,3 +543,113 @@ def test_gate_cli_underpowered_and_plan_samples(tmp_path: Path) -> None:
                                 "--plan-samples", str(rules)])
     assert both.exit_code == 2
     assert runner.invoke(main, ["gate", str(tmp_path / "report.json")]).exit_code == 2
+
+
+# ----------------------------------------------------------------------------- rule classes
+
+
+def _rows() -> dict[str, Any]:
+    rows = report_from_dict(report()).rows
+    return {"passkey": rows[1], "multikey": rows[2], "continuation": rows[3]}
+
+
+def test_one_rule_class_per_kind_checks_a_typed_row() -> None:
+    from kvcompile.gate.rules import (
+        RULE_KINDS,
+        MaxDrop,
+        MaxKL,
+        MaxMemoryRatio,
+        MaxNllIncrease,
+        MinAccuracy,
+        MinAgreement,
+    )
+
+    assert set(RULE_KINDS) == {"min_accuracy", "max_drop", "max_nll_increase", "max_kl",
+                               "min_agreement", "max_memory_ratio"}
+    rows = _rows()
+    passkey, cont = rows["passkey"], rows["continuation"]  # 20/20 -> 19/20; NLL 2.0 -> 2.03
+    assert MinAccuracy(0, 0.95).check(passkey).passed
+    assert not MinAccuracy(0, 0.96).check(passkey).passed
+    drop = MaxDrop(0, 0.04).check(passkey)
+    assert not drop.passed and drop.value == pytest.approx(0.05)
+    assert MaxDrop(0, 0.04, by="interval").check(passkey).passed  # upper 0.9911 >= 0.96
+    nll = MaxNllIncrease(0, 0.02).check(cont)
+    assert nll.passed and nll.value == pytest.approx(2.03 / 2.0 - 1)
+    assert not MaxKL(0, 0.02).check(cont).passed and MaxKL(0, 0.03).check(cont).passed
+    assert MinAgreement(0, 0.93).check(cont).passed and not MinAgreement(0, 0.94).check(cont).passed
+    assert not MaxMemoryRatio(0, 0.1, task="passkey").check(passkey).passed
+    # a row without the metric fails with a reason instead of a value
+    missing = MaxKL(0, 1.0).check(passkey)
+    assert missing.value is None and not missing.passed and "kl" in missing.detail
+    # power: binomial for accuracy rules, from the spread for continuous ones, exact for memory
+    assert MaxDrop(0, 0.1).power(passkey).n == 20
+    assert MaxKL(0, 0.05).power(cont).detectable == pytest.approx(
+        0.05 + normal_power_z() * 0.012 / (2 * Z95), abs=1e-12)
+    assert MaxMemoryRatio(0, 0.5).power(passkey).basis == "exact"
+
+
+def test_results_hold_the_power_their_rule_computes() -> None:
+    from kvcompile.gate.rules import MaxKL
+
+    out = gate([{"task": "continuation", "max_kl": 0.05}])
+    assert out.results[0].power == MaxKL(0, 0.05, task="continuation").power(_rows()["continuation"])
+
+
+def test_exact_and_not_assessed_are_told_apart() -> None:
+    """EXACT: the memory ratio, measured, not sampled. NOT_ASSESSED: a sampled check that
+    failed for lack of data, whose power was never computed."""
+    from kvcompile.gate.power import EXACT, NOT_ASSESSED
+
+    assert EXACT != NOT_ASSESSED
+    memory = gate([{"max_memory_ratio": 0.5}]).results[0]
+    assert memory.power is EXACT and memory.detects == "exact"
+    unmatched = gate([{"task": "needle", "max_kl": 0.5}]).results[0]
+    assert unmatched.power is NOT_ASSESSED and unmatched.detects == "-" and not unmatched.passed
+    no_metric = gate([{"task": "passkey", "length": 1024, "max_kl": 1.0}]).results[0]
+    assert no_metric.power is NOT_ASSESSED
+
+
+def test_a_rule_without_detect_must_detect_its_default() -> None:
+    """max_drop 0.02 by interval on 4 passkeys (the original complaint about the n=4 gate):
+    it can fail, but detects only a drop of 0.33, not the default 0.12: exit 2, unless
+    allowed. On 60 passkeys it detects the default drop."""
+    rule = {"task": "passkey", "max_drop": 0.02, "by": "interval"}
+    with pytest.raises(UnderpoweredRuleError) as info:
+        gate([rule], _tiny_passkey_report(4, 4, 4))
+    msg = str(info.value)
+    assert msg.startswith("rules[0]: 'max_drop 0.02 by interval' detects drop >= 0.33, not drop >= 0.12")
+    assert "default detect" in msg and "at n=4 on passkey@1536" in msg and "needs n >= " in msg
+    assert gate([{**rule, **LAX}], _tiny_passkey_report(4, 4, 4)).passed
+    assert gate([rule], _tiny_passkey_report(60, 60, 60)).passed
+    # an explicit detect replaces the default: a drop of 0.4 is caught at n = 4
+    assert gate([{**rule, "detect": 0.4}], _tiny_passkey_report(4, 4, 4)).passed
+
+
+def test_gate_cli_refuses_the_n4_gate(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+
+    (tmp_path / "report.json").write_text(json.dumps(_tiny_passkey_report(4, 4, 4)))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("format: kvcompile-gates/1\nrules:\n  - {task: passkey, max_drop: 0.02, by: interval}\n")
+    result = CliRunner().invoke(main, ["gate", str(tmp_path / "report.json"), "--rules", str(rules)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "not drop >= 0.12" in result.stderr
+    plan = CliRunner().invoke(main, ["gate", "--plan-samples", str(rules)])
+    assert plan.exit_code == 0 and "default detect: drop >= 0.12" in plan.stdout
+
+
+def test_a_tampered_report_is_one_line_naming_the_field(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+
+    rep = report()
+    rep["tasks"][3]["n"] = "four"
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("format: kvcompile-gates/1\nrules: [{max_memory_ratio: 0.2}]\n")
+    result = CliRunner().invoke(main, ["gate", str(tmp_path / "report.json"), "--rules", str(rules)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "tasks[3].n: expected an integer, got 'four'" in result.stderr

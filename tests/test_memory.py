@@ -225,8 +225,8 @@ def test_profile_build_inspect_and_eval_print_the_one_ratio(tmp_path: Path, monk
                     (), "", tuple(torch.randint(3, 90, (8,), generator=gen).tolist()))
     engine = load(tmp_path / "artifact", max_context=2 * context)  # room for the continuation
     report = evaluate(engine, EvalConfig(agreement_tokens=2), cases=[case])
-    assert report["kv_memory"]["context"] == context
-    assert (report["kv_memory"]["artifact_bytes"], report["kv_memory"]["baseline_bytes"]) == (allocated, source_cache)
-    assert report["kv_memory"]["ratio"] == round(marked, 6)
-    assert report["tasks"][0]["memory_ratio"] == round(marked, 6)
-    assert math.isclose(round(report["kv_memory"]["ratio"], 4), profile_row["ratio"])
+    assert report.memory.context == context
+    assert (report.memory.artifact_bytes, report.memory.baseline_bytes) == (allocated, source_cache)
+    assert report.memory.ratio == round(marked, 6)
+    assert report.rows[0].memory_ratio == round(marked, 6)
+    assert math.isclose(round(report.memory.ratio, 4), profile_row["ratio"])

@@ -23,6 +23,7 @@ import torch
 
 import kvcompile.eval.evaluate as evaluate_module
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
+from kvcompile.eval.report import AccuracyRow, ContinuationRow
 from kvcompile.eval.tasks import EvalCase
 from kvcompile.metrics import greedy_agreement, greedy_token, kl, log_probs, nll, nll_increase
 from kvcompile.models import LoadedModel
@@ -154,24 +155,25 @@ def test_continuation_metrics_match_a_plain_forward(tiny, monkeypatch) -> None:
     monkeypatch.setattr(evaluate_module, "build_cases", lambda *args: cases)
     config = EvalConfig(tasks=("continuation",), lengths=(LENGTH,), samples=len(cases), seed=0,
                         agreement_tokens=AGREEMENT)
-    row = evaluate_systems(engine, {"artifact": plan.to_served(permuted_by=None)}, config)["artifact"]["tasks"][0]
+    row = evaluate_systems(engine, {"artifact": plan.to_served(permuted_by=None)}, config)["artifact"].rows[0]
+    assert isinstance(row, ContinuationRow)
     refs = [_reference_continuation(hf, model, plan, case) for case in cases]
     tol = 1e-6
-    assert row["cases"]["baseline_nll"] == pytest.approx([r["nll_base"] for r in refs], abs=tol)
-    assert row["cases"]["artifact_nll"] == pytest.approx([r["nll_art"] for r in refs], abs=tol)
-    assert row["cases"]["kl"] == pytest.approx([r["kl"] for r in refs], abs=tol)
-    assert row["cases"]["agreement"] == pytest.approx([r["agreement"] for r in refs], abs=tol)
+    assert row.cases.baseline_nll == pytest.approx([r["nll_base"] for r in refs], abs=tol)
+    assert row.cases.artifact_nll == pytest.approx([r["nll_art"] for r in refs], abs=tol)
+    assert row.cases.kl == pytest.approx([r["kl"] for r in refs], abs=tol)
+    assert row.cases.agreement == pytest.approx([r["agreement"] for r in refs], abs=tol)
     base_nll = sum(r["nll_base"] for r in refs) / len(refs)
     art_nll = sum(r["nll_art"] for r in refs) / len(refs)
-    assert row["baseline"]["nll"] == pytest.approx(base_nll, abs=tol)
-    assert row["artifact"]["nll"] == pytest.approx(art_nll, abs=tol)
-    assert row["nll_increase"] == pytest.approx(art_nll / base_nll - 1, abs=tol)
-    assert row["kl"] == pytest.approx(sum(r["kl"] for r in refs) / len(refs), abs=tol)
+    assert row.baseline.nll == pytest.approx(base_nll, abs=tol)
+    assert row.artifact.nll == pytest.approx(art_nll, abs=tol)
+    assert row.nll_increase == pytest.approx(art_nll / base_nll - 1, abs=tol)
+    assert row.kl == pytest.approx(sum(r["kl"] for r in refs) / len(refs), abs=tol)
     agreement = sum(r["agreement"] for r in refs) / len(refs)
-    assert row["agreement"] == pytest.approx(agreement, abs=tol)
-    assert row["agreement_n"] == AGREEMENT * len(cases) and row["tokens"] == TOKENS
+    assert row.agreement == pytest.approx(agreement, abs=tol)
+    assert row.agreement_n == AGREEMENT * len(cases) and row.tokens == TOKENS
     # the comparison has teeth: compression changed every number it is checked on
-    assert row["kl"] > 1e-3 and abs(row["nll_increase"]) > 1e-3
+    assert row.kl > 1e-3 and abs(row.nll_increase) > 1e-3
     assert len({r["agreement"] for r in refs}) > 1 and 0 < agreement < 1
 
 
@@ -215,16 +217,17 @@ def test_accuracy_matches_hand_made_answers(tiny, monkeypatch) -> None:
              for c, a in zip(blanks, answers, strict=True)]
     monkeypatch.setattr(evaluate_module, "build_cases", lambda *args: cases)
     config = EvalConfig(tasks=("passkey",), lengths=(LENGTH,), samples=len(cases), seed=0)
-    row = evaluate_systems(engine, {"artifact": plan.to_served(permuted_by=None)}, config)["artifact"]["tasks"][0]
+    row = evaluate_systems(engine, {"artifact": plan.to_served(permuted_by=None)}, config)["artifact"].rows[0]
+    assert isinstance(row, AccuracyRow)
     n = len(cases)
     base_right = sum(_first_number(t) == a for t, a in zip(base_texts, answers, strict=True))
     art_right = sum(_first_number(t) == a for t, a in zip(art_texts, answers, strict=True))
     assert base_right == 3  # by construction
-    for side, right in (("baseline", base_right), ("artifact", art_right)):
-        assert row[side]["correct"] == right
-        assert row[side]["accuracy"] == pytest.approx(right / n, abs=1e-6)
-        assert row[side]["ci95"] == pytest.approx(list(wilson_by_quadratic(right, n)), abs=1e-6)
-    assert row["n"] == n
+    for side, right in ((row.baseline, base_right), (row.artifact, art_right)):
+        assert side.correct == right
+        assert side.accuracy == pytest.approx(right / n, abs=1e-6)
+        assert side.ci95 == pytest.approx(wilson_by_quadratic(right, n), abs=1e-6)
+    assert row.n == n
     assert art_texts != base_texts, "the compressed cache must change some answer for this test to bite"
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import pytest
 
-from kvcompile.gate.power import accuracy_needed, accuracy_power, continuous_power, standard_error
+from kvcompile.eval.report import ContinuationCases, ContinuationRow
+from kvcompile.gate.power import accuracy_needed, accuracy_power, standard_error
+from kvcompile.gate.rules import RULE_KINDS, Rule
 from kvcompile.stats import (
     Z95,
     binomial_cdf,
@@ -19,12 +21,17 @@ from kvcompile.stats import (
 Z80 = 0.8416212335729143  # P(Z <= z) = 0.8, tabulated
 
 
-@dataclass(frozen=True)
-class R:
-    kind: str
-    threshold: float
-    by: str = "point"
-    detect: float | None = None
+def R(kind: str, threshold: float, by: str = "point", detect: float | None = None) -> Any:
+    """A rule of ``kind`` as the rules file makes it (the gate's own rule classes)."""
+    extra = {"by": by} if kind == "max_drop" else {}
+    rule: Rule = RULE_KINDS[kind](0, threshold, detect=detect, **extra)
+    return rule
+
+
+def row(n: int | None, **fields: Any) -> ContinuationRow:
+    """A continuation row with per-case values ``cases`` (a dict) and other fields."""
+    cases = ContinuationCases(**{k: tuple(v) for k, v in fields.pop("cases", {}).items()})
+    return ContinuationRow("continuation", 1024, n, cases=cases, **fields)
 
 
 def exact_cdf(k: int, n: int, p: Fraction) -> Fraction:
@@ -62,17 +69,21 @@ def test_normal_power_z_is_the_tabulated_quantile() -> None:
 def test_the_issue_example_interval_rule_at_n4() -> None:
     """max_drop 0.10 by interval, n = 4, baseline 3/4: the Wilson upper bound of 1/4 is
     0.70 > 0.65, of 0/4 is 0.49 < 0.65, so only 0/4 fails: the rule detects a drop of
-    0.75 - (1 - 0.8^(1/4)) = 0.696, and can fail."""
+    0.75 - (1 - 0.8^(1/4)) = 0.696. It can fail, but not detect its default drop 0.20."""
     power = accuracy_power(R("max_drop", 0.10, "interval"), 4, 0.75)
-    assert power.powered
+    assert not power.powered and power.reason.startswith("detects drop >= 0.70, not drop >= 0.20")
     assert power.detectable == pytest.approx(0.75 - (1 - 0.8 ** 0.25), abs=1e-9)
     assert power.detectable == pytest.approx(0.6957, abs=1e-4)
+    # it detects drops of 0.696 and more: asked to catch 0.70 it is powered, 0.69 it is not
+    assert accuracy_power(R("max_drop", 0.10, "interval", detect=0.70), 4, 0.75).powered
+    assert not accuracy_power(R("max_drop", 0.10, "interval", detect=0.69), 4, 0.75).powered
 
 
 def test_a_rule_that_cannot_fail_and_the_n_it_needs() -> None:
     """max_drop 0.5 by interval from a perfect baseline: it fails only when the artifact's
-    upper bound z²/(n + z²) (0 correct) is below 0.5, i.e. n > z² = 3.84: not at n = 3."""
-    rule = R("max_drop", 0.5, "interval")
+    upper bound z²/(n + z²) (0 correct) is below 0.5, i.e. n > z² = 3.84: not at n = 3.
+    ``detect 1.0``: it must only catch a total loss, so it is powered once it can fail."""
+    rule = R("max_drop", 0.5, "interval", detect=1.0)
     assert Z95**2 / (3 + Z95**2) > 0.5 > Z95**2 / (4 + Z95**2)
     power = accuracy_power(rule, 3, 1.0)
     assert not power.powered and power.detectable is None and power.reason == "cannot fail"
@@ -135,13 +146,13 @@ def test_relative_increase_ci_hand_computed() -> None:
 
 def test_kl_rule_from_per_case_values() -> None:
     # sd of (0.1, 0.2, 0.3, 0.4) = sqrt(0.05 / 3); se = sd / 2
-    row = {"task": "continuation", "n": 4, "cases": {"kl": [0.1, 0.2, 0.3, 0.4]}}
+    kl_row = row(4, cases={"kl": [0.1, 0.2, 0.3, 0.4]})
     se = math.sqrt(0.05 / 3) / 2
-    assert standard_error("max_kl", row) == pytest.approx(se, abs=1e-12)
-    power = continuous_power(R("max_kl", 0.5), row)
+    assert R("max_kl", 0.5).standard_error(kl_row) == pytest.approx(se, abs=1e-12)
+    power = R("max_kl", 0.5).power(kl_row)
     assert power.powered and power.detectable == pytest.approx(0.5 + Z80 * se, abs=1e-9)
     # detect 0.52: n >= 4 (z se / 0.02)^2 = 29.5 -> 30
-    weak = continuous_power(R("max_kl", 0.5, detect=0.52), row)
+    weak = R("max_kl", 0.5, detect=0.52).power(kl_row)
     assert not weak.powered and weak.needed == 30
     assert math.ceil(4 * (Z80 * se / 0.02) ** 2) == 30
 
@@ -149,25 +160,144 @@ def test_kl_rule_from_per_case_values() -> None:
 def test_agreement_rule_that_cannot_fail() -> None:
     """min_agreement 0.05 with se 0.0645: 0.05 - 0.84 se < 0, no true agreement is caught
     with 0.8; it needs n >= 4 (z se / 0.05)^2 = 4.7 -> 5."""
-    row = {"task": "continuation", "n": 4, "cases": {"agreement": [0.9, 0.8, 1.0, 0.7]}}
-    power = continuous_power(R("min_agreement", 0.05), row)
+    agree = row(4, cases={"agreement": [0.9, 0.8, 1.0, 0.7]})
+    power = R("min_agreement", 0.05).power(agree)
     assert not power.powered and power.detectable is None and power.needed == 5
-    assert continuous_power(R("min_agreement", 0.5), row).powered
+    assert R("min_agreement", 0.5).power(agree).powered
 
 
 def test_nll_rule_falls_back_to_the_stored_interval() -> None:
-    row = {"task": "continuation", "n": 6, "nll_increase_ci95": [0.01, 0.03]}
+    stored = row(6, nll_increase_ci95=(0.01, 0.03))
     se = 0.02 / (2 * Z95)
-    power = continuous_power(R("max_nll_increase", 0.05), row)
+    power = R("max_nll_increase", 0.05).power(stored)
     assert power.detectable == pytest.approx(0.05 + Z80 * se, abs=1e-9)
     cases = {"artifact_nll": [2.2, 2.0, 3.3], "baseline_nll": [2.0, 2.0, 3.0]}
-    with_cases = {"task": "continuation", "n": 3, "cases": cases, "nll_increase_ci95": [0, 9]}
+    with_cases = row(3, cases=cases, nll_increase_ci95=(0.0, 9.0))
     lo, hi = relative_increase_ci(cases["artifact_nll"], cases["baseline_nll"])[1:]
-    assert standard_error("max_nll_increase", with_cases) == pytest.approx((hi - lo) / (2 * Z95))
+    assert R("max_nll_increase", 0.05).standard_error(with_cases) == pytest.approx((hi - lo) / (2 * Z95))
+    assert standard_error(cases["artifact_nll"], None, cases["baseline_nll"]) == pytest.approx(
+        (hi - lo) / (2 * Z95))
 
 
 def test_continuous_rules_need_two_cases_and_a_spread() -> None:
-    one = continuous_power(R("max_kl", 0.1), {"n": 1, "cases": {"kl": [0.3]}})
+    one = R("max_kl", 0.1).power(row(1, cases={"kl": [0.3]}))
     assert not one.powered and one.needed == 2
-    blind = continuous_power(R("max_kl", 0.1), {"n": 8})
+    blind = R("max_kl", 0.1).power(row(8))
     assert not blind.powered and blind.needed is None and "re-run" in blind.remedy
+
+
+# ----------------------------------------------------------------------------- default detect
+
+
+def test_default_detect_per_kind() -> None:
+    """Without detect a rule must catch a regression derived from its threshold (power.py)."""
+    from kvcompile.gate.power import default_detect, required_detect
+
+    assert default_detect("max_drop", 0.02) == pytest.approx(0.12)
+    assert default_detect("max_drop", 0.95) == 1.0  # a drop of at most everything
+    assert default_detect("min_accuracy", 0.7) == pytest.approx(0.6)
+    assert default_detect("min_accuracy", 0.05) == 0.0
+    assert default_detect("max_nll_increase", 0.03) == pytest.approx(0.06)
+    assert default_detect("max_kl", 0.05) == pytest.approx(0.10)
+    assert default_detect("min_agreement", 0.85) == pytest.approx(0.70)  # 1 - 2 x 0.15
+    assert default_detect("min_agreement", 0.3) == 0.0
+    with pytest.raises(ValueError, match="measured"):
+        default_detect("max_memory_ratio", 0.5)
+    assert required_detect(R("max_kl", 0.05)) == pytest.approx(0.10)
+    assert required_detect(R("max_kl", 0.05, detect=0.07)) == 0.07
+
+
+def test_the_n4_passkey_gate_is_underpowered_by_default() -> None:
+    """The original complaint: max_drop 0.02 by interval on 4 perfect passkeys can fail (3 of 4
+    has a Wilson upper bound 0.95 < 0.98) but detects only a drop of 1 - 0.2^(1/4) = 0.33
+    (1 - p^4 >= 0.8), not its default 0.12."""
+    rule = R("max_drop", 0.02, "interval")
+    power = accuracy_power(rule, 4, 1.0)
+    assert power.detectable == pytest.approx(1 - 0.2 ** 0.25, abs=1e-9)
+    assert not power.powered
+    assert power.reason.startswith("detects drop >= 0.33, not drop >= 0.12 (the default detect")
+    assert power.needed is not None and power.needed > 4
+    assert accuracy_power(rule, power.needed, 1.0).powered
+    # the same rule asked only to catch a total loss passes at n = 4, as before the default
+    assert accuracy_power(R("max_drop", 0.02, "interval", detect=1.0), 4, 1.0).powered
+
+
+def test_continuous_default_is_twice_the_threshold() -> None:
+    """max_kl 0.05 with se 0.04: detects 0.05 + 0.8416 x 0.04 = 0.0837 <= 0.10 (powered);
+    with se 0.06 it detects 0.1005 > 0.10 (not)."""
+    def kl_row(se: float) -> ContinuationRow:
+        return row(8, kl=0.03, kl_ci95=(0.03 - Z95 * se, 0.03 + Z95 * se))
+
+    assert R("max_kl", 0.05).power(kl_row(0.04)).powered
+    weak = R("max_kl", 0.05).power(kl_row(0.06))
+    assert not weak.powered and weak.detectable == pytest.approx(0.05 + Z80 * 0.06, abs=1e-9)
+    assert "not KL >= 0.1 (the default detect" in weak.reason
+    # agreement 0.85: must catch 0.70; with se 0.2 it detects 0.85 - 0.168 = 0.68 < 0.70
+    agree = row(8, agreement=0.9, agreement_ci95=(0.9 - Z95 * 0.2, 0.9 + Z95 * 0.2))
+    assert not R("min_agreement", 0.85).power(agree).powered
+    assert R("min_agreement", 0.85, detect=0.65).power(agree).powered
+
+
+# ----------------------------------------------------------------------------- sample sizes
+
+
+def _point_drop_meets(n: int, base: Fraction, threshold: Fraction, detect: Fraction) -> bool:
+    """Exact reference for a point max_drop: the baseline's count at n is round(base·n); the
+    failing counts are those with drop > threshold; the rule meets its requirement when the
+    true accuracy base_n - detect fails with probability >= 0.8."""
+    base_correct = round(base * n)
+    k_fail = max((k for k in range(n + 1) if Fraction(base_correct - k, n) > threshold), default=-1)
+    target = max(Fraction(0), Fraction(base_correct, n) - detect)
+    return k_fail >= 0 and exact_cdf(k_fail, n, target) >= Fraction(8, 10)
+
+
+def test_samples_needed_hold_at_every_n_up_to_twice_that() -> None:
+    """Item 8: the saw-tooth guard. max_drop 0.15 / detect 0.25 / baseline 0.9 meets its
+    requirement at n = 12 but not at 14-16 or 20-21: the answer is 22, the smallest n from
+    which every n up to 2n meets it (a guard-less search would answer 12)."""
+    def meets(n: int) -> bool:
+        return _point_drop_meets(n, Fraction(9, 10), Fraction(15, 100), Fraction(25, 100))
+
+    assert meets(12) and not meets(14) and not meets(21)
+    reference = next(n for n in range(1, 200) if all(meets(m) for m in range(n, 2 * n + 1)))
+    assert reference == 22
+    rule = R("max_drop", 0.15, detect=0.25)
+    assert accuracy_needed(rule, 0.9) == reference
+    assert [accuracy_power(rule, n, 0.9).powered for n in range(1, 45)] == [meets(n) for n in range(1, 45)]
+
+
+def test_baseline_counts_carried_to_other_n_are_rounded() -> None:
+    """A baseline accuracy carried to another n is round(base·n) correct answers, not the
+    truncation: 0.29·100 is 28.999999999999996 in floats, and 2/3 of 4 cases is 3 (2.67)."""
+    assert int(0.29 * 100) == 28  # what truncation would take
+    power = accuracy_power(R("max_drop", 0.1), 100, 0.29)
+    # 29 correct: drop (29 - k)/100 > 0.1 fails for k <= 18
+    assert power.detectable == pytest.approx(0.29 - largest_detected_rate(18, 100), abs=1e-12)
+    rule = R("max_drop", 0.2, detect=0.35)
+
+    def meets(n: int) -> bool:
+        return _point_drop_meets(n, Fraction(2, 3), Fraction(2, 10), Fraction(35, 100))
+
+    assert not meets(7)  # 5 of 7 (4.67 rounded): truncated to 4 it would meet
+
+    assert [accuracy_power(rule, n, 2 / 3).powered for n in range(1, 40)] == [meets(n) for n in range(1, 40)]
+    reference = next(n for n in range(1, 200) if all(meets(m) for m in range(n, 2 * n + 1)))
+    assert accuracy_needed(rule, 2 / 3) == reference
+
+
+def test_continuous_samples_needed_is_the_smallest_n_that_detects() -> None:
+    """max_kl 0.5 / detect 0.52 on 4 cases with se 0.0642: z·se·sqrt(4/m) <= 0.02 from
+    m >= 4 (z·se / 0.02)² = 29.2, so 30 (not 29: rounding to the nearest would miss it).
+    Checked on rows of 29 and 30 cases with the spread carried over (se·sqrt(4/m))."""
+    se = 0.02 * math.sqrt(29.2 / 4) / Z80
+    assert 4 * (Z80 * se / 0.02) ** 2 == pytest.approx(29.2)
+
+    def kl_row(n: int) -> ContinuationRow:
+        s = se * math.sqrt(4 / n)
+        return row(n, kl=0.4, kl_ci95=(0.4 - Z95 * s, 0.4 + Z95 * s))
+
+    rule = R("max_kl", 0.5, detect=0.52)
+    assert not rule.power(kl_row(29)).powered and rule.power(kl_row(30)).powered
+    assert rule.power(kl_row(4)).needed == 30
+    # a rule that is powered at its n still says from which n it would be
+    assert rule.power(kl_row(60)).needed == 30

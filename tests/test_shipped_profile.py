@@ -20,8 +20,9 @@ import pytest
 
 from kvcompile.build.artifact import build_artifact, load_engine
 from kvcompile.eval.evaluate import EvalConfig
-from kvcompile.gate.rules import evaluate as evaluate_gate
-from kvcompile.gate.rules import load_rules, render_table
+from kvcompile.gate.checks import evaluate as evaluate_gate
+from kvcompile.gate.loader import load_rules
+from kvcompile.gate.render import render_table
 from kvcompile.profile.record import load_profile
 from tests.regressions import ARTIFACT, evaluate_with_regressions
 
@@ -77,15 +78,16 @@ def test_ci_gate_fails_a_broken_variant(ci, variant: str) -> None:
 def test_ci_gate_memory_is_what_the_loaded_artifact_allocates(ci) -> None:
     """The memory rule reads allocated bytes; check them against docs/DESIGN.md's formula."""
     engine, reports, _ = ci
-    memory = reports[ARTIFACT]["kv_memory"]
-    length, arch = memory["context"], engine.arch
+    memory = reports[ARTIFACT].memory
+    assert memory is not None and memory.context is not None
+    length, arch = memory.context, engine.arch
     per_slot = 2 * arch.head_dim * engine.model.dtype.itemsize  # keys + values, one token, one head
-    assert memory["baseline_bytes"] == arch.n_layers * arch.n_kv_heads * length * per_slot
+    assert memory.baseline_bytes == arch.n_layers * arch.n_kv_heads * length * per_slot
     slots = sum(len(layer.full_heads) * length + len(layer.budgeted_heads) * layer.layout.capacity
                 if layer.budgeted_heads else len(layer.full_heads) * length
                 for layer in engine.plan.layers)
-    assert memory["artifact_bytes"] == slots * per_slot == engine.allocate(1, length).nbytes
-    assert memory["measured"] == "allocated"
+    assert memory.artifact_bytes == slots * per_slot == engine.allocate(1, length).nbytes
+    assert memory.measured == "allocated"
 
 
 def test_ci_gate_through_the_cli(ci, tmp_path: Path) -> None:

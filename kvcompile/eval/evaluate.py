@@ -10,13 +10,25 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from kvcompile import __version__
 from kvcompile.errors import ContextLengthError, KVCompileError
+from kvcompile.eval.report import (
+    AccuracyRow,
+    AccuracySide,
+    ArtifactInfo,
+    ContinuationCases,
+    ContinuationRow,
+    EvalSettings,
+    KVMemory,
+    NllSide,
+    Report,
+    Row,
+)
 from kvcompile.eval.tasks import TASKS, EvalCase, build_cases, score_answer
 from kvcompile.memory import memory_ratio
 from kvcompile.metrics import greedy_agreement, greedy_token, kl, log_probs, nll, nll_increase
@@ -160,7 +172,7 @@ def _case_groups(cases: Sequence[EvalCase]) -> list[tuple[str, int, list[EvalCas
 
 def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConfig,
                      progress: Callable[[int, int, str], None] | None = None,
-                     cases: Sequence[EvalCase] | None = None) -> dict[str, dict[str, Any]]:
+                     cases: Sequence[EvalCase] | None = None) -> dict[str, Report]:
     """One report per plan, each against the shared uncompressed baseline.
 
     Each plan is served as its head order says: in source order by the weights built for it
@@ -185,7 +197,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
     total = sum(len(group) for _, _, group in groups)
     done = 0
     started_all = time.perf_counter()
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in plans}
+    rows: dict[str, list[Row]] = {name: [] for name in plans}
     served = dict(all_plans)
     if any(plan.order is HeadOrder.SERVED for plan in plans.values()):  # every head alike: any weights
         served[BASELINE] = baseline_plan.to_served(permuted_by=None)
@@ -212,33 +224,24 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
     reference = memory_context(engine, max(length for _, length, _ in groups))
     baseline_bytes = allocated_kv_bytes(engine, baseline_plan, reference)
     plan_bytes = {name: allocated_kv_bytes(engine, plan, reference) for name, plan in plans.items()}
-    tasks = list(dict.fromkeys(task for task, _, _ in groups))
-    settings: dict[str, Any] = {"tasks": tasks, "lengths": sorted({length for _, length, _ in groups})}
-    if cases:
-        settings["cases"] = len(cases)
-    else:
-        settings.update({"samples": {task: config.samples_for(task) for task in tasks},
-                         "genre": config.genre})
+    tasks = tuple(dict.fromkeys(task for task, _, _ in groups))
+    settings = EvalSettings(
+        tasks=tasks, lengths=tuple(sorted({length for _, length, _ in groups})),
+        samples=None if cases else {task: config.samples_for(task) for task in tasks},
+        genre=None if cases else config.genre, cases=len(cases) if cases else None,
+        answer_tokens=ANSWER_TOKENS, agreement_tokens=config.agreement_tokens,
+        systems_in_run=tuple(all_plans))
+    created_with = {"python": platform.python_version(), "torch": torch.__version__,
+                    "transformers": _version("transformers")}
     return {
-        name: {
-            "format": "kvcompile-report/1",
-            "kvcompile_version": __version__,
-            "created_with": {"python": platform.python_version(), "torch": torch.__version__,
-                             "transformers": _version("transformers")},
-            "seed": config.seed,
-            "settings": {**settings, "answer_tokens": ANSWER_TOKENS,
-                         "agreement_tokens": config.agreement_tokens, "systems_in_run": list(all_plans)},
-            "kv_memory": {
-                "context": reference,
-                "measured": "allocated",
-                "artifact_bytes": plan_bytes[name],
-                "baseline_bytes": baseline_bytes,
-                "ratio": round(memory_ratio(plan_bytes[name], baseline_bytes), 6),
-            },
-            "wall_time_s": wall,
-            "tasks": rows[name],
-        }
-        for name, plan in plans.items()
+        name: Report(
+            kvcompile_version=__version__, created_with=created_with, seed=config.seed,
+            settings=settings,
+            memory=KVMemory(ratio=round(memory_ratio(plan_bytes[name], baseline_bytes), 6),
+                            context=reference, measured="allocated",
+                            artifact_bytes=plan_bytes[name], baseline_bytes=baseline_bytes),
+            wall_time_s=wall, rows=tuple(rows[name]))
+        for name in plans
     }
 
 
@@ -277,52 +280,52 @@ def allocated_kv_bytes(engine: Engine, plan: Plan, context: int) -> int:
     return engine.allocate(1, max_context=context, plan=plan).nbytes
 
 
-def evaluate(engine: Engine, config: EvalConfig, artifact_info: dict[str, Any] | None = None,
+def evaluate(engine: Engine, config: EvalConfig, artifact_info: ArtifactInfo | None = None,
              progress: Callable[[int, int, str], None] | None = None,
-             cases: Sequence[EvalCase] | None = None) -> dict[str, Any]:
+             cases: Sequence[EvalCase] | None = None) -> Report:
     """The artifact's report: its own plan (weights already permuted) against the baseline."""
     report = evaluate_systems(engine, {"artifact": engine.plan}, config, progress=progress,
                               cases=cases)["artifact"]
-    report["artifact"] = artifact_info or {}
-    return report
+    return replace(report, artifact=artifact_info or ArtifactInfo())
 
 
 def _accuracy_row(task: str, length: int, base: _Tally, system: _Tally, ratio: float,
-                  group: list[EvalCase]) -> dict[str, Any]:
-    def side(tally: _Tally) -> dict[str, Any]:
+                  group: list[EvalCase]) -> AccuracyRow:
+    def side(tally: _Tally) -> AccuracySide:
         lo, hi = wilson_interval(tally.correct, tally.n)
-        return {"correct": tally.correct, "accuracy": round(tally.correct / tally.n, 6),
-                "ci95": [round(lo, 6), round(hi, 6)], "wall_time_s": round(tally.seconds, 3)}
+        return AccuracySide(correct=tally.correct, accuracy=round(tally.correct / tally.n, 6),
+                            ci95=(round(lo, 6), round(hi, 6)), wall_time_s=round(tally.seconds, 3))
 
-    return {"task": task, "length": length, "n": len(group), "baseline": side(base), "artifact": side(system),
-            "memory_ratio": round(ratio, 6)}
+    return AccuracyRow(task=task, length=length, n=len(group), baseline=side(base), artifact=side(system),
+                       memory_ratio=round(ratio, 6))
 
 
 def _continuation_row(task: str, length: int, base: _Tally, system: _Tally, ratio: float,
-                      group: list[EvalCase]) -> dict[str, Any]:
+                      group: list[EvalCase]) -> ContinuationRow:
     """NLL, KL and agreement with 95% intervals over the cases (tokens of one case are not
     independent draws), and the per-case values the gate's power computation reads."""
     base_nll = sum(base.nll) / len(base.nll)
     art_nll = sum(system.nll) / len(system.nll)
     _, inc_lo, inc_hi = relative_increase_ci(system.nll, base.nll)
     kl_mean, kl_lo, kl_hi = mean_ci(system.kl)
-    row: dict[str, Any] = {
-        "task": task, "length": length, "n": len(group),
-        "tokens": round(sum(len(case.continuation_ids) for case in group) / len(group)),
-        "baseline": {"nll": round(base_nll, 6), "wall_time_s": round(base.seconds, 3)},
-        "artifact": {"nll": round(art_nll, 6), "wall_time_s": round(system.seconds, 3)},
-        "nll_increase": round(nll_increase(art_nll, base_nll), 6),
-        "nll_increase_ci95": [round(inc_lo, 6), round(inc_hi, 6)],
-        "kl": round(kl_mean, 6), "kl_ci95": [round(kl_lo, 6), round(kl_hi, 6)],
-        "memory_ratio": round(ratio, 6),
-        "cases": {"baseline_nll": [round(x, 6) for x in base.nll], "artifact_nll": [round(x, 6) for x in system.nll],
-                  "kl": [round(x, 6) for x in system.kl]},
-    }
+    row = ContinuationRow(
+        task=task, length=length, n=len(group),
+        tokens=round(sum(len(case.continuation_ids) for case in group) / len(group)),
+        baseline=NllSide(nll=round(base_nll, 6), wall_time_s=round(base.seconds, 3)),
+        artifact=NllSide(nll=round(art_nll, 6), wall_time_s=round(system.seconds, 3)),
+        nll_increase=round(nll_increase(art_nll, base_nll), 6),
+        nll_increase_ci95=(round(inc_lo, 6), round(inc_hi, 6)),
+        kl=round(kl_mean, 6), kl_ci95=(round(kl_lo, 6), round(kl_hi, 6)),
+        memory_ratio=round(ratio, 6),
+        cases=ContinuationCases(baseline_nll=tuple(round(x, 6) for x in base.nll),
+                                artifact_nll=tuple(round(x, 6) for x in system.nll),
+                                kl=tuple(round(x, 6) for x in system.kl)),
+    )
     if system.agree_total:
         p, lo, hi = mean_ci(system.agree)
-        row.update({"agreement": round(p, 6), "agreement_n": system.agree_total,
-                    "agreement_ci95": [round(max(0.0, lo), 6), round(min(1.0, hi), 6)]})
-        row["cases"]["agreement"] = [round(x, 6) for x in system.agree]
+        row = replace(row, agreement=round(p, 6), agreement_n=system.agree_total,
+                      agreement_ci95=(round(max(0.0, lo), 6), round(min(1.0, hi), 6)),
+                      cases=replace(row.cases, agreement=tuple(round(x, 6) for x in system.agree)))
     return row
 
 

@@ -1,7 +1,18 @@
-"""Evaluation reports (format ``kvcompile-report/1``): JSON, Markdown and a PNG plot.
+"""The evaluation report (format ``kvcompile-report/1``): a typed record, its writer and its reader.
 
-The JSON is the record a CI gate reads; the Markdown and the plot are for the humans who
-review the artifact. All three are written from the same dict in one call.
+``kvcompile eval`` builds a :class:`Report`; :func:`write_report` writes it as JSON (the
+record a CI gate reads) with a Markdown summary and a PNG plot beside it
+(:mod:`kvcompile.eval.render`); :func:`load_report` reads the JSON back and checks every
+field, so a bad or tampered file is one line naming the field. Nothing else reads the
+file's keys: the gate, the renderers, the CLI and the bench scripts use the record.
+
+File form: one JSON object whose keys are the records' field names, except
+``Report.rows`` (key ``tasks``) and ``Report.memory`` (key ``kv_memory``). A row is a
+:class:`ContinuationRow` when its task is ``continuation`` (or, in a hand-written report,
+when it has NLLs and no accuracies), else an :class:`AccuracyRow` (``passkey``,
+``multikey``, a team's ``answers``). Every field but ``format``, ``tasks`` and a row's
+``task`` and ``length`` may be absent or null (the writer writes a NaN as null), so
+hand-written and older reports still read; unknown keys are ignored.
 
 Output path convention (``-o REPORT``): ``REPORT`` may name any of the three files or
 their common stem. A trailing ``.json``, ``.md`` or ``.png`` (any case) is stripped to
@@ -17,26 +28,286 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvcompile.errors import KVCompileError
+from kvcompile.memory import memory_ratio
+from kvcompile.plan_io import Reader
 from kvcompile.stats import wilson_interval
 from kvcompile.yamlio import atomic_write_bytes
 
 REPORT_FORMAT = "kvcompile-report/1"
-ACCURACY_TASKS = ("passkey", "multikey")
+CONTINUATION_TASK = "continuation"
 _SUFFIXES = (".json", ".md", ".png")
-_DASH = "—"
+_RATIO_TOLERANCE = 1e-5  # a stored ratio is rounded to 6 digits
+
+Interval = tuple[float, float]  # a 95% interval [lo, hi]
 
 
 class ReportError(KVCompileError, ValueError):
     """A report file that cannot be read or is not a ``kvcompile-report/1`` document."""
 
 
-# ----------------------------------------------------------------------------- paths
+def _meta(key: str | None = None, lo: float | None = None, hi: float | None = None,
+          required: bool = False) -> dict[str, Any]:
+    """Field metadata for the reader and writer: the file's key when it is not the field's
+    name, the range a number must lie in, whether the file must have it."""
+    return {"key": key, "lo": lo, "hi": hi, "required": required}
+
+
+_UNIT = _meta(lo=0.0, hi=1.0)
+_COUNT = _meta(lo=0)
+_NONNEGATIVE = _meta(lo=0.0)
+
+
+# ----------------------------------------------------------------------------- the record
+
+
+class Estimate(NamedTuple):
+    """An accuracy with its 95% interval (``lo``/``hi`` NaN when neither stored nor derivable)."""
+
+    value: float
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class AccuracySide:
+    """One system's answers on an accuracy row."""
+
+    correct: int | None = field(default=None, metadata=_COUNT)
+    accuracy: float | None = field(default=None, metadata=_UNIT)
+    ci95: Interval | None = field(default=None, metadata=_UNIT)  # Wilson
+    wall_time_s: float | None = field(default=None, metadata=_NONNEGATIVE)
+
+    def estimate(self, n: int | None) -> Estimate | None:
+        """The stored accuracy and interval; ``correct / n`` and the Wilson interval where they
+        are missing (hand-written reports), None when there is no accuracy at all."""
+        acc = self.accuracy
+        if acc is None and self.correct is not None and n:
+            acc = self.correct / n
+        if acc is None:
+            return None
+        if self.ci95 is not None:
+            return Estimate(acc, *self.ci95)
+        if self.correct is not None and n is not None:
+            return Estimate(acc, *wilson_interval(self.correct, n))
+        return Estimate(acc, math.nan, math.nan)
+
+
+@dataclass(frozen=True)
+class AccuracyRow:
+    """Right/wrong answers of the baseline and the artifact on the same ``n`` cases."""
+
+    task: str = field(metadata=_meta(required=True))
+    length: int = field(metadata=_meta(lo=1, required=True))
+    n: int | None = field(default=None, metadata=_COUNT)
+    baseline: AccuracySide = AccuracySide()
+    artifact: AccuracySide = AccuracySide()
+    memory_ratio: float | None = field(default=None, metadata=_NONNEGATIVE)
+
+    def __post_init__(self) -> None:
+        for name, side in (("baseline", self.baseline), ("artifact", self.artifact)):
+            if side.correct is not None and self.n is not None and side.correct > self.n:
+                raise ValueError(f"{name}.correct: {side.correct} is more than n = {self.n}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}@{self.length}"
+
+
+@dataclass(frozen=True)
+class NllSide:
+    """One system's mean NLL per continuation token."""
+
+    nll: float | None = None
+    wall_time_s: float | None = field(default=None, metadata=_NONNEGATIVE)
+
+
+@dataclass(frozen=True)
+class ContinuationCases:
+    """Per-case values (one per continuation) behind a row's means: the gate's spreads."""
+
+    baseline_nll: tuple[float, ...] | None = None
+    artifact_nll: tuple[float, ...] | None = None
+    kl: tuple[float, ...] | None = None
+    agreement: tuple[float, ...] | None = field(default=None, metadata=_UNIT)
+
+
+@dataclass(frozen=True)
+class ContinuationRow:
+    """NLL, KL(baseline || artifact) and greedy agreement on the same ``n`` continuations."""
+
+    task: str = field(metadata=_meta(required=True))
+    length: int = field(metadata=_meta(lo=1, required=True))
+    n: int | None = field(default=None, metadata=_COUNT)
+    tokens: int | None = field(default=None, metadata=_COUNT)  # scored tokens per case (mean)
+    baseline: NllSide = NllSide()
+    artifact: NllSide = NllSide()
+    nll_increase: float | None = None  # artifact NLL / baseline NLL - 1
+    nll_increase_ci95: Interval | None = None
+    kl: float | None = field(default=None, metadata=_NONNEGATIVE)
+    kl_ci95: Interval | None = None
+    agreement: float | None = field(default=None, metadata=_UNIT)
+    agreement_n: int | None = field(default=None, metadata=_COUNT)  # tokens compared
+    agreement_ci95: Interval | None = field(default=None, metadata=_UNIT)
+    memory_ratio: float | None = field(default=None, metadata=_NONNEGATIVE)
+    cases: ContinuationCases = ContinuationCases()
+
+    def __post_init__(self) -> None:
+        for f in fields(ContinuationCases):
+            values = getattr(self.cases, f.name)
+            if values is not None and self.n is not None and len(values) != self.n:
+                raise ValueError(f"cases.{f.name}: {len(values)} values for n = {self.n} cases")
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}@{self.length}"
+
+    def measured_nll_increase(self) -> float | None:
+        """The relative NLL increase: from the two NLLs when the row has both (the stored
+        field is rounded), else the stored field; None without either, or when the baseline
+        NLL is not positive (a relative increase is undefined)."""
+        base, art = self.baseline.nll, self.artifact.nll
+        if base is not None and art is not None:
+            return art / base - 1.0 if base > 0 else None
+        return self.nll_increase
+
+
+Row = AccuracyRow | ContinuationRow
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """The artifact's KV buffers against the uncompressed model's, at ``context`` tokens."""
+
+    ratio: float | None = field(default=None, metadata=_NONNEGATIVE)  # artifact / baseline bytes
+    context: int | None = field(default=None, metadata=_COUNT)
+    measured: str | None = None  # "allocated": bytes of caches the runtime really allocated
+    artifact_bytes: int | None = field(default=None, metadata=_COUNT)
+    baseline_bytes: int | None = field(default=None, metadata=_COUNT)
+
+    @property
+    def ratio_of_bytes(self) -> float | None:
+        """``artifact_bytes / baseline_bytes`` by the one definition
+        (:func:`kvcompile.memory.memory_ratio`); None without both."""
+        if self.artifact_bytes is None or self.baseline_bytes is None or self.baseline_bytes <= 0:
+            return None
+        return memory_ratio(self.artifact_bytes, self.baseline_bytes)
+
+    def disagrees(self) -> bool:
+        """Whether the stored ratio differs from the bytes' ratio by more than its rounding."""
+        of_bytes = self.ratio_of_bytes
+        return self.ratio is not None and of_bytes is not None and abs(self.ratio - of_bytes) > _RATIO_TOLERANCE
+
+    def checked_ratio(self) -> float | None:
+        """The ratio a gate checks: of the bytes when the report has them, else the stored
+        ratio; None when the two disagree (:meth:`disagrees`: an edited or corrupt report)."""
+        if self.disagrees():
+            return None
+        of_bytes = self.ratio_of_bytes
+        return self.ratio if of_bytes is None else of_bytes
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What was evaluated (set by ``kvcompile eval``)."""
+
+    path: str | None = None
+    model_id: str | None = None
+    fingerprint: str | None = None
+    policy: str | None = None
+    backend: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How the cases were made: enough to rerun the evaluation."""
+
+    tasks: tuple[str, ...] | None = None
+    lengths: tuple[int, ...] | None = None
+    samples: Mapping[str, int] | None = None  # cases per task and length (generated tasks)
+    genre: str | None = None  # text of the generated tasks
+    cases: int | None = field(default=None, metadata=_COUNT)  # a team's cases file, instead
+    answer_tokens: int | None = field(default=None, metadata=_COUNT)
+    agreement_tokens: int | None = field(default=None, metadata=_COUNT)
+    systems_in_run: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """One system's evaluation against the uncompressed baseline."""
+
+    kvcompile_version: str | None = None
+    created_with: Mapping[str, str] | None = None  # versions: python, torch, transformers
+    seed: int | None = None
+    settings: EvalSettings | None = None
+    memory: KVMemory | None = field(default=None, metadata=_meta(key="kv_memory"))
+    wall_time_s: float | None = field(default=None, metadata=_NONNEGATIVE)
+    rows: tuple[Row, ...] = field(default=(), metadata=_meta(key="tasks", required=True))
+    artifact: ArtifactInfo | None = None
+
+    @property
+    def accuracy_rows(self) -> list[AccuracyRow]:
+        return [row for row in self.rows if isinstance(row, AccuracyRow)]
+
+    @property
+    def continuation_rows(self) -> list[ContinuationRow]:
+        return [row for row in self.rows if isinstance(row, ContinuationRow)]
+
+    @property
+    def tasks(self) -> list[str]:
+        """The rows' tasks, in order of first appearance."""
+        return list(dict.fromkeys(row.task for row in self.rows))
+
+    def row(self, task: str, length: int) -> Row | None:
+        return next((r for r in self.rows if (r.task, r.length) == (task, length)), None)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def _key(f: Any) -> str:
+    return f.metadata.get("key") or f.name
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types only: records become objects (absent fields left out: None, or an
+    empty default record), tuples lists, NaN/inf null (strict JSON)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {_key(f): _jsonable(value) for f in fields(obj)
+                if (value := getattr(obj, f.name)) is not None
+                and not (is_dataclass(value) and value == f.default)}
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    item = getattr(obj, "item", None)  # numpy / torch scalars
+    if callable(item):
+        return _jsonable(item())
+    raise TypeError(f"report value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def report_to_dict(report: Report) -> dict[str, Any]:
+    """The file form of ``report`` (the one writer; ``format`` first)."""
+    return {"format": REPORT_FORMAT, **_jsonable(report)}
+
+
+def report_to_json(report: Report) -> str:
+    return json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
 
 
 @dataclass(frozen=True)
@@ -62,39 +333,14 @@ def report_paths(out: str | os.PathLike[str]) -> ReportPaths:
     )
 
 
-# ----------------------------------------------------------------------------- I/O
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types only: tuples become lists, NaN/inf become null (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    item = getattr(obj, "item", None)  # numpy / torch scalars
-    if callable(item):
-        return _jsonable(item())
-    raise TypeError(f"report value of type {type(obj).__name__} is not JSON-serialisable")
-
-
-def report_to_json(report: Mapping[str, Any]) -> str:
-    return json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
-
-
-def write_report(report: Mapping[str, Any], out_path: str | os.PathLike[str]) -> ReportPaths:
+def write_report(report: Report, out_path: str | os.PathLike[str]) -> ReportPaths:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png``; return their paths.
 
     Everything is rendered in memory first, so a rendering error writes nothing; each
     file is then replaced atomically. Parent directories are created.
     """
+    from kvcompile.eval.render import plot_accuracy, render_markdown
+
     paths = report_paths(out_path)
     json_bytes = report_to_json(report).encode("utf-8")
     md_bytes = render_markdown(report).encode("utf-8")
@@ -107,7 +353,18 @@ def write_report(report: Mapping[str, Any], out_path: str | os.PathLike[str]) ->
     return paths
 
 
-def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- reader
+
+
+class _Reader(Reader):
+    """The plan's checking reader, raising :class:`ReportError`."""
+
+    def fail(self, path: str, message: str) -> ReportError:  # type: ignore[override]
+        where = f"{self.source}: " if self.source else ""
+        return ReportError(f"{where}{path or '<document>'}: {message}")
+
+
+def load_report(path: str | os.PathLike[str]) -> Report:
     """Read a report written by :func:`write_report` (``report.json`` or its stem)."""
     p = Path(path)
     if not p.is_file():
@@ -120,348 +377,138 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ReportError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    check_report(data, source=str(p))
-    return data
+    return report_from_dict(data, source=str(p))
 
 
-def check_report(report: Any, source: str | None = None) -> None:
-    """Raise :class:`ReportError` unless ``report`` looks like a ``kvcompile-report/1``."""
-    where = f"{source}: " if source else ""
-    if not isinstance(report, Mapping):
-        raise ReportError(f"{where}expected a JSON object, got {type(report).__name__}")
-    fmt = report.get("format")
-    if fmt != REPORT_FORMAT:
-        raise ReportError(f"{where}format: expected {REPORT_FORMAT!r}, got {fmt!r}")
-    tasks = report.get("tasks")
-    if not isinstance(tasks, list):
-        raise ReportError(f"{where}tasks: expected a list, got {type(tasks).__name__}")
-    for i, row in enumerate(tasks):
-        if not isinstance(row, Mapping):
-            raise ReportError(f"{where}tasks[{i}]: expected a mapping, got {type(row).__name__}")
+def report_from_dict(data: Any, source: str = "") -> Report:
+    """The one reader: a parsed ``kvcompile-report/1`` document as a :class:`Report`.
 
-
-# ----------------------------------------------------------------------------- row access
-
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    return float(x) if math.isfinite(x) else None
-
-
-def _int(x: Any) -> int | None:
-    return x if isinstance(x, int) and not isinstance(x, bool) else None
-
-
-def _side(row: Mapping[str, Any], side: str) -> Mapping[str, Any]:
-    s = row.get(side)
-    return s if isinstance(s, Mapping) else {}
-
-
-def is_accuracy_row(row: Mapping[str, Any]) -> bool:
-    """Rows scored as right/wrong (passkey, multikey, or any row carrying accuracies)."""
-    if row.get("task") in ACCURACY_TASKS:
-        return True
-    return any(
-        k in _side(row, s) for s in ("baseline", "artifact") for k in ("accuracy", "correct")
-    )
-
-
-def is_continuation_row(row: Mapping[str, Any]) -> bool:
-    return row.get("task") == "continuation" or "nll" in _side(row, "baseline")
-
-
-def accuracy_of(row: Mapping[str, Any], side: str) -> tuple[float, float, float] | None:
-    """``(accuracy, lo, hi)`` for one side of an accuracy row, or None if absent.
-
-    Uses the stored point estimate and interval; falls back to ``correct / n`` and the
-    Wilson interval when they are missing, so hand-written reports still gate.
+    Raises :class:`ReportError` naming the first bad field (``tasks[2].artifact.correct``).
     """
-    s = _side(row, side)
-    n = _int(row.get("n"))
-    correct = _int(s.get("correct"))
-    acc = _num(s.get("accuracy"))
-    if acc is None and correct is not None and n:
-        acc = correct / n
-    if acc is None:
-        return None
-    ci = s.get("ci95")
-    if isinstance(ci, Sequence) and not isinstance(ci, str) and len(ci) == 2:
-        lo, hi = _num(ci[0]), _num(ci[1])
-        if lo is not None and hi is not None:
-            return acc, lo, hi
-    if correct is not None and n is not None and 0 <= correct <= n:
-        lo, hi = wilson_interval(correct, n)
-        return acc, lo, hi
-    return acc, math.nan, math.nan
+    r = _Reader(source)
+    data = r.mapping(data, "")
+    if data.get("format") != REPORT_FORMAT:
+        raise r.fail("format", f"expected {REPORT_FORMAT!r}, got {data.get('format')!r}")
+    settings = data.get("settings")
+    if isinstance(settings, dict) and isinstance(settings.get("samples"), int):
+        # early reports: one count for every task
+        tasks = settings.get("tasks") if isinstance(settings.get("tasks"), list) else []
+        data = {**data, "settings": {**settings, "samples": dict.fromkeys(tasks, settings["samples"])}}
+    return _read_record(r, Report, data, "")
 
 
-def row_label(row: Mapping[str, Any]) -> str:
-    return f"{row.get('task', '?')}@{row.get('length', '?')}"
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
-# ----------------------------------------------------------------------------- Markdown
+def _read_record(r: _Reader, cls: type, data: Any, path: str) -> Any:
+    data = r.mapping(data, path or "<document>")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        key, where = _key(f), _join(path, _key(f))
+        if key not in data:
+            if f.metadata.get("required") or (f.default is MISSING and f.default_factory is MISSING):
+                raise r.fail(where, "missing")
+            continue
+        values[f.name] = _read_value(r, hints[f.name], data[key], where, f.metadata)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # the record's own invariants name the field below ``path``
+        message = str(exc)
+        name, sep, rest = message.partition(": ")
+        if sep and name.split(".")[0] in values:
+            raise r.fail(_join(path, name), rest) from None
+        raise r.fail(path or "<document>", message) from None
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def _row_class(data: Any) -> type:
+    """A continuation row by its task, or by NLLs without accuracies (hand-written rows)."""
+    if not isinstance(data, dict):
+        return AccuracyRow
+    if data.get("task") == CONTINUATION_TASK:
+        return ContinuationRow
+    sides = [s for s in (data.get("baseline"), data.get("artifact")) if isinstance(s, dict)]
+    answers = any(k in s for s in sides for k in ("correct", "accuracy"))
+    return ContinuationRow if not answers and any("nll" in s for s in sides) else AccuracyRow
 
 
-def format_proportion(p: float | None, lo: float | None, hi: float | None, n: int | None) -> str:
-    """``95.0% [86.1, 98.6] (n=20)``: the accuracy with its interval, in percent."""
-    if p is None:
-        return _DASH
-    out = f"{100 * p:.1f}%"
-    if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
-        out += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
-    if n is not None:
-        out += f" (n={n})"
-    return out
+def _read_value(r: _Reader, hint: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if type(None) in args:  # optional: null reads as absent
+            if value is None:
+                return None
+            rest = [a for a in args if a is not type(None)]
+            hint = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007
+            return _read_value(r, hint, value, where, meta)
+        if all(is_dataclass(a) for a in args):  # Row
+            return _read_record(r, _row_class(value), value, where)
+    if is_dataclass(hint):
+        return _read_record(r, hint, value, where)
+    if hint is int or hint is float:
+        return _number(r, value, where, meta, integer=hint is int)
+    if hint is str:
+        if not isinstance(value, str):
+            raise r.fail(where, f"expected a string, got {value!r}")
+        return value
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        items = _list(r, value, where)
+        if args == (float, float):
+            if len(items) != 2:
+                raise r.fail(where, f"expected [lo, hi], got {len(items)} values")
+            lo, hi = (_number(r, v, f"{where}[{i}]", meta, integer=False) for i, v in enumerate(items))
+            if lo > hi:
+                raise r.fail(where, f"expected lo <= hi, got [{lo!r}, {hi!r}]")
+            return (lo, hi)
+        return tuple(_read_value(r, args[0], v, f"{where}[{i}]", meta) for i, v in enumerate(items))
+    if origin is Mapping:
+        mapping = r.mapping(value, where)
+        return {str(k): _read_value(r, args[1], v, _join(where, str(k)), meta)
+                for k, v in mapping.items()}
+    raise TypeError(f"no reader for {hint!r}")  # a field type this module does not handle
 
 
-def _human_bytes(n: Any) -> str:
-    v = _num(n)
-    if v is None:
-        return _DASH
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(v) < 1024 or unit == "GiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    raise AssertionError("unreachable")
+def _list(r: _Reader, value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise r.fail(where, f"expected a list, got {type(value).__name__}")
+    return value
 
 
-def _pct(x: Any, digits: int = 1) -> str:
-    v = _num(x)
-    return _DASH if v is None else f"{100 * v:.{digits}f}%"
+def _number(r: _Reader, value: Any, where: str, meta: Mapping[str, Any], integer: bool) -> Any:
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise r.fail(where, f"expected an integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise r.fail(where, f"expected a finite number, got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"in [{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g}"
+        raise r.fail(where, f"expected a number {bounds}, got {value!r}")
+    return value if integer else float(value)
 
 
-def _f(x: Any, spec: str = ".4f") -> str:
-    v = _num(x)
-    return _DASH if v is None else format(v, spec)
-
-
-def _seconds(x: Any) -> str:
-    v = _num(x)
-    return _DASH if v is None else f"{v:.1f} s"
-
-
-def _header(report: Mapping[str, Any]) -> list[str]:
-    art = report.get("artifact") if isinstance(report.get("artifact"), Mapping) else {}
-    mem = report.get("kv_memory") if isinstance(report.get("kv_memory"), Mapping) else {}
-    created = report.get("created_with") if isinstance(report.get("created_with"), Mapping) else {}
-    lines = ["# kvcompile evaluation report", ""]
-    lines.append(f"- **model**: `{art.get('model_id', _DASH)}`")
-    art_line = f"- **artifact**: `{art.get('path', _DASH)}`"
-    extras = []
-    if art.get("policy") is not None:
-        extras.append(f"policy `{art['policy']}`")
-    if art.get("fingerprint") is not None:
-        extras.append(f"fingerprint `{art['fingerprint']}`")
-    if extras:
-        art_line += " (" + ", ".join(extras) + ")"
-    lines.append(art_line)
-    if mem:
-        ctx = _int(mem.get("context"))
-        at = f" at {ctx:,} tokens" if ctx is not None else ""
-        lines.append(
-            f"- **KV memory**{at}: **{_pct(mem.get('ratio'))}** of the uncompressed cache "
-            f"({_human_bytes(mem.get('artifact_bytes'))} vs "
-            f"{_human_bytes(mem.get('baseline_bytes'))})"
-        )
-    lines.append(f"- **wall time**: {_seconds(report.get('wall_time_s'))}")
-    versions = [f"kvcompile {report.get('kvcompile_version', _DASH)}"]
-    versions += [f"{k} {v}" for k, v in created.items()]
-    lines.append(f"- **seed**: {report.get('seed', _DASH)}; **versions**: " + ", ".join(versions))
-    lines.append("")
-    return lines
-
-
-def _accuracy_section(rows: list[Mapping[str, Any]]) -> list[str]:
-    by_task: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        by_task.setdefault(str(row.get("task", "?")), []).append(row)
-    lines = ["## Accuracy", ""]
-    for task, task_rows in by_task.items():
-        lines += [
-            f"### {task}",
-            "",
-            "| length | baseline | artifact | drop | KV memory | time (baseline / artifact) |",
-            "|---:|---|---|---:|---:|---:|",
-        ]
-        for row in sorted(task_rows, key=_length_key):
-            n = _int(row.get("n"))
-            base = accuracy_of(row, "baseline")
-            art = accuracy_of(row, "artifact")
-            drop = f"{100 * (base[0] - art[0]):+.1f} pp" if base and art else _DASH
-            times = (
-                f"{_seconds(_side(row, 'baseline').get('wall_time_s'))} / "
-                f"{_seconds(_side(row, 'artifact').get('wall_time_s'))}"
-            )
-            cells = [
-                row.get("length", _DASH),
-                format_proportion(*(base or (None, None, None)), n),
-                format_proportion(*(art or (None, None, None)), n),
-                drop,
-                _pct(row.get("memory_ratio")),
-                times,
-            ]
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-        lines.append("")
-    return lines
-
-
-def _continuation_section(rows: list[Mapping[str, Any]]) -> list[str]:
-    lines = [
-        "## Continuation",
-        "",
-        "| length | samples × tokens | NLL baseline | NLL artifact | Δ NLL [95% CI] | KL [95% CI] "
-        "| greedy agreement | KV memory |",
-        "|---:|---:|---:|---:|---:|---|---|---:|",
-    ]
-    for row in sorted(rows, key=_length_key):
-        base, art = _side(row, "baseline"), _side(row, "artifact")
-        inc = _num(row.get("nll_increase"))
-        bn, an = _num(base.get("nll")), _num(art.get("nll"))
-        if inc is None and bn and an is not None:
-            inc = an / bn - 1.0
-        kl = _f(row.get("kl"))
-        if kl != _DASH:
-            kl += _interval(row.get("kl_ci95"))
-        agree_ci = row.get("agreement_ci95")
-        lo = hi = None
-        if isinstance(agree_ci, Sequence) and len(agree_ci) == 2:
-            lo, hi = _num(agree_ci[0]), _num(agree_ci[1])
-        samples = f"{row.get('n', _DASH)} × {row.get('tokens', _DASH)}"
-        cells = [
-            row.get("length", _DASH),
-            samples,
-            _f(bn),
-            _f(an),
-            _DASH if inc is None else f"{100 * inc:+.2f}%" + _interval(row.get("nll_increase_ci95"), 100, ".2f"),
-            kl,
-            format_proportion(_num(row.get("agreement")), lo, hi, _int(row.get("agreement_n"))),
-            _pct(row.get("memory_ratio")),
-        ]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    lines.append("")
-    return lines
-
-
-def _interval(ci: Any, scale: float = 1.0, spec: str = ".4f") -> str:
-    """`` [lo, hi]`` of a stored two-number interval, or nothing."""
-    if isinstance(ci, Sequence) and not isinstance(ci, str) and len(ci) == 2:
-        lo, hi = _num(ci[0]), _num(ci[1])
-        if lo is not None and hi is not None:
-            return f" [{format(scale * lo, spec)}, {format(scale * hi, spec)}]"
-    return ""
-
-
-def _length_key(row: Mapping[str, Any]) -> tuple[int, str]:
-    length = _int(row.get("length"))
-    return (length if length is not None else -1, str(row.get("length")))
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """A reviewable summary: provenance header, accuracy tables, continuation table."""
-    rows = [r for r in report.get("tasks") or [] if isinstance(r, Mapping)]
-    acc_rows = [r for r in rows if is_accuracy_row(r)]
-    cont_rows = [r for r in rows if not is_accuracy_row(r) and is_continuation_row(r)]
-    other = [r for r in rows if not is_accuracy_row(r) and not is_continuation_row(r)]
-    lines = _header(report)
-    if acc_rows:
-        lines += _accuracy_section(acc_rows)
-    if cont_rows:
-        lines += _continuation_section(cont_rows)
-    if other:
-        labels = ", ".join(row_label(r) for r in other)
-        lines += [f"Rows of unknown kind, not tabulated: {labels}", ""]
-    if not rows:
-        lines += ["_The report has no task rows._", ""]
-    lines += [
-        "Accuracy intervals are 95% Wilson score intervals; drop = baseline − artifact in "
-        "percentage points; KL is the mean KL(baseline ‖ artifact) per token. Δ NLL, KL and "
-        "agreement intervals are 95% normal-approximation intervals over the cases (tokens of "
-        "one text are not independent draws; Δ NLL pairs each case's two NLLs). KV memory is the "
-        "artifact's allocated KV buffers over the uncompressed model's.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- plot
-
-
-def plot_accuracy(report: Mapping[str, Any], path: str | os.PathLike[str] | io.IOBase) -> None:
-    """PNG of accuracy vs context length, one subplot per accuracy task.
-
-    Uses a bare ``Figure`` on the Agg canvas (no pyplot), so it never touches the global
-    backend or needs a display.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = [r for r in report.get("tasks") or [] if isinstance(r, Mapping) and is_accuracy_row(r)]
-    by_task: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        if _int(row.get("length")) is not None:
-            by_task.setdefault(str(row.get("task", "?")), []).append(row)
-
-    ncols = max(1, len(by_task))
-    fig = Figure(figsize=(4.8 * ncols, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    art = report.get("artifact") if isinstance(report.get("artifact"), Mapping) else {}
-    mem = report.get("kv_memory") if isinstance(report.get("kv_memory"), Mapping) else {}
-    title = f"{art.get('model_id', 'model')}: accuracy vs context length"
-    if _num(mem.get("ratio")) is not None:
-        title += f" (KV memory {_pct(mem.get('ratio'))})"
-    fig.suptitle(title)
-
-    if not by_task:
-        ax = axes[0]
-        ax.text(0.5, 0.5, "no accuracy tasks in this report", ha="center", va="center")
-        ax.set_axis_off()
-    for ax, (task, task_rows) in zip(axes, by_task.items(), strict=False):
-        task_rows = sorted(task_rows, key=_length_key)
-        lengths = [float(r["length"]) for r in task_rows]
-        octaves = math.log2(max(lengths) / min(lengths)) + 1.0  # x-range, with margins
-        shift = 0.015 * octaves  # baseline/artifact side by side, so the bars don't overlap
-        for side, color, marker, dodge in (
-            ("baseline", "tab:gray", "s", -shift),
-            ("artifact", "tab:blue", "o", shift),
-        ):
-            xs, ys, lo_err, hi_err = [], [], [], []
-            for x, row in zip(lengths, task_rows, strict=True):
-                est = accuracy_of(row, side)
-                if est is None:
-                    continue
-                acc, lo, hi = est
-                xs.append(x * 2**dodge)
-                ys.append(acc)
-                lo_err.append(max(0.0, acc - lo) if math.isfinite(lo) else 0.0)
-                hi_err.append(max(0.0, hi - acc) if math.isfinite(hi) else 0.0)
-            if xs:
-                ax.errorbar(
-                    xs,
-                    ys,
-                    yerr=[lo_err, hi_err],
-                    label=side,
-                    color=color,
-                    marker=marker,
-                    capsize=3,
-                    linewidth=1.5,
-                )
-        ax.set_xscale("log", base=2)
-        ax.set_xlim(min(lengths) * 2**-0.5, max(lengths) * 2**0.5)
-        ax.set_xticks(lengths, [f"{int(x):,}" for x in lengths])
-        ax.minorticks_off()
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("accuracy (95% Wilson CI)")
-        ax.set_title(task)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower left")
-    if isinstance(path, io.IOBase):
-        fig.savefig(path, format="png", dpi=110)
-    else:
-        fig.savefig(os.fspath(path), format="png", dpi=110)
+__all__ = [
+    "CONTINUATION_TASK",
+    "REPORT_FORMAT",
+    "AccuracyRow",
+    "AccuracySide",
+    "ArtifactInfo",
+    "ContinuationCases",
+    "ContinuationRow",
+    "Estimate",
+    "EvalSettings",
+    "Interval",
+    "KVMemory",
+    "NllSide",
+    "Report",
+    "ReportError",
+    "ReportPaths",
+    "Row",
+    "load_report",
+    "report_from_dict",
+    "report_paths",
+    "report_to_dict",
+    "report_to_json",
+    "write_report",
+]

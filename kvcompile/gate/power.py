@@ -18,29 +18,41 @@ the smallest regression it detects at that row's n, in the unit of what the rule
 - ``max_nll_increase`` / ``max_kl`` / ``min_agreement`` (normal approximation): the measured
   value is a mean over the row's n cases with standard error ``se``, from the row's
   per-case values (``cases``; the same statistics as its ``*_ci95``), or in a report without
-  them from its 95% interval, ``se = half-width / 1.96``. A check at threshold ``t`` fails
-  with probability ``POWER`` when the true value is ``t + z·se`` (``z = 0.8416``), or
-  ``t - z·se`` for agreement, which cannot go below 0. With fewer than 2 cases there is no
-  ``se`` and the rule counts as unable to fail.
-- ``max_memory_ratio``: measured, not sampled: it detects any ratio above its threshold.
+  them from its 95% interval, ``se = half-width / 1.96`` (:func:`standard_error`). A check at
+  threshold ``t`` fails with probability ``POWER`` when the true value is ``t + z·se``
+  (``z = 0.8416``), or ``t - z·se`` for agreement, which cannot go below 0. With fewer than
+  2 cases there is no ``se`` and the rule counts as unable to fail.
+- ``max_memory_ratio``: measured, not sampled (:data:`EXACT`): it detects any ratio above
+  its threshold.
 
-**Requirement.** By default a rule must be able to fail at the row's n. With ``detect: x``
-it must detect ``x`` (a drop, an accuracy, an increase, a KL or an agreement, in the
-units of its threshold). A rule that passes while falling short is an error of the rules
-file, unless it says ``allow_underpowered: true`` (a check that failed needs no power).
+**Requirement.** A rule must detect ``detect`` (a drop, an accuracy, an increase, a KL or an
+agreement, in the units of its threshold). Without ``detect`` it must detect the default
+regression its threshold implies (:func:`default_detect`):
+
+- ``max_drop t``: a drop of ``t + 0.10`` (ten points beyond what the rule allows; 1 at
+  most, and no more than the baseline: a drop to accuracy 0);
+- ``min_accuracy t``: an accuracy of ``t - 0.10`` (ten points below the floor; 0 at least);
+- ``max_nll_increase t`` / ``max_kl t``: twice the threshold's distance from the
+  baseline's value 0, ``2t`` (a threshold of 0 needs an explicit ``detect``);
+- ``min_agreement t``: twice its distance from the baseline's agreement 1, ``1 - 2(1 - t)``
+  (0 at least: then it must only be able to fail).
+
+A rule that passes while falling short is an error of the rules file, unless it says
+``allow_underpowered: true`` (a check that failed needs no power).
 
 **Samples needed.** The smallest n (at most ``MAX_SAMPLES``) from which the rule meets its
-requirement, with the row's baseline accuracy (accuracy rules) or its per-case spread
-(``se`` scaling as ``1/√n``) carried over to the new n. Whole counts make the binomial
+requirement, with the row's baseline accuracy (accuracy rules: ``round(p_b·m)`` correct
+answers at m cases) or its per-case spread (``se`` scaling as ``1/√n``) carried over to the
+new n. Whole counts make the binomial
 power saw-tooth in n, so for accuracy rules it is the smallest n from which the requirement
 holds at every n up to twice that.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Literal, Protocol
 
 from kvcompile.stats import (
     POWER,
@@ -53,18 +65,44 @@ from kvcompile.stats import (
     wilson_interval,
 )
 
+Basis = Literal["sampled", "exact", "not assessed"]
+
 MAX_SAMPLES = 5000
 EPS = 1e-9  # comparisons tolerate float rounding: 1.0 - 0.98 must pass max_drop 0.02
-ACCURACY_KINDS = ("min_accuracy", "max_drop")
-CONTINUOUS_KINDS = ("max_nll_increase", "max_kl", "min_agreement")
-_LOWER_IS_WORSE = ("min_accuracy", "min_agreement")  # the rest fail on high values
+DEFAULT_ACCURACY_MARGIN = 0.10  # default detect of accuracy rules: ten points past the threshold
 
 
 class RuleLike(Protocol):
+    """What the power definitions read of a rule (:mod:`kvcompile.gate.rules`)."""
+
     kind: str
     threshold: float
-    by: str
     detect: float | None
+    lower_is_worse: bool  # fails below its threshold (else above)
+
+
+class AccuracyRuleLike(RuleLike, Protocol):
+    def fails(self, base_acc: float | None, art_acc: float, art_hi: float) -> bool:
+        """The rule's verdict on one row: the artifact's accuracy and its 95% upper bound."""
+        ...
+
+
+def default_detect(kind: str, threshold: float) -> float:
+    """The regression a rule without ``detect`` must catch (the module docstring's rule)."""
+    if kind == "max_drop":
+        return min(1.0, threshold + DEFAULT_ACCURACY_MARGIN)
+    if kind == "min_accuracy":
+        return max(0.0, threshold - DEFAULT_ACCURACY_MARGIN)
+    if kind in ("max_nll_increase", "max_kl"):
+        return 2 * threshold
+    if kind == "min_agreement":
+        return max(0.0, 1.0 - 2 * (1.0 - threshold))
+    raise ValueError(f"{kind} is measured, not sampled: it has no detect")
+
+
+def required_detect(rule: RuleLike) -> float:
+    """What ``rule`` must detect: its ``detect``, else :func:`default_detect`."""
+    return rule.detect if rule.detect is not None else default_detect(rule.kind, rule.threshold)
 
 
 @dataclass(frozen=True)
@@ -76,6 +114,7 @@ class Power:
     powered: bool  # meets its requirement (can fail, or detects ``detect``)
     needed: int | None  # smallest n that meets it (above n when n does not); None: none
     reason: str = ""  # why it is not powered
+    basis: Basis = "sampled"  # "exact": measured, not sampled; "not assessed": no data to assess
 
     @property
     def remedy(self) -> str:
@@ -87,34 +126,22 @@ class Power:
         return f"no n up to {MAX_SAMPLES} is enough at this baseline: loosen the rule"
 
 
-EXACT = Power(None, None, True, None)  # measured, not sampled (the memory ratio)
-NOT_ASSESSED = Power(None, None, True, None)  # the check failed for lack of data anyway
+EXACT = Power(None, None, True, None, basis="exact")  # measured, not sampled (the memory ratio)
+# a check that failed for lack of data (no row, no metric): it needs no power, none is computed
+NOT_ASSESSED = Power(None, None, True, None, basis="not assessed")
 
 
-def accuracy_fails(rule: RuleLike, base_acc: float | None, art_acc: float, art_hi: float) -> bool:
-    """The gate's verdict on one accuracy row: does the artifact fail ``rule``?
-
-    ``art_hi``: the artifact's 95% upper bound (``by: interval``). The single definition
-    used both to judge a report and to find the counts that fail at a given n.
-    """
-    if rule.kind == "min_accuracy":
-        return art_acc < rule.threshold - EPS
-    assert base_acc is not None
-    if rule.by == "point":
-        return base_acc - art_acc > rule.threshold + EPS
-    return art_hi < base_acc - rule.threshold - EPS
-
-
-def _k_fail(rule: RuleLike, n: int, base_correct: int) -> int:
+def _k_fail(rule: AccuracyRuleLike, n: int, base_correct: int) -> int:
     """Largest correct count out of ``n`` that fails ``rule`` (-1: none fails).
 
+    Applies the rule's own check (``rule.fails``, the one the gate judges a report with).
     Every check fails on fewer correct answers whenever it fails on more, so the failing
     counts are ``0..k_fail``: found by bisection.
     """
     base_acc = base_correct / n
 
     def fails(k: int) -> bool:
-        return accuracy_fails(rule, base_acc, k / n, wilson_interval(k, n)[1])
+        return rule.fails(base_acc, k / n, wilson_interval(k, n)[1])
 
     if not fails(0):
         return -1
@@ -129,15 +156,23 @@ def _k_fail(rule: RuleLike, n: int, base_correct: int) -> int:
 
 
 def _target(rule: RuleLike, base_acc: float) -> float:
-    """The true artifact accuracy the rule must catch (0 by default: a total loss)."""
-    if rule.detect is None:
-        return 0.0
+    """The true artifact accuracy the rule must catch (:func:`required_detect`)."""
+    detect = required_detect(rule)
     if rule.kind == "min_accuracy":
-        return rule.detect
-    return max(0.0, base_acc - rule.detect)  # a drop cannot exceed the baseline
+        return detect
+    return max(0.0, base_acc - detect)  # a drop cannot exceed the baseline
 
 
-def _meets(rule: RuleLike, n: int, base_acc: float) -> bool:
+def _shortfall(rule: RuleLike, detectable: float | None) -> str:
+    """Why a rule is underpowered: what it detects against what it must."""
+    if detectable is None:
+        return "cannot fail"
+    must = describe(rule.kind, required_detect(rule))
+    default = "" if rule.detect is not None else " (the default detect; set detect: to choose)"
+    return f"detects {describe(rule.kind, detectable)}, not {must}{default}"
+
+
+def _meets(rule: AccuracyRuleLike, n: int, base_acc: float) -> bool:
     """Whether an accuracy rule at ``n`` cases meets its requirement (one binomial sum)."""
     base_correct = round(base_acc * n)
     k_fail = _k_fail(rule, n, base_correct)
@@ -146,7 +181,7 @@ def _meets(rule: RuleLike, n: int, base_acc: float) -> bool:
     return binomial_cdf(k_fail, n, _target(rule, base_correct / n)) >= POWER - 1e-12
 
 
-def accuracy_power(rule: RuleLike, n: int, base_acc: float | None) -> Power:
+def accuracy_power(rule: AccuracyRuleLike, n: int, base_acc: float | None) -> Power:
     """Power of ``min_accuracy`` / ``max_drop`` at ``n`` cases and baseline accuracy ``base_acc``."""
     if rule.kind == "max_drop" and base_acc is None:
         return Power(n, None, False, None, "has no baseline accuracy to drop from")
@@ -160,12 +195,10 @@ def accuracy_power(rule: RuleLike, n: int, base_acc: float | None) -> Power:
         detectable = rate if rule.kind == "min_accuracy" else base_correct / n - rate
     if _meets(rule, n, base):
         return Power(n, detectable, True, accuracy_needed(rule, base))
-    reason = ("cannot fail" if detectable is None
-              else f"detects {describe(rule.kind, detectable)}, not {describe(rule.kind, rule.detect)}")
-    return Power(n, detectable, False, accuracy_needed(rule, base, above=n), reason)
+    return Power(n, detectable, False, accuracy_needed(rule, base, above=n), _shortfall(rule, detectable))
 
 
-def accuracy_needed(rule: RuleLike, base_acc: float, above: int = 0) -> int | None:
+def accuracy_needed(rule: AccuracyRuleLike, base_acc: float, above: int = 0) -> int | None:
     """Samples an accuracy rule needs at this baseline accuracy (None: none up to MAX_SAMPLES).
 
     Counts are whole, so the power of a rule saw-tooths with n (a point rule at n = 12 can
@@ -187,69 +220,52 @@ def accuracy_needed(rule: RuleLike, base_acc: float, above: int = 0) -> int | No
     return None
 
 
-def _floats(values: Any) -> list[float] | None:
-    if not isinstance(values, Sequence) or isinstance(values, str):
-        return None
-    out = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return out if len(out) == len(values) and all(map(math.isfinite, out)) else None
-
-
-def standard_error(kind: str, row: Mapping[str, Any]) -> float | None:
-    """Standard error of a continuation row's metric for ``kind`` (see the module docstring)."""
-    cases = row.get("cases") if isinstance(row.get("cases"), Mapping) else {}
+def standard_error(
+    values: Sequence[float] | None,
+    stored: tuple[float, float] | None,
+    reference: Sequence[float] | None = None,
+) -> float | None:
+    """Standard error of a row's mean from its per-case ``values`` (2 or more), else from its
+    ``stored`` 95% interval; with ``reference`` values (the baseline's NLLs) the mean is the
+    paired relative increase ``mean(values) / mean(reference) - 1``. None without either."""
     interval = None
-    if kind == "max_nll_increase":
-        art, base = _floats(cases.get("artifact_nll")), _floats(cases.get("baseline_nll"))
-        if art and base and len(art) == len(base) >= 2 and sum(base) > 0:
-            interval = relative_increase_ci(art, base)[1:]
-        stored = row.get("nll_increase_ci95")
-    else:
-        key = "kl" if kind == "max_kl" else "agreement"
-        values = _floats(cases.get(key))
-        if values and len(values) >= 2:
+    if values is not None and len(values) >= 2:
+        if reference is None:
             interval = mean_ci(values)[1:]
-        stored = row.get(f"{key}_ci95")
+        elif len(reference) == len(values) and sum(reference) > 0:
+            interval = relative_increase_ci(values, reference)[1:]
     if interval is None:
-        bounds = _floats(stored)
-        if not bounds or len(bounds) != 2:
+        if stored is None:
             return None
-        interval = (bounds[0], bounds[1])
+        interval = stored
     return (interval[1] - interval[0]) / (2 * Z95)
 
 
-def continuous_power(rule: RuleLike, row: Mapping[str, Any]) -> Power:
-    """Power of ``max_nll_increase`` / ``max_kl`` / ``min_agreement`` on one row."""
-    n = row.get("n") if isinstance(row.get("n"), int) and not isinstance(row.get("n"), bool) else None
+def continuous_power(rule: RuleLike, n: int | None, se: float | None) -> Power:
+    """Power of ``max_nll_increase`` / ``max_kl`` / ``min_agreement`` on a row of ``n`` cases
+    whose mean has standard error ``se`` (:func:`standard_error`)."""
     if n is None:
         return Power(None, None, False, None, "has no case count n")
     if n < 2:
         return Power(n, None, False, 2, "has no spread: one case")
-    se = standard_error(rule.kind, row)
     if se is None:
         return Power(n, None, False, None, "no standard error: the row has neither per-case "
                      "values nor a 95% interval for it")
     z = normal_power_z(POWER)
-    lower = rule.kind in _LOWER_IS_WORSE
+    lower = rule.lower_is_worse
     detectable: float | None = rule.threshold - z * se if lower else rule.threshold + z * se
     if lower and detectable is not None and detectable < 0:
-        detectable = None
-    if rule.detect is None:
-        powered = detectable is not None
-        gap = rule.threshold if lower else math.inf  # agreement: z·se must fit above 0
-    else:
-        powered = detectable is not None and (
-            detectable >= rule.detect - EPS if lower else detectable <= rule.detect + EPS)
-        gap = abs(rule.threshold - rule.detect)
+        detectable = None  # agreement cannot go below 0
+    detect = required_detect(rule)
+    powered = detectable is not None and (
+        detectable >= detect - EPS if lower else detectable <= detect + EPS)
+    gap = abs(rule.threshold - detect)
     needed: int | None = None  # se shrinks as 1/sqrt(n): z·se·sqrt(n/m) <= gap from m on
     if gap > 0:
-        needed = 2 if math.isinf(gap) else max(2, math.ceil(n * (z * se / gap) ** 2))
+        needed = max(2, math.ceil(n * (z * se / gap) ** 2))
     if needed is not None and needed > MAX_SAMPLES:
         needed = None
-    reason = ""
-    if not powered:
-        reason = ("cannot fail" if detectable is None
-                  else f"detects {describe(rule.kind, detectable)}, not {describe(rule.kind, rule.detect)}")
-    return Power(n, detectable, powered, needed, reason)
+    return Power(n, detectable, powered, needed, "" if powered else _shortfall(rule, detectable))
 
 
 def describe(kind: str, value: float | None) -> str:
@@ -270,17 +286,17 @@ def describe(kind: str, value: float | None) -> str:
 
 
 __all__ = [
-    "ACCURACY_KINDS",
-    "CONTINUOUS_KINDS",
+    "DEFAULT_ACCURACY_MARGIN",
     "EXACT",
     "MAX_SAMPLES",
     "NOT_ASSESSED",
     "POWER",
     "Power",
-    "accuracy_fails",
     "accuracy_needed",
     "accuracy_power",
     "continuous_power",
+    "default_detect",
     "describe",
+    "required_detect",
     "standard_error",
 ]
