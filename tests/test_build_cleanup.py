@@ -232,3 +232,32 @@ def test_a_complete_build_leaves_only_the_artifact(tiny, tmp_path: Path) -> None
     assert yaml.safe_load((out / MANIFEST).read_text())["format"] == "kvcompile-artifact/1"
     assert invoke(*build_args(tiny, out, "--no-onnx", "--force")).exit_code == 0
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # the replaced one is gone too
+
+
+def test_a_full_disk_is_told_from_other_errors(tmp_path: Path, monkeypatch) -> None:
+    """As each writer reports it: an errno, safetensors' message, a chained OSError, or numpy's
+    short write (no errno) while the device is full; never an interrupt or an unrelated error."""
+    from collections import namedtuple
+
+    from safetensors import SafetensorError
+
+    def chained() -> BaseException:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as cause:
+            try:
+                raise RuntimeError("save failed") from cause
+            except RuntimeError as exc:
+                return exc
+
+    assert staging.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert staging.is_disk_full(SafetensorError("Error while serializing: I/O error: No space "
+                                                "left on device (os error 28)"))
+    assert staging.is_disk_full(chained())
+    short_write = OSError("4096 requested and 2048 written")
+    assert not staging.is_disk_full(short_write)
+    assert not staging.is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 4096))
+    assert staging.is_disk_full(short_write, tmp_path)
+    assert not staging.is_disk_full(KeyboardInterrupt(), tmp_path)

@@ -199,10 +199,11 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
         _write_files(tmp, loaded, profile, compiled, report, context)
         move_into_place(tmp, out_dir)
     except BaseException as exc:  # an error, SIGINT, SIGTERM (kvcompile.interrupts)
+        disk_full = is_disk_full(exc, out_dir.parent)  # asked while the disk is still full
         if tmp is not None:
             with signals_deferred():  # a second signal must not cut the cleanup short
                 shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
+        if disk_full:
             raise ArtifactError(
                 f"no space left on the device of {out_dir.parent} while writing the artifact "
                 f"(about {needed / 2**20:.0f} MiB); free space and build again; nothing was "

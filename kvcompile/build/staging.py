@@ -25,6 +25,7 @@ TEMPORARY = "tmp"  # a build's files, renamed to the output when complete
 REPLACED = "old"  # the artifact a --force build replaces, removed once the new one is in place
 # errno codes and their Rust spelling (safetensors reports I/O errors as "(os error 28)")
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
 
 
 def host_name() -> str:
@@ -105,9 +106,11 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """A write failed for lack of space (ENOSPC/EDQUOT), raised as it is or wrapped (safetensors
-    raises its own error naming the OS error; others chain the OSError)."""
+def is_disk_full(exc: BaseException, directory: Path | None = None) -> bool:
+    """A write failed for lack of space: ENOSPC/EDQUOT raised as it is or wrapped (safetensors
+    raises its own error naming the OS error), or, with ``directory``, any I/O error while its
+    device has (next to) no space left (numpy reports a short write without an errno). Ask
+    before removing what was written, while the disk is still full."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -117,4 +120,9 @@ def is_disk_full(exc: BaseException) -> bool:
         if any(f"(os error {code})" in str(current) for code in _DISK_FULL):
             return True
         current = current.__cause__ or current.__context__
-    return False
+    if directory is None or isinstance(exc, KeyboardInterrupt):
+        return False
+    try:
+        return shutil.disk_usage(directory).free < _NEARLY_FULL
+    except OSError:
+        return False
