@@ -218,3 +218,18 @@ def test_only_the_records_module_reads_their_keys() -> None:
             text = path.read_text(encoding="utf-8")
             for key in keys:
                 assert not re.search(rf"[\"']{key}", text), f"{path.relative_to(ROOT)} reads {key!r}"
+
+
+def test_a_build_report_from_before_build_dtype_reads_as_float32() -> None:
+    """The first writer's report, key for key: no memory.dtype (everything was float32)."""
+    first = {"format": "kvcompile-build-report/1",
+             "parity": {"permuted_vs_source_max_abs_logit_diff": 1e-6,
+                        "runtime_vs_uncompressed_within_capacity_max_abs_logit_diff": 2e-5,
+                        "prompt_tokens": 20, "passed": True},
+             "passes": ["permute-heads", "install-budgeted-attention"],
+             "memory": {"max_context": 8192, "allocated_kv_bytes": 5, "predicted_kv_bytes": 5,
+                        "equal": True, "table": [{"context": 1024, "kv_bytes": 5,
+                                                  "uncompressed_bytes": 20, "ratio": 0.25}]}}
+    report = build_report_from_dict(first, "old.json")
+    assert report.memory.dtype == "float32" and report.onnx is None
+    assert report.parity.low_precision is None and report.parity.passed and report.memory.equal

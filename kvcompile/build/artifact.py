@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +170,8 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     compiled, engine = compile_engine(loaded, profile.plan, max_context)
     parity = parity_checks(loaded, compiled, engine)
     if stored != torch.float32:
-        parity = ParityChecks(parity.permuted_vs_source, parity.runtime_vs_uncompressed,
-                              parity.prompt_tokens,
-                              low_precision_check(engine, loaded.tokenizer, stored))
+        parity = replace(parity, low_precision=low_precision_check(engine, loaded.tokenizer,
+                                                                   stored))
     if not parity.passed:
         raise ArtifactError(f"parity checks failed, nothing written: {parity}")
     arch = loaded.arch
@@ -183,11 +183,11 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
         max_context=context, dtype=dtype_name(stored), allocated_kv_bytes=allocated,
         predicted_kv_bytes=plan_bytes(compiled.plan, arch, context, itemsize),
         table=tuple(memory_table(compiled.plan, arch, itemsize, extra=(context,))))
-    float32_state = compiled.state
+    # what the weights take on disk (the ONNX graphs hold a float32 copy): for a full disk's line
+    needed = sum(t.numel() * (stored.itemsize if t.is_floating_point() else t.element_size())
+                 + (t.numel() * 4 if onnx else 0) for t in compiled.state.values())
     compiled.state = {name: tensor.to(stored) if tensor.is_floating_point() else tensor
                       for name, tensor in compiled.state.items()}
-    needed = sum(t.numel() * t.element_size() for t in compiled.state.values()) + (
-        sum(t.numel() * 4 for t in float32_state.values()) if onnx else 0)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     tmp: Path | None = None

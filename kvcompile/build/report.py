@@ -4,7 +4,8 @@ one writer, one reader.
 ``kvcompile build`` makes a :class:`BuildReport` (parity checks, passes, KV memory, the ONNX
 graphs' export and parity), writes it with :func:`build_report_to_dict` and prints it;
 ``kvcompile inspect`` reads it back with :func:`read_build_report`. No other module reads its
-keys. The memory table's rows are ``memory.memory_table``'s, carried as they are.
+keys. The memory table's rows are ``memory.memory_table``'s, carried as they are. Every
+``kvcompile-build-report/1`` written so far reads (``memory.dtype`` came with ``--dtype``).
 """
 from __future__ import annotations
 
@@ -201,7 +202,8 @@ def build_report_from_dict(data: Any, source: str) -> BuildReport:
             passes=tuple(passes),
             memory=MemoryCheck(
                 max_context=reader.get(memory, "max_context", "memory", int),
-                dtype=reader.get(memory, "dtype", "memory", str),
+                # reports from before `build --dtype` stored float32 and did not say so
+                dtype=reader.get(memory, "dtype", "memory", str) if "dtype" in memory else "float32",
                 allocated_kv_bytes=reader.get(memory, "allocated_kv_bytes", "memory", int),
                 predicted_kv_bytes=reader.get(memory, "predicted_kv_bytes", "memory", int),
                 table=tuple(table)),
