@@ -31,8 +31,8 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` inside the block (SIGINT raises KeyboardInterrupt as
-    always); the previous handler comes back after. Only the main thread receives signals, so
-    elsewhere (a test runner's worker thread) this does nothing."""
+    always); the previous handler comes back after. Python runs (and lets install) signal
+    handlers in the main thread only, so elsewhere (a worker thread) this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -57,13 +57,23 @@ def describe(interrupt: KeyboardInterrupt) -> str:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked, not lost) until the block ends: a rename of two
-    directories or a cleanup is never left half done by a signal. Their handlers run after."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM wait until the block ends (recorded, not lost; then delivered to the
+    handlers that were there before): a rename of two directories or a cleanup is never left
+    half done by a signal. Handlers, not a signal mask: a mask holds for one thread only, and
+    torch's threads would take the signal instead."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    received: list[int] = []
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in _SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)

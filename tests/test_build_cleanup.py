@@ -261,3 +261,29 @@ def test_a_full_disk_is_told_from_other_errors(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 4096))
     assert staging.is_disk_full(short_write, tmp_path)
     assert not staging.is_disk_full(KeyboardInterrupt(), tmp_path)
+
+
+def test_a_signal_during_the_final_swap_waits_until_it_is_done(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM between moving the old artifact aside and renaming the new one in: the swap
+    completes, the replaced artifact is removed, then the signal stops the process."""
+    from kvcompile.interrupts import Terminated, signals_as_exceptions
+
+    out, new = tmp_path / "art", tmp_path / ".art.tmp-new"
+    out.mkdir()
+    (out / "version").write_text("old")
+    new.mkdir()
+    (new / "version").write_text("new")
+    make = staging.make_temporary
+
+    def make_then_signal(out_dir: Path, kind: str = staging.TEMPORARY) -> Path:
+        path = make(out_dir, kind)
+        os.kill(os.getpid(), signal.SIGTERM)  # deferred: the swap is under way
+        return path
+
+    monkeypatch.setattr(staging, "make_temporary", make_then_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), signals_as_exceptions():
+        staging.move_into_place(new, out)
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+    assert (out / "version").read_text() == "new"

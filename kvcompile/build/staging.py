@@ -90,20 +90,27 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the complete ``tmp`` to ``out_dir``, replacing an existing ``out_dir``."""
-    with signals_deferred():
-        if not out_dir.exists():
-            tmp.rename(out_dir)
-            return
-        trash = make_temporary(out_dir, REPLACED)
-        out_dir.rename(trash / "old")
-        try:
-            tmp.rename(out_dir)
-        except BaseException:
-            (trash / "old").rename(out_dir)  # the old artifact stays what the output holds
-            trash.rmdir()
-            raise
-    shutil.rmtree(trash, ignore_errors=True)
+    """Rename the complete ``tmp`` to ``out_dir``, replacing an existing ``out_dir``; a signal
+    waits until both renames are done (then the replaced artifact is still removed)."""
+    trash: Path | None = None
+    try:
+        with signals_deferred():
+            if not out_dir.exists():
+                tmp.rename(out_dir)
+                return
+            trash = make_temporary(out_dir, REPLACED)
+            out_dir.rename(trash / "old")
+            try:
+                tmp.rename(out_dir)
+            except BaseException:
+                (trash / "old").rename(out_dir)  # the old artifact stays what the output holds
+                trash.rmdir()
+                trash = None
+                raise
+    finally:
+        if trash is not None:
+            with signals_deferred():
+                shutil.rmtree(trash, ignore_errors=True)
 
 
 def is_disk_full(exc: BaseException, directory: Path | None = None) -> bool:
