@@ -1,6 +1,8 @@
 """The ``kvcompile`` command group: a thin layer over the stage functions.
 
-Every stage error is a ``KVCompileError``: printed as one line, exit code 2 for bad input.
+Every stage error is a ``KVCompileError``: printed as one line, exit code 2 for bad input. A
+full disk is one line too. SIGINT and SIGTERM stop a command after its temporary files are
+removed: one line, exit code 130 or 143 (``kvcompile.interrupts``).
 """
 from __future__ import annotations
 
@@ -10,13 +12,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kvcompile import __version__
 from kvcompile.errors import KVCompileError
+from kvcompile.interrupts import describe, exit_code, signals_as_exceptions
 from kvcompile.settings import POLICIES, FitSettings
+
+if TYPE_CHECKING:  # the stages are imported by the commands that run them
+    from kvcompile.build.report import BuildReport
 
 # Idle OpenMP threads spin by default; on a shared or small CPU that stalls every small op
 # (measured: 2.4 s instead of 0.07 s per decode step). Set before torch is imported.
@@ -24,18 +30,30 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn stage errors into one line on stderr and the error's exit code."""
+    """Turn stage errors, a full disk and SIGINT/SIGTERM into one line on stderr and an exit
+    code (the error's; 2 for a full disk; 130/143 for the signals)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with signals_as_exceptions():
+                return command(*args, **kwargs)
         except KVCompileError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:  # the writers removed their temporaries on the way out
+            click.echo(f"{describe(exc)}: stopped before finishing; temporary files removed",
+                       err=True)
+            sys.exit(exit_code(exc))
+        except OSError as exc:
+            from kvcompile.build.staging import is_disk_full
+
+            if not is_disk_full(exc):
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            click.echo(f"error: no space left on the device{where}; free space and run again "
+                       f"(temporary files removed)", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -246,6 +264,7 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
     manifest with per-file sha256, and build-report.json.
     """
     from kvcompile.build.artifact import build_artifact
+    from kvcompile.build.staging import remove_stale_temporaries
     from kvcompile.models import load_model
     from kvcompile.profile.record import load_profile
 
@@ -255,6 +274,8 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
         from kvcompile.errors import ArtifactError
 
         raise ArtifactError(f"{output} already exists; pass --force to replace it")
+    for path in remove_stale_temporaries(output):
+        console.print(f"removed {path.name}: the temporary of an earlier build that was killed")
     with console.status(f"loading {model}"):
         loaded = load_model(model)
     if max_context is not None and not 0 < max_context <= loaded.arch.max_context:
@@ -264,26 +285,28 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
     with console.status("compiling and checking parity"):
         report = build_artifact(loaded, profile_data, output, force=force, max_context=max_context,
                                 dtype=dtype, onnx=not no_onnx)
-    parity = report["parity"]
-    memory = report["memory"]
-    console.print(f"passes: {', '.join(report['passes'])}")
-    console.print(
-        f"parity: permuted vs source max |dlogit| = {parity['permuted_vs_source_max_abs_logit_diff']:.2e}; "
-        f"runtime vs uncompressed (within capacity) = "
-        f"{parity['runtime_vs_uncompressed_within_capacity_max_abs_logit_diff']:.2e}"
-    )
-    low = parity.get("low_precision")
-    if low:
-        console.print(f"{low['dtype']} vs float32: max |dlogit| = {low['max_abs_logit_diff_vs_float32']:.2e}, "
-                      f"greedy agreement {low['greedy_agreement_vs_float32']:.0%}")
-    graphs = report.get("onnx")
-    if graphs:
-        console.print(f"onnx: export {graphs['export_s']:.1f} s, passes {graphs['passes_s']:.1f} s; "
-                      f"onnxruntime vs torch runtime max |dlogit| = "
-                      f"{graphs['parity']['onnxruntime_vs_torch_runtime_max_abs_logit_diff']:.2e}")
-    console.print(f"KV buffers at {memory['max_context']} tokens ({memory['dtype']}): allocated "
-                  f"{memory['allocated_kv_bytes']} B, plan predicts {memory['predicted_kv_bytes']} B")
+    _print_build_report(console, report)
     console.print(f"artifact written to {output}")
+
+
+def _print_build_report(console: Any, report: BuildReport) -> None:
+    """The build report (``kvcompile.build.report.BuildReport``) in a few lines."""
+    parity, memory = report.parity, report.memory
+    console.print(f"passes: {', '.join(report.passes)}")
+    console.print(f"parity: permuted vs source max |dlogit| = {parity.permuted_vs_source:.2e}; "
+                  f"runtime vs uncompressed (within capacity) = "
+                  f"{parity.runtime_vs_uncompressed:.2e}")
+    low = parity.low_precision
+    if low is not None:
+        console.print(f"{low.dtype} vs float32: max |dlogit| = {low.max_abs_logit_diff:.2e}, "
+                      f"greedy agreement {low.greedy_agreement:.0%}")
+    if report.onnx is not None:
+        export = report.onnx.export
+        console.print(f"onnx: export {export.export_s:.1f} s, passes {export.passes_s:.1f} s; "
+                      f"onnxruntime vs torch runtime max |dlogit| = "
+                      f"{report.onnx.parity.max_abs_logit_diff:.2e}")
+    console.print(f"KV buffers at {memory.max_context} tokens ({memory.dtype}): allocated "
+                  f"{memory.allocated_kv_bytes} B, plan predicts {memory.predicted_kv_bytes} B")
 
 
 @main.command()
@@ -333,16 +356,18 @@ def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_to
 def inspect(artifact: Path) -> None:
     """Print an artifact's plan and its KV memory against the uncompressed model."""
     from kvcompile.build.artifact import load_engine
+    from kvcompile.build.report import read_build_report
     from kvcompile.fit.summary import memory_rows_table, plan_table
     from kvcompile.memory import memory_table, plan_bytes
 
     console = _console()
     engine = load_engine(artifact)
     manifest = engine.manifest
+    assert manifest is not None  # load_engine always sets it
     arch = engine.arch
-    source = manifest["source_model"]
-    console.print(f"artifact {artifact}: {source['name']} ({source['fingerprint'][:23]}…), "
-                  f"format {manifest['format']}, policy {engine.plan.policy}, selection {engine.plan.selection.rule}")
+    source = manifest.source_model
+    console.print(f"artifact {artifact}: {source.name} ({source.fingerprint[:23]}…), "
+                  f"format {manifest.format}, policy {engine.plan.policy}, selection {engine.plan.selection.rule}")
     console.print(plan_table(engine.plan))
     bytes_per_value = engine.model.dtype.itemsize
     console.print(memory_rows_table(memory_table(engine.plan, arch, bytes_per_value, extra=(engine.max_context,))))
@@ -351,7 +376,8 @@ def inspect(artifact: Path) -> None:
     console.print(f"allocated KV buffers at max_context={engine.max_context}: {cache.nbytes} B "
                   f"(plan predicts {predicted} B{'' if cache.nbytes == predicted else ' — MISMATCH'}); "
                   f"bias/counters overhead {cache.overhead_bytes} B")
-
+    console.print("when built:")
+    _print_build_report(console, read_build_report(artifact))
 
 
 @main.command(name="eval")
@@ -406,9 +432,9 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
     if raw_cases is not None:
         cases = tokenize_cases(engine.tokenizer, raw_cases, cases_path, engine.max_context,
                                max(ANSWER_TOKENS, agreement_tokens))
-    manifest = engine.manifest or {}
-    info = ArtifactInfo(path=str(artifact), model_id=manifest.get("source_model", {}).get("source"),
-                        fingerprint=manifest.get("source_model", {}).get("fingerprint"),
+    source = engine.manifest.source_model if engine.manifest is not None else None
+    info = ArtifactInfo(path=str(artifact), model_id=source.source if source else None,
+                        fingerprint=source.fingerprint if source else None,
                         policy=engine.plan.policy, backend=backend)
     report = _with_progress(console, "evaluating",
                             lambda tick: evaluate(engine, config, info, progress=tick, cases=cases))

@@ -313,14 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     from kvcompile.models import load_model
 
     engine = load_engine(args.artifact, device=args.device, dtype=args.dtype)
-    manifest = engine.manifest or {}
     hf_model = None
     if not args.no_transformers:
-        source = manifest.get("source_model", {})
-        loaded = load_model(source.get("source", "default"))
-        if source.get("fingerprint") and loaded.fingerprint != source["fingerprint"]:
-            raise SystemExit(f"the artifact was built from {source.get('name')} ({source['fingerprint'][:19]}…), "
-                             f"but {source.get('source')!r} now loads a different model")
+        source = engine.manifest.source_model  # load_engine always sets the manifest
+        loaded = load_model(source.source)
+        if loaded.fingerprint != source.fingerprint:
+            raise SystemExit(f"the artifact was built from {source.name} ({source.fingerprint[:19]}…), "
+                             f"but {source.source!r} now loads a different model")
         hf_model = load_transformers_model(loaded, engine.model.dtype, engine.device)
     vocab = engine.arch.vocab_size
     onnx_engine = None

@@ -267,8 +267,7 @@ def e2e_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
 
     longest = max(contexts) + args.e2e_steps + decode.warmup_steps(device)
     engine = load(args.artifact, device=str(device), dtype=dtype_name(dtype), max_context=longest)
-    source = (engine.manifest or {}).get("source_model", {})
-    loaded = load_model(source.get("source", "default"))
+    loaded = load_model(engine.manifest.source_model.source if engine.manifest else "default")
     config = copy.deepcopy(loaded.config)
     config.max_position_embeddings = max(config.max_position_embeddings, longest)
     hf_model = decode.load_transformers_model(dataclasses.replace(loaded, config=config), dtype,

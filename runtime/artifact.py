@@ -1,30 +1,32 @@
-"""Read an artifact directory (``kvcompile-artifact/1``) verified, and serve it.
+"""Open an artifact directory (``kvcompile-artifact/1``) verified, and serve it.
 
 The reader lives with the runtime so that a deployment loads an artifact with the runtime
 alone: nothing here imports the profiler, the fit, calibration or evaluation (the writer,
-``kvcompile.build.artifact``, stays with the build). Loading checks the format version, every
-file's sha256 and that the manifest and the bundled profile name the same source model
-before anything runs.
+``kvcompile.build.artifact``, stays with the build). :func:`open_artifact` is the one
+verify-and-open sequence every backend runs before anything is served: the manifest's format,
+fields, plan and stored dtype (``runtime.manifest``), every file's sha256, and that the
+manifest and the bundled profile name the same source model.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import yaml
 
-from kvcompile import __version__
-from kvcompile.errors import ArtifactError, ProfileError
-from kvcompile.plan import Plan
-from kvcompile.plan_io import Reader, plan_from_dict
+from kvcompile.errors import ArtifactError
+from kvcompile.runtime.manifest import ARTIFACT_FORMAT, MANIFEST, Manifest, manifest_from_dict
 
-if TYPE_CHECKING:  # imported where used: the onnxruntime backend reads manifests without torch
+if TYPE_CHECKING:  # imported where used: the onnxruntime backend opens artifacts without torch
     import torch
 
-ARTIFACT_FORMAT = "kvcompile-artifact/1"
-MANIFEST = "manifest.yaml"
+    from kvcompile.runtime.engine import Engine
+
+__all__ = ["ARTIFACT_FORMAT", "MANIFEST", "PROFILE", "WEIGHTS", "load_engine", "open_artifact",
+           "read_manifest", "sha256_file", "verify_files"]
 WEIGHTS = "model.safetensors"
+PROFILE = "profile.yaml"
 
 
 def sha256_file(path: Path) -> str:
@@ -35,7 +37,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def open_artifact(directory: Path, verify: bool = True) -> Manifest:
+    """The artifact's checked manifest; with ``verify``, also every file's checksum and the
+    bundled profile's source model. Raises :class:`ArtifactError` (one line) on any mismatch."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if verify:
+        verify_files(directory, manifest)
+        check_source_fingerprint(directory, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """``DIR/manifest.yaml`` read and checked field by field (no checksums)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"artifact {directory} does not exist; build one with `kvcompile build`")
@@ -43,23 +57,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{directory} has no {MANIFEST}: not a kvcompile artifact (or an interrupted copy)")
     try:
-        manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid YAML; rebuild the artifact") from exc
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} is not a manifest mapping; rebuild the artifact")
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(
-            f"{path}: format {manifest.get('format')!r} is not {ARTIFACT_FORMAT!r}; "
-            f"rebuild with this kvcompile ({__version__})"
-        )
-    if not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{path}: files: missing; rebuild the artifact")
-    return manifest
+    return manifest_from_dict(data, str(path))
 
 
-def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    for name, expected in manifest["files"].items():
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    for name, expected in manifest.files.items():
         path = Path(directory) / name
         if not path.is_file():
             raise ArtifactError(f"{path} is missing from the artifact; rebuild it")
@@ -67,37 +72,24 @@ def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST} (corrupt or modified); rebuild the artifact")
 
 
-def check_source_fingerprint(directory: Path, manifest: dict[str, Any]) -> None:
+def check_source_fingerprint(directory: Path, manifest: Manifest) -> None:
     """The manifest and the bundled profile must name the same source model."""
-    profile = yaml.safe_load((Path(directory) / "profile.yaml").read_text(encoding="utf-8"))
-    expected = (manifest.get("source_model") or {}).get("fingerprint")
-    found = (profile.get("model") or {}).get("fingerprint") if isinstance(profile, dict) else None
-    if expected is None or expected != found:
+    path = Path(directory) / PROFILE
+    try:
+        profile = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} cannot be read; rebuild the artifact") from exc
+    model = profile.get("model") if isinstance(profile, dict) else None
+    found = model.get("fingerprint") if isinstance(model, dict) else None
+    if manifest.source_model.fingerprint != found:
         raise ArtifactError(
-            f"{directory}: the manifest's source fingerprint does not match profile.yaml's; rebuild the artifact"
+            f"{directory}: the manifest's source fingerprint does not match {PROFILE}'s; rebuild the artifact"
         )
 
 
-def artifact_plan(manifest: dict[str, Any], source: str) -> Plan:
-    try:
-        return plan_from_dict(manifest.get("plan"), Reader(source))
-    except ProfileError as exc:
-        raise ArtifactError(str(exc)) from exc
-
-
-def artifact_dtype(manifest: dict[str, Any]) -> torch.dtype:
-    """The precision the artifact's weights are stored in (``kvcompile build --dtype``)."""
-    from kvcompile.runtime.placement import resolve_dtype
-
-    try:
-        return resolve_dtype(manifest.get("dtype", "float32"))
-    except Exception as exc:
-        raise ArtifactError(f"{MANIFEST}: dtype {manifest.get('dtype')!r} is not one kvcompile "
-                            f"serves; rebuild the artifact") from exc
-
-
 def load_engine(directory: Path, verify: bool = True, max_context: int | None = None,
-                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+                device: str | torch.device | None = None,
+                dtype: str | torch.dtype | None = None) -> Engine:
     """Verified artifact -> runtime Engine (see ``kvcompile.runtime.load``).
 
     ``dtype`` defaults to the precision the artifact stores; weights, buffers and the cache
@@ -119,12 +111,8 @@ def load_engine(directory: Path, verify: bool = True, max_context: int | None = 
         kernels.enable()
     hf_logging.set_verbosity_error()
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    if verify:
-        verify_files(directory, manifest)
-        check_source_fingerprint(directory, manifest)
-    plan = artifact_plan(manifest, str(directory / MANIFEST))
-    wanted = resolve_dtype(dtype, default=artifact_dtype(manifest))
+    manifest = open_artifact(directory, verify)
+    wanted = resolve_dtype(dtype, default=resolve_dtype(manifest.dtype))
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     state = load_file(str(directory / WEIGHTS), device=str(target))  # bytes checked by sha256 above
@@ -132,7 +120,6 @@ def load_engine(directory: Path, verify: bool = True, max_context: int | None = 
              for name, tensor in state.items()}
     arch = arch_from_config(config)
     model = CompactLM.from_state_dict(arch, config, state)
-    context = max_context or int(manifest.get("max_context") or arch.max_context)
-    engine = Engine(model, plan, tokenizer, max_context=context)
+    engine = Engine(model, manifest.plan, tokenizer, max_context=max_context or manifest.max_context)
     engine.manifest = manifest
     return engine

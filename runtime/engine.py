@@ -26,7 +26,9 @@ from kvcompile.runtime.generation import (
     encode_prompt,
 )
 from kvcompile.runtime.generation import eos_ids as _eos_ids
+from kvcompile.runtime.manifest import Manifest
 from kvcompile.runtime.model import CompactLM
+from kvcompile.runtime.protocols import LayeredKVCache
 
 CUDA_GRAPHS_ENV = "KVCOMPILE_CUDA_GRAPHS"  # "0" turns decode-step capture off (debugging)
 
@@ -40,7 +42,8 @@ class Engine:
         self.arch = model.arch
         self.max_context = max_context or self.arch.max_context
         self.eos_token_ids = tuple(eos_token_ids) or _eos_ids(tokenizer)
-        self.manifest: dict[str, Any] | None = None  # set when loaded from an artifact
+        self.manifest: Manifest | None = None  # set when loaded from an artifact
+        self.buffer_context: int | None = None  # buffers are allocated for each request's context
         if cuda_graphs is None:
             cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -62,7 +65,7 @@ class Engine:
         return Plan.uncompressed(self.arch.n_layers, self.arch.n_kv_heads, self.arch.sliding_windows)
 
     # -- forward --------------------------------------------------------------------------
-    def prefill(self, input_ids: torch.Tensor, caches: Sequence[Any]) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, caches: Sequence[LayeredKVCache]) -> torch.Tensor:
         """Exact causal prefill into one or more caches (same math, different storage).
 
         Returns the last position's logits [B, V]. Attention is computed once, by the first
@@ -88,7 +91,8 @@ class Engine:
             cache.advance(length)
         return logits
 
-    def extend(self, input_ids: torch.Tensor, cache: Any, all_logits: bool = False) -> torch.Tensor:
+    def extend(self, input_ids: torch.Tensor, cache: LayeredKVCache,
+               all_logits: bool = False) -> torch.Tensor:
         """Feed T new tokens through the static-budget cache; logits [B, T, V] or last [B, V]."""
         n_new = input_ids.shape[1]
         check_extend(cache, n_new)
@@ -96,7 +100,8 @@ class Engine:
             return self.decode_step(input_ids, cache)
         return self._forward(input_ids.to(self.device), cache, all_logits)
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any, all_logits: bool) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, cache: LayeredKVCache,
+                 all_logits: bool) -> torch.Tensor:
         """The cached forward pass: device work only (positions come from the cache)."""
         scale = self.arch.attention_scale
 
@@ -111,7 +116,7 @@ class Engine:
         cache.advance(n_new)
         return logits
 
-    def decode_step(self, token_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    def decode_step(self, token_ids: torch.Tensor, cache: LayeredKVCache) -> torch.Tensor:
         """One token per row (``[B, 1]``) -> logits ``[B, V]``; a CUDA graph replay on CUDA.
 
         The caller checks room (:meth:`extend` does). Every step has the same shapes, so the

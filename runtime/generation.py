@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvcompile.errors import ContextLengthError
+from kvcompile.runtime.protocols import KVCache
 
 L = TypeVar("L")  # a backend's logits: a torch tensor or a numpy array
 
@@ -50,7 +51,7 @@ def check_prompt(ids: Sequence[int], max_new_tokens: int, max_context: int) -> N
             f"of {max_context}; shorten the prompt or lower --max-new-tokens")
 
 
-def check_prefill(length: int, caches: Sequence[Any]) -> None:
+def check_prefill(length: int, caches: Sequence[KVCache]) -> None:
     """A prefill of ``length`` tokens needs empty caches with room for it (any backend's)."""
     for cache in caches:
         if length > cache.max_context:
@@ -61,7 +62,7 @@ def check_prefill(length: int, caches: Sequence[Any]) -> None:
             raise ValueError("prefill needs empty caches; call reset() first")
 
 
-def check_extend(cache: Any, n_new: int) -> None:
+def check_extend(cache: KVCache, n_new: int) -> None:
     """Refuse ``n_new`` more tokens that would overflow ``cache`` (any backend's)."""
     if cache.length + n_new > cache.max_context:
         raise ContextLengthError(

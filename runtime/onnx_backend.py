@@ -30,13 +30,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from kvcompile.errors import ArtifactError, ContextLengthError, KVCompileError
 from kvcompile.plan import Plan
 from kvcompile.runtime import onnx_io
-from kvcompile.runtime.artifact import (
-    MANIFEST,
-    artifact_plan,
-    check_source_fingerprint,
-    read_manifest,
-    verify_files,
-)
+from kvcompile.runtime.artifact import MANIFEST, open_artifact
 from kvcompile.runtime.generation import (
     Generation,
     check_extend,
@@ -46,6 +40,7 @@ from kvcompile.runtime.generation import (
     encode_prompt,
     eos_ids,
 )
+from kvcompile.runtime.manifest import Manifest
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -181,13 +176,14 @@ class OnnxEngine:
         self.plan = plan
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_ids(tokenizer)
-        self.manifest: dict[str, Any] | None = None
+        self.manifest: Manifest | None = None  # set when loaded from an artifact
         graphs = self.directory / onnx_io.ONNX_DIR
         options = _session_options(threads, log_severity)
         self.prefill_session = _open(graphs / onnx_io.PREFILL_FILE, options, device)
         self.decode_session = _open(graphs / onnx_io.DECODE_FILE, options, device)
         self.device = "cuda" if CUDA in self.decode_session.get_providers() else "cpu"
         self.graph_context = graph_context  # every full-head buffer's slots
+        self.buffer_context: int | None = graph_context  # whatever context a request asks for
         self.cache_specs = self._cache_specs(graph_context)
         logits = next(o for o in self.decode_session.get_outputs() if o.name == onnx_io.LOGITS)
         self.vocab_size = int(logits.shape[-1])
@@ -290,21 +286,16 @@ def load_onnx_engine(directory: Path, verify: bool = True, max_context: int | No
                      device: str | None = None, threads: int | None = None) -> OnnxEngine:
     """Verified artifact -> :class:`OnnxEngine` (see ``kvcompile.runtime.load``)."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    if verify:
-        verify_files(directory, manifest)
-        check_source_fingerprint(directory, manifest)
-    graphs = manifest.get("onnx")
-    if not graphs:
+    manifest = open_artifact(directory, verify)
+    if manifest.onnx is None:
         raise ArtifactError(f"{directory} has no ONNX graphs (built with --no-onnx); rebuild it "
                             f"without --no-onnx or use --backend torch")
-    plan = artifact_plan(manifest, str(directory / MANIFEST))
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    engine = OnnxEngine(directory, plan, tokenizer, int(graphs["max_context"]),
+    engine = OnnxEngine(directory, manifest.plan, tokenizer, manifest.onnx.max_context,
                         max_context=max_context, device=device, threads=threads)
     engine.manifest = manifest
     return engine

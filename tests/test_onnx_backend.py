@@ -6,6 +6,7 @@ report of a scatter that had to copy its input (the in-place check's control).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from kvcompile.build.artifact import MANIFEST, build_artifact
+from kvcompile.build.artifact import MANIFEST, build_artifact, sha256_file
+from kvcompile.build.report import read_build_report
 from kvcompile.cli import main
 from kvcompile.errors import ArtifactError, KVCompileError
 from kvcompile.models import load_model
@@ -218,3 +220,53 @@ def test_eval_beside_a_bfloat16_artifact_runs_the_baseline_in_the_graphs_float32
                    dtype="bfloat16")
     assert load(tmp_path / "bf16").model.dtype == torch.bfloat16  # served as stored by default
     assert load_for_eval(tmp_path / "bf16", "onnx").torch_engine.model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("damage", ["checksum", "dtype", "fingerprint", "plan"])
+def test_both_backends_open_an_artifact_through_one_verified_sequence(built, tmp_path: Path,
+                                                                      damage: str) -> None:
+    """Whatever is wrong, the torch and onnxruntime backends refuse it with the same line."""
+    import shutil
+
+    copy = tmp_path / "art"
+    shutil.copytree(built["onnx"], copy)
+    manifest = yaml.safe_load((copy / MANIFEST).read_text())
+    if damage == "checksum":
+        config = copy / "config.json"
+        config.write_text(config.read_text().replace("{", "{ ", 1))
+        expected = "config.json does not match its sha256"
+    elif damage == "fingerprint":
+        profile = yaml.safe_load((copy / "profile.yaml").read_text())
+        profile["model"]["fingerprint"] = "sha256:" + "e" * 64
+        (copy / "profile.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+        manifest["files"]["profile.yaml"] = sha256_file(copy / "profile.yaml")
+        expected = "source fingerprint"
+    elif damage == "dtype":
+        manifest["dtype"] = "int8"
+        expected = "dtype: 'int8' is not one kvcompile serves"
+    else:
+        manifest["plan"]["layers"][0]["layer"] = 5
+        expected = "plan.layers[0].layer"
+    (copy / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
+    lines = []
+    for backend in ("torch", "onnx"):
+        with pytest.raises(ArtifactError, match=re.escape(expected)) as info:
+            load(copy, backend=backend)
+        lines.append(str(info.value))
+    assert lines[0] == lines[1] and "\n" not in lines[0]
+
+
+def test_inspect_reads_the_build_report_back(built) -> None:
+    report = read_build_report(built["onnx"])
+    data = json.loads((built["onnx"] / "build-report.json").read_text())
+    assert report.onnx is not None and report.memory.equal and report.parity.passed
+    assert report.onnx.parity.max_abs_logit_diff == \
+        data["onnx"]["parity"]["onnxruntime_vs_torch_runtime_max_abs_logit_diff"]
+    assert report.parity.prompt_tokens == data["parity"]["prompt_tokens"]
+    assert read_build_report(built["plain"]).onnx is None
+    result = CliRunner().invoke(main, ["inspect", str(built["onnx"])])
+    assert result.exit_code == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    diff = data["onnx"]["parity"]["onnxruntime_vs_torch_runtime_max_abs_logit_diff"]
+    assert f"onnxruntime vs torch runtime max |dlogit| = {diff:.2e}" in out
+    assert f"allocated {data['memory']['allocated_kv_bytes']} B" in out

@@ -1,9 +1,12 @@
 """Build the artifact directory (``kvcompile-artifact/1``) atomically.
 
 Build writes everything into a temporary sibling directory and renames it into place, so
-an interrupted build never leaves half an artifact. The reader (format, checksums, plan,
-``load_engine``) lives with the runtime, ``kvcompile.runtime.artifact``, and is re-exported
-here for the build's callers.
+an interrupted build never leaves half an artifact (``build.staging``: temporaries, stale
+ones of builds that were killed, the final rename). A full disk is one line, and leaves
+nothing. The reader (format, checksums, plan, ``load_engine``) lives with the runtime,
+``kvcompile.runtime.artifact``, and is re-exported here for the build's callers; the
+manifest's file form is ``kvcompile.runtime.manifest``'s, the build report's
+``kvcompile.build.report``'s.
 """
 from __future__ import annotations
 
@@ -11,41 +14,57 @@ import copy
 import json
 import os
 import shutil
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from kvcompile import __version__
+from kvcompile.build.report import (
+    BUILD_REPORT,
+    BuildReport,
+    LowPrecisionCheck,
+    MemoryCheck,
+    OnnxBuild,
+    ParityChecks,
+    build_report_json,
+)
+from kvcompile.build.staging import (
+    is_disk_full,
+    make_temporary,
+    move_into_place,
+    remove_stale_temporaries,
+)
 from kvcompile.errors import ArtifactError
+from kvcompile.interrupts import signals_deferred
 from kvcompile.memory import memory_table, plan_bytes
 from kvcompile.metrics import greedy_agreement
 from kvcompile.models import LoadedModel, fingerprint_weights
 from kvcompile.passes import CompiledModel, compile_model
 from kvcompile.plan import Plan
-from kvcompile.plan_io import plan_to_dict
 from kvcompile.profile.record import Profile, check_profile_matches
 from kvcompile.runtime.artifact import (
     ARTIFACT_FORMAT,
     MANIFEST,
+    PROFILE,
     WEIGHTS,
-    artifact_plan,
     load_engine,
+    open_artifact,
     read_manifest,
     sha256_file,
     verify_files,
 )
 from kvcompile.runtime.cache import StaticKVCache
+from kvcompile.runtime.engine import Engine
+from kvcompile.runtime.manifest import Manifest, OnnxGraphs, SourceModel, manifest_to_dict
 from kvcompile.runtime.placement import dtype_name, resolve_dtype
 from kvcompile.yamlio import atomic_write_text, current_umask, dump_yaml
 
-__all__ = ["ARTIFACT_FORMAT", "MANIFEST", "WEIGHTS", "artifact_plan", "build_artifact",
-           "compile_engine", "load_engine", "parity_checks", "read_manifest", "sha256_file",
+__all__ = ["ARTIFACT_FORMAT", "MANIFEST", "WEIGHTS", "build_artifact", "compile_engine",
+           "load_engine", "open_artifact", "parity_checks", "read_manifest", "sha256_file",
            "verify_files"]
 PARITY_DECODE_STEPS = 4
-LOW_PRECISION_MIN_AGREEMENT = 0.8  # greedy tokens of the parity prompt that must survive the cast
 PARITY_PROMPT = "The quick brown fox jumps over the lazy dog. Static KV budgets keep memory flat."
 
 
@@ -57,7 +76,7 @@ def _config_dict(config: Any, dtype: str) -> dict[str, Any]:
     return data
 
 
-def parity_checks(loaded: LoadedModel, compiled: CompiledModel, engine: Any) -> dict[str, Any]:
+def parity_checks(loaded: LoadedModel, compiled: CompiledModel, engine: Engine) -> ParityChecks:
     """Permuted model vs source (same function) and short-prompt runtime vs uncompressed."""
     from kvcompile.runtime.model import exact_attention
 
@@ -70,7 +89,7 @@ def parity_checks(loaded: LoadedModel, compiled: CompiledModel, engine: Any) -> 
             return model.logits(model.hidden_states(tokens, torch.arange(tokens.shape[1]), exact))
 
     permute_diff = float((logits(source, ids) - logits(engine.model, ids)).abs().max())
-    # prefill + DECODE_STEPS steps, all within every budgeted head's token slots: must be exact
+    # prefill + PARITY_DECODE_STEPS steps, all within every budgeted head's token slots: exact
     smallest = min((layer.layout.token_slots for layer in compiled.plan.layers if layer.layout),
                    default=ids.shape[1])
     total = min(ids.shape[1], smallest)
@@ -80,17 +99,13 @@ def parity_checks(loaded: LoadedModel, compiled: CompiledModel, engine: Any) -> 
     steps += [engine.extend(ids[:, t:t + 1], cache) for t in range(prompt, total)]
     reference = logits(source, ids[:, :total])[0, prompt - 1:]
     budget_diff = float((torch.cat(steps) - reference).abs().max())
-    return {
-        "permuted_vs_source_max_abs_logit_diff": permute_diff,
-        "runtime_vs_uncompressed_within_capacity_max_abs_logit_diff": budget_diff,
-        "prompt_tokens": total,
-        "passed": permute_diff < 1e-4 and budget_diff < 1e-3,
-    }
+    return ParityChecks(permuted_vs_source=permute_diff, runtime_vs_uncompressed=budget_diff,
+                        prompt_tokens=total)
 
 
-def compile_engine(loaded: LoadedModel, plan: Plan, max_context: int | None = None):
+def compile_engine(loaded: LoadedModel, plan: Plan,
+                   max_context: int | None = None) -> tuple[CompiledModel, Engine]:
     """Run the passes and return (compiled model, Engine) without writing anything."""
-    from kvcompile.runtime.engine import Engine
     from kvcompile.runtime.model import CompactLM
 
     compiled = compile_model(loaded.arch, loaded.config, loaded.state, plan)
@@ -108,7 +123,7 @@ def parity_ids(tokenizer: Any, vocab_size: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def low_precision_check(engine: Any, tokenizer: Any, dtype: torch.dtype) -> dict[str, Any]:
+def low_precision_check(engine: Engine, tokenizer: Any, dtype: torch.dtype) -> LowPrecisionCheck:
     """The stored precision against float32 on the parity prompt (the fit was made in float32).
 
     Half precision moves logits a little; a wrong cast or a layout bug moves the argmax.
@@ -123,21 +138,21 @@ def low_precision_check(engine: Any, tokenizer: Any, dtype: torch.dtype) -> dict
         low = copy.deepcopy(model).to(dtype)
         logits = low.logits(low.hidden_states(ids, torch.arange(ids.shape[1]), exact)).float()
     agreement = greedy_agreement(reference, logits)
-    return {"dtype": dtype_name(dtype),
-            "max_abs_logit_diff_vs_float32": float((logits - reference).abs().max()),
-            "greedy_agreement_vs_float32": agreement,
-            "passed": agreement >= LOW_PRECISION_MIN_AGREEMENT}
+    return LowPrecisionCheck(dtype=dtype_name(dtype),
+                             max_abs_logit_diff=float((logits - reference).abs().max()),
+                             greedy_agreement=agreement)
 
 
 def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: bool = False,
                    max_context: int | None = None, dtype: str = "float32",
-                   onnx: bool = True) -> dict[str, Any]:
+                   onnx: bool = True) -> BuildReport:
     """Compile ``loaded`` with ``profile`` into ``out_dir``; returns the build report.
 
     Parity is checked in float32; ``dtype`` is the precision the weights are stored (and by
     default served) in, checked against float32 on the parity prompt. ``onnx`` also writes the
     static-budget ONNX graphs (``onnx/``, float32, ``kvcompile.build.onnx_graphs``), checked in
-    onnxruntime against the torch runtime.
+    onnxruntime against the torch runtime. Temporaries of earlier builds into ``out_dir``
+    whose process is gone are removed first.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -147,78 +162,68 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     compiled, engine = compile_engine(loaded, profile.plan, max_context)
     parity = parity_checks(loaded, compiled, engine)
     if stored != torch.float32:
-        parity["low_precision"] = low_precision_check(engine, loaded.tokenizer, stored)
-        parity["passed"] = parity["passed"] and parity["low_precision"]["passed"]
-    if not parity["passed"]:
+        parity = replace(parity, low_precision=low_precision_check(engine, loaded.tokenizer,
+                                                                   stored))
+    if not parity.passed:
         raise ArtifactError(f"parity checks failed, nothing written: {parity}")
     arch = loaded.arch
     context = engine.max_context
     itemsize = stored.itemsize
     allocated = StaticKVCache.allocate(compiled.plan, 1, context, arch.head_dim, arch.group_size,
                                        dtype=stored).nbytes
-    predicted = plan_bytes(compiled.plan, arch, context, itemsize)
-    report = {
-        "format": "kvcompile-build-report/1",
-        "parity": parity,
-        "passes": compiled.log,
-        "memory": {
-            "max_context": context,
-            "dtype": dtype_name(stored),
-            "allocated_kv_bytes": allocated,
-            "predicted_kv_bytes": predicted,
-            "equal": allocated == predicted,
-            "table": memory_table(compiled.plan, arch, itemsize, extra=(context,)),
-        },
-    }
+    memory = MemoryCheck(
+        max_context=context, dtype=dtype_name(stored), allocated_kv_bytes=allocated,
+        predicted_kv_bytes=plan_bytes(compiled.plan, arch, context, itemsize),
+        table=tuple(memory_table(compiled.plan, arch, itemsize, extra=(context,))))
+    # what the weights take on disk (the ONNX graphs hold a float32 copy): for a full disk's line
+    needed = sum(t.numel() * (stored.itemsize if t.is_floating_point() else t.element_size())
+                 + (t.numel() * 4 if onnx else 0) for t in compiled.state.values())
     compiled.state = {name: tensor.to(stored) if tensor.is_floating_point() else tensor
                       for name, tensor in compiled.state.items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir)
+    tmp: Path | None = None
     try:
-        os.chmod(tmp, 0o777 & ~current_umask())
-        _write_files(tmp, loaded, profile, compiled, report, context,
-                     onnx_engine=engine if onnx else None)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(trash / "old")
-            tmp.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = make_temporary(out_dir)
+        graphs = _write_onnx(tmp, loaded, compiled, engine, context) if onnx else None
+        report = BuildReport(parity=parity, passes=tuple(compiled.log), memory=memory,
+                             onnx=graphs)
+        _write_files(tmp, loaded, profile, compiled, report, context)
+        move_into_place(tmp, out_dir)
+    except BaseException as exc:  # an error, SIGINT, SIGTERM (kvcompile.interrupts)
+        disk_full = is_disk_full(exc, out_dir.parent)  # asked while the disk is still full
+        if tmp is not None:
+            with signals_deferred():  # a second signal must not cut the cleanup short
+                shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full:
+            raise ArtifactError(
+                f"no space left on the device of {out_dir.parent} while writing the artifact "
+                f"(about {needed / 2**20:.0f} MiB); free space and build again; nothing was "
+                f"written") from exc
         raise
     return report
 
 
-def _write_onnx(tmp: Path, loaded: LoadedModel, compiled: CompiledModel, engine: Any,
-                max_context: int) -> dict[str, Any]:
+def _write_onnx(tmp: Path, loaded: LoadedModel, compiled: CompiledModel, engine: Engine,
+                max_context: int) -> OnnxBuild:
     """The ONNX graphs into ``tmp/onnx`` and their parity with the torch runtime (fail-closed)."""
     from kvcompile.build.onnx_graphs import onnx_parity, write_onnx
     from kvcompile.runtime import onnx_io
 
-    section = write_onnx(tmp / onnx_io.ONNX_DIR, loaded.build(), compiled.plan, max_context)
+    export = write_onnx(tmp / onnx_io.ONNX_DIR, loaded.build(), compiled.plan, max_context)
     ids = parity_ids(loaded.tokenizer, loaded.arch.vocab_size)
-    section["parity"] = onnx_parity(tmp, engine, ids, PARITY_DECODE_STEPS, max_context)
-    if not section["parity"]["passed"]:
-        raise ArtifactError(f"ONNX parity failed, nothing written: {section['parity']}; "
+    parity = onnx_parity(tmp, engine, ids, PARITY_DECODE_STEPS, max_context)
+    if not parity.passed:
+        raise ArtifactError(f"ONNX parity failed, nothing written: {parity}; "
                             f"build with --no-onnx to skip the ONNX graphs")
-    return section
+    return OnnxBuild(export, parity)
 
 
 def _write_files(tmp: Path, loaded: LoadedModel, profile: Profile, compiled: CompiledModel,
-                 report: dict[str, Any], max_context: int, onnx_engine: Any = None) -> None:
+                 report: BuildReport, max_context: int) -> None:
+    """Everything but the ONNX graphs (already in ``tmp``), the manifest last."""
     from kvcompile.profile.record import profile_to_dict
     from kvcompile.runtime import onnx_io
-
-    onnx_section = None
-    if onnx_engine is not None:  # first: a failed export leaves nothing but the temporary dir
-        report["onnx"] = _write_onnx(tmp, loaded, compiled, onnx_engine, max_context)
-        onnx_section = {"prefill": f"{onnx_io.ONNX_DIR}/{onnx_io.PREFILL_FILE}",
-                        "decode": f"{onnx_io.ONNX_DIR}/{onnx_io.DECODE_FILE}",
-                        "weights": f"{onnx_io.ONNX_DIR}/{onnx_io.WEIGHTS_FILE}",
-                        **{key: report["onnx"][key] for key in ("opset", "domain", "dtype",
-                                                               "max_context")}}
 
     dtype = dtype_name(next(iter(compiled.state.values())).dtype)
     save_file({k: v.contiguous() for k, v in compiled.state.items()}, str(tmp / WEIGHTS),
@@ -229,22 +234,27 @@ def _write_files(tmp: Path, loaded: LoadedModel, profile: Profile, compiled: Com
     loaded.tokenizer.save_pretrained(str(tmp))
     generation = {"eos_token_id": loaded.tokenizer.eos_token_id, "bos_token_id": loaded.tokenizer.bos_token_id}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    (tmp / "profile.yaml").write_text(dump_yaml(profile_to_dict(profile)))
-    (tmp / "build-report.json").write_text(json.dumps(report, indent=2))
+    (tmp / PROFILE).write_text(dump_yaml(profile_to_dict(profile)))
+    (tmp / BUILD_REPORT).write_text(build_report_json(report))
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = {
-        "format": ARTIFACT_FORMAT,
-        "kvcompile_version": __version__,
-        "source_model": {"source": loaded.source, "name": loaded.name, "fingerprint": loaded.fingerprint},
-        "weights_fingerprint": fingerprint_weights(loaded.config, compiled.state),
-        "dtype": dtype,
-        "max_context": max_context,
-        "attention": compiled.attention,
-        "passes": compiled.log,
-        "plan": plan_to_dict(compiled.plan),
-        "onnx": onnx_section,
-        "files": files,
-    }
-    atomic_write_text(tmp / MANIFEST, dump_yaml(manifest))
-
-
+    graphs = None
+    if report.onnx is not None:
+        export = report.onnx.export
+        graphs = OnnxGraphs(prefill=f"{onnx_io.ONNX_DIR}/{onnx_io.PREFILL_FILE}",
+                            decode=f"{onnx_io.ONNX_DIR}/{onnx_io.DECODE_FILE}",
+                            weights=f"{onnx_io.ONNX_DIR}/{onnx_io.WEIGHTS_FILE}",
+                            opset=export.opset, domain=export.domain, dtype=export.dtype,
+                            max_context=export.max_context)
+    manifest = Manifest(
+        source_model=SourceModel(source=loaded.source, name=loaded.name,
+                                 fingerprint=loaded.fingerprint),
+        weights_fingerprint=fingerprint_weights(loaded.config, compiled.state),
+        dtype=dtype,
+        max_context=max_context,
+        attention=compiled.attention,
+        passes=tuple(compiled.log),
+        plan=compiled.plan,
+        onnx=graphs,
+        files=files,
+    )
+    atomic_write_text(tmp / MANIFEST, dump_yaml(manifest_to_dict(manifest)))

@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from kvcompile.build.report import ONNX_PARITY_TOLERANCE, OnnxExport, OnnxParity
 from kvcompile.errors import ArtifactError
 from kvcompile.plan import Plan
 from kvcompile.runtime import onnx_io
+from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.model import CompactLM
 
-ONNX_PARITY_TOLERANCE = 1e-3  # max |logit diff| onnxruntime vs the torch runtime at build time
+__all__ = ["ONNX_PARITY_TOLERANCE", "onnx_parity", "save_shared", "write_onnx"]
 _SKIP_HINT = "build with --no-onnx to skip the ONNX graphs"
 
 
@@ -29,9 +31,9 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
-def write_onnx(directory: Path, model: CompactLM, plan: Plan, max_context: int) -> dict[str, Any]:
+def write_onnx(directory: Path, model: CompactLM, plan: Plan, max_context: int) -> OnnxExport:
     """Export ``model`` (the float32 source, unpermuted), rewrite both graphs for ``plan`` and
-    save them in ``directory``; returns the build report's ``onnx`` section (times, sizes,
+    save them in ``directory``; returns what the build report says of them (times, sizes,
     which passes changed the graphs)."""
     from kvcompile.build.onnx_export import export_source
     from kvcompile.passes.onnx import PassFailed, run_static_budget_passes
@@ -58,12 +60,11 @@ def write_onnx(directory: Path, model: CompactLM, plan: Plan, max_context: int) 
     saved = time.perf_counter()
     files = {name: (directory / name).stat().st_size
              for name in (onnx_io.PREFILL_FILE, onnx_io.DECODE_FILE, onnx_io.WEIGHTS_FILE)}
-    return {
-        "opset": onnx_io.OPSET, "domain": f"{onnx_io.DOMAIN}:{onnx_io.DOMAIN_VERSION}",
-        "dtype": "float32", "max_context": max_context,
-        "export_s": round(exported - started, 2), "passes_s": round(rewritten - exported, 2),
-        "save_s": round(saved - rewritten, 2), "file_bytes": files, "passes": log,
-    }
+    return OnnxExport(
+        opset=onnx_io.OPSET, domain=f"{onnx_io.DOMAIN}:{onnx_io.DOMAIN_VERSION}",
+        dtype="float32", max_context=max_context,
+        export_s=round(exported - started, 2), passes_s=round(rewritten - exported, 2),
+        save_s=round(saved - rewritten, 2), file_bytes=files, passes=log)
 
 
 def save_shared(prefill: ir.Model, decode: ir.Model, directory: Path) -> None:
@@ -81,8 +82,8 @@ def save_shared(prefill: ir.Model, decode: ir.Model, directory: Path) -> None:
     ir.save(decode, directory / onnx_io.DECODE_FILE)
 
 
-def onnx_parity(artifact_dir: Path, engine: Any, ids: Any, steps: int,
-                graph_context: int) -> dict[str, Any]:
+def onnx_parity(artifact_dir: Path, engine: Engine, ids: Any, steps: int,
+                graph_context: int) -> OnnxParity:
     """The written graphs in onnxruntime (function bodies, nothing registered) against the
     torch runtime: prefill ``ids[:, :-steps]``, then ``steps`` decode steps; max |logit diff|."""
     import torch
@@ -100,7 +101,5 @@ def onnx_parity(artifact_dir: Path, engine: Any, ids: Any, steps: int,
             reference = engine.extend(ids[:, t:t + 1], torch_cache).numpy()
             diffs.append(np.abs(onnx_engine.extend(ids[:, t:t + 1].numpy(), onnx_cache)
                                 - reference).max())
-    worst = float(max(diffs))
-    return {"onnxruntime_vs_torch_runtime_max_abs_logit_diff": worst,
-            "prompt_tokens": prompt, "decode_steps": ids.shape[1] - prompt,
-            "passed": worst < ONNX_PARITY_TOLERANCE}
+    return OnnxParity(max_abs_logit_diff=float(max(diffs)), prompt_tokens=prompt,
+                      decode_steps=ids.shape[1] - prompt)

@@ -8,20 +8,22 @@ in onnxruntime, every other plan's in the torch runtime; logits come back as tor
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from kvcompile.plan import Plan
 from kvcompile.runtime.engine import Engine
+from kvcompile.runtime.generation import Generation
+from kvcompile.runtime.manifest import Manifest
 from kvcompile.runtime.onnx_backend import (
     OnnxBackendError,
     OnnxCache,
     OnnxEngine,
     load_onnx_engine,
 )
+from kvcompile.runtime.protocols import KVCache
 
 BACKENDS = ("torch", "onnx")
 
@@ -36,12 +38,12 @@ class OnnxBesideTorch:
         self.arch = torch_engine.arch
         self.tokenizer = torch_engine.tokenizer
         self.plan = onnx_engine.plan
-        self.manifest = torch_engine.manifest
+        self.manifest: Manifest | None = torch_engine.manifest
         self.eos_token_ids = torch_engine.eos_token_ids
         self.max_context = min(torch_engine.max_context, onnx_engine.max_context)
         # the graphs' buffers have this many slots whatever the request: memory ratios compare
         # the baseline allocated for the same context (evaluate.memory_context)
-        self.buffer_context = onnx_engine.graph_context
+        self.buffer_context: int | None = onnx_engine.buffer_context
 
     @property
     def device(self) -> torch.device:
@@ -52,12 +54,12 @@ class OnnxBesideTorch:
         return self.torch_engine.uncompressed_plan()
 
     def allocate(self, batch: int = 1, max_context: int | None = None,
-                 plan: Plan | None = None) -> Any:
+                 plan: Plan | None = None) -> KVCache:
         if plan is None or plan == self.onnx_engine.plan:
             return self.onnx_engine.allocate(batch, max_context)
         return self.torch_engine.allocate(batch, max_context, plan)
 
-    def prefill(self, input_ids: torch.Tensor, caches: Sequence[Any]) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
         """Torch caches share one exact prefill; ONNX caches run the prefill graph. Returns the
         first cache's last logits, as the torch engine does."""
         on_onnx = [cache for cache in caches if isinstance(cache, OnnxCache)]
@@ -70,15 +72,26 @@ class OnnxBesideTorch:
                 self.onnx_engine.prefill(input_ids.cpu().numpy(), on_onnx)).to(self.device)
         return logits["onnx" if isinstance(caches[0], OnnxCache) else "torch"]
 
-    def extend(self, input_ids: torch.Tensor, cache: Any, all_logits: bool = False) -> torch.Tensor:
+    def extend(self, input_ids: torch.Tensor, cache: KVCache,
+               all_logits: bool = False) -> torch.Tensor:
         if isinstance(cache, OnnxCache):
             logits = self.onnx_engine.extend(input_ids.cpu().numpy(), cache, all_logits)
             return torch.from_numpy(logits).to(self.device)
         return self.torch_engine.extend(input_ids, cache, all_logits)
 
+    # -- generation: the artifact's own plan, so the ONNX graphs serve it -----------------
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        return self.onnx_engine.encode(prompt, chat)
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 chat: bool = False, on_text: Callable[[str], None] | None = None) -> Generation:
+        return self.onnx_engine.generate(prompt, max_new_tokens, temperature, top_p, seed, chat,
+                                         on_text)
+
 
 def load_for_eval(directory: Path, backend: str, device: str | None = None,
-                  dtype: str | None = None) -> Any:
+                  dtype: str | None = None) -> Engine | OnnxBesideTorch:
     """The verified artifact's engine for ``kvcompile eval --backend --device --dtype``."""
     from kvcompile.runtime.artifact import load_engine
 

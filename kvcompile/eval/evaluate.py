@@ -248,7 +248,7 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
 def memory_context(engine: Engine, context: int) -> int:
     """The context whose buffers a request of ``context`` tokens really gets: its own in the
     torch runtime; the graphs' build context for ONNX graphs (their buffers are fixed then)."""
-    return getattr(engine, "buffer_context", None) or context
+    return engine.buffer_context or context
 
 
 def _check_source_plans(engine: Engine, plans: Mapping[str, Plan]) -> None:

@@ -1,6 +1,7 @@
 """PNG plots of a profile: where the retrieval heads are, what budgets cost, per-layer capacities."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -10,13 +11,15 @@ from matplotlib.figure import Figure
 from kvcompile.fit.greedy import error_at
 from kvcompile.fit.pipeline import stats_from_profile
 from kvcompile.profile.record import Profile
+from kvcompile.yamlio import atomic_write_bytes
 
 
 def _save(fig: Figure, path: Path) -> None:
+    """Rendered in memory, then written atomically (an interrupt leaves no temporary file)."""
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, png.getvalue())
 
 
 def _heatmap(values: torch.Tensor, labels: list[list[str]], title: str, path: Path, cmap: str) -> None:
