@@ -125,7 +125,7 @@ def test_the_three_caches_satisfy_the_cache_protocol(engines) -> None:
                              torch_engine.arch.group_size)]
     assert [type(c) for c in caches] == [StaticKVCache, OnnxCache, ReorderedCache]
     served = torch_engine.plan.to_served(permuted_by=torch_engine.plan)
-    for cache, plan in zip(caches, (torch_engine.plan, torch_engine.plan, served)):
+    for cache, plan in zip(caches, (torch_engine.plan, torch_engine.plan, served), strict=True):
         assert conformance(cache, KVCache) == []
         assert cache.length == 0 and cache.max_context == CONTEXT
         assert cache.nbytes == static.nbytes and cache.plan == plan
