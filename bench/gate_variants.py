@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# tests.regressions is test support, outside the package: import it from this checkout
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from kvcompile.build.artifact import build_artifact, load_engine
-from kvcompile.eval.evaluate import EvalConfig
-from kvcompile.eval.report import ContinuationRow, Interval, Report, report_to_dict
-from kvcompile.gate.checks import evaluate as evaluate_gate
-from kvcompile.gate.loader import load_rules
-from kvcompile.gate.render import render_table
-from kvcompile.models import load_model
-from kvcompile.profile.record import load_profile
-from tests.regressions import evaluate_with_regressions
+import torch  # noqa: E402
+
+from kvcompile.build.artifact import build_artifact, load_engine  # noqa: E402
+from kvcompile.eval.evaluate import EvalConfig  # noqa: E402
+from kvcompile.eval.report import ContinuationRow, Interval, Report, report_to_dict  # noqa: E402
+from kvcompile.gate.checks import evaluate as evaluate_gate  # noqa: E402
+from kvcompile.gate.loader import load_rules  # noqa: E402
+from kvcompile.gate.render import render_table  # noqa: E402
+from kvcompile.models import load_model  # noqa: E402
+from kvcompile.profile.record import load_profile  # noqa: E402
+from tests.regressions import evaluate_with_regressions  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

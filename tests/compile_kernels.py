@@ -6,6 +6,8 @@ runtime launches into a cubin, which catches what the interpreter forgives (type
 shapes, lowering). Prints, per variant, facts about the machine code as JSON: PTX instruction
 counts, shared memory, registers and local memory (register spills). Arguments are specialised
 as Triton's JIT specialises the runtime's calls (unit strides, 16-aligned pointers).
+:func:`problems` states what those facts must show; importing this module compiles nothing and
+leaves ``TRITON_INTERPRET`` alone, so the test can check that rule on synthetic PTX too.
 
     python -m tests.compile_kernels
 """
@@ -18,18 +20,43 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from kvcompile.runtime import triton_kernels as tk  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
 INSTRUCTIONS = ("div.rn.f32", "div.full.f32", "div.approx.f32", "fma.rn.f32", "mul.rn.f32",
                 "bar.sync", "mma.sync", "cvt.rn.bf16.f32", "ex2.approx.f32")
+# every tensor-core product: mma.sync (Ampere style) and wgmma.mma_async (Hopper)
+TENSOR_CORE = re.compile(r"(?<![\w.])(?:mma|wgmma\.mma_async)\.")
+
+
+def instruction_facts(ptx: str) -> dict[str, int]:
+    """Counts of the instructions the checks read, from one variant's PTX."""
+    facts = {op: len(re.findall(re.escape(op) + r"\b", ptx)) for op in INSTRUCTIONS}
+    facts["mma"] = len(TENSOR_CORE.findall(ptx))
+    facts["cp.async"] = len(re.findall(r"cp\.async\.", ptx))  # loads pipelined through shared
+    return facts
+
+
+def problems(facts: dict[str, dict]) -> list[str]:
+    """What is wrong with the compiled variants (empty: nothing). No variant spills registers;
+    the update's fold keeps the reference's roundings (IEEE division, no FMA, a barrier between
+    its reads and writes); decode attention pipelines its K/V loads through shared memory
+    (cp.async); half-precision decode runs its products on tensor cores, and an fp32 variant
+    runs none there (a tensor-core product of fp32 inputs is tf32: 10 mantissa bits)."""
+    found = []
+    for name, fact in facts.items():
+        if fact["local_bytes"] != 0:
+            found.append(f"{name}: {fact['local_bytes']} B of spilled registers")
+        if "fp32" in name and fact["mma"] != 0:
+            found.append(f"{name}: {fact['mma']} tensor-core products (tf32) in an fp32 variant")
+        if name.startswith("cache update"):
+            if fact["div.rn.f32"] == 0 or fact["bar.sync"] == 0:
+                found.append(f"{name}: no IEEE division or no barrier")
+            if fact["fma.rn.f32"] or fact["div.full.f32"] or fact["div.approx.f32"]:
+                found.append(f"{name}: FMA or approximate division in the fold")
+        elif "decode" in name:
+            if fact["cp.async"] == 0:
+                found.append(f"{name}: K/V loads not pipelined (no cp.async)")
+            if "fp32" not in name and fact["mma"] == 0:
+                found.append(f"{name}: half-precision products not on tensor cores")
+    return found
 
 
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
@@ -66,13 +93,16 @@ def _compile(kernel, pointers: dict[str, str], config: dict, **constexprs) -> di
                  for name in kernel.arg_names}
     for name in constexprs:
         signature[name] = "constexpr"
-    backend = triton.compiler.make_backend(TARGET)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)  # Hopper
+    backend = triton.compiler.make_backend(target)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=TARGET,
+    compiled = triton.compile(source, target=target,
                               options=backend.parse_options(options).__dict__)
-    ptx = compiled.asm["ptx"]
-    facts = {op: len(re.findall(re.escape(op) + r"\b", ptx)) for op in INSTRUCTIONS}
-    facts["cp.async"] = len(re.findall(r"cp\.async\.", ptx))  # loads pipelined through shared
+    facts: dict = instruction_facts(compiled.asm["ptx"])
     facts["shared_bytes"] = compiled.metadata.shared
     facts.update(_resources(compiled.asm["cubin"]))
     return facts
@@ -81,6 +111,8 @@ def _compile(kernel, pointers: dict[str, str], config: dict, **constexprs) -> di
 def _resources(cubin: bytes) -> dict[str, int | None]:
     """Registers per thread and local memory (spilled registers) of the cubin, read by the
     cuobjdump Triton ships; None where it is missing."""
+    import triton
+
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
         return {"registers": None, "local_bytes": None}
@@ -98,6 +130,10 @@ def _resources(cubin: bytes) -> dict[str, int | None]:
 
 def variants() -> dict[str, dict]:
     """The variants the runtime launches (bf16 and fp32; head dim 64 and 128; group 3)."""
+    import torch
+
+    from kvcompile.runtime import triton_kernels as tk  # compiled: the interpreter must be off
+
     out = {}
     for dtype, name, head_dim in ((torch.bfloat16, "bf16", 64), (torch.bfloat16, "bf16", 128),
                                   (torch.float32, "fp32", 64)):
@@ -121,4 +157,5 @@ def variants() -> dict[str, dict]:
 
 
 if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # read when the kernels module is imported
     json.dump(variants(), sys.stdout)

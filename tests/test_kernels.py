@@ -33,6 +33,7 @@ else:
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan  # noqa: E402
 from kvcompile.runtime import kernels, ops  # noqa: E402
 from kvcompile.runtime import triton_kernels as tk  # noqa: E402
+from tests import compile_kernels  # noqa: E402
 from tests.test_ops import random_bias  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -260,21 +261,51 @@ def test_kernels_compile_for_hopper_with_the_arithmetic_the_tests_assume() -> No
     """Triton's compiler builds every variant for sm_90 (no GPU needed), without register
     spills; the update's fold keeps the reference's roundings (IEEE division, no FMA, a barrier
     between its reads and writes); decode attention pipelines its K/V loads through shared
-    memory (cp.async), and in half precision runs its products on tensor cores."""
+    memory (cp.async), in half precision runs its products on tensor cores, and in fp32 runs
+    none there (tf32 would round its inputs to 10 mantissa bits): ``compile_kernels.problems``."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "tests.compile_kernels"], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout)
     assert len(facts) == 12
-    for name, found in facts.items():
-        assert found["local_bytes"] == 0, name
-        if name.startswith("cache update"):
-            assert found["div.rn.f32"] > 0 and found["bar.sync"] > 0, name
-            assert found["fma.rn.f32"] == found["div.full.f32"] == found["div.approx.f32"] == 0
-        elif "decode" in name:
-            assert found["cp.async"] > 0, name
-            assert found["mma.sync"] > 0 or "fp32" in name, name
+    assert sum("fp32" in name for name in facts) == 4
+    assert compile_kernels.problems(facts) == []
+
+
+# PTX lines as Triton writes them for sm_90: a tf32 product (what tl.dot makes of fp32 inputs
+# unless told "ieee"), a bf16 one, Hopper's warpgroup form, and the fp32 FMA a ieee dot becomes
+_TF32 = "\tmma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1, %f2, %f3, %f4}, {%r1}, {%r2};\n"
+_BF16 = "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r1}, {%r2};\n"
+_WGMMA = "\twgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%f1}, %rd1, %rd2, p, 1, 1;\n"
+_FMA = "\tfma.rn.f32 %f5, %f6, %f7, %f8;\n\twgmma.fence.sync.aligned;\n"
+_DECODE = "\tcp.async.cg.shared.global [ %r3 + 0 ], [ %rd4 + 0 ], 0x10, %r5;\n"
+
+
+def _variant(ptx: str) -> dict:
+    return {**compile_kernels.instruction_facts(ptx), "local_bytes": 0}
+
+
+@pytest.mark.parametrize("products,allowed", [
+    (_FMA * 64, True),
+    (_FMA + _TF32, False),
+    (_FMA + _WGMMA, False),
+    (_FMA + _BF16 * 4, False),
+])
+def test_the_compile_check_refuses_any_tensor_core_product_in_fp32(products: str,
+                                                                  allowed: bool) -> None:
+    """The rule the compiled check applies, on synthetic PTX: an fp32 decode variant with one
+    mma (tf32, bf16 or Hopper's wgmma) is a problem; a bf16 one needs them."""
+    facts = {"budgeted decode fp32 d64": _variant(_DECODE + products),
+             "budgeted decode bf16 d64": _variant(_DECODE + _BF16)}
+    found = compile_kernels.problems(facts)
+    assert found == ([] if allowed else [f"budgeted decode fp32 d64: "
+                                         f"{facts['budgeted decode fp32 d64']['mma']} tensor-core "
+                                         f"products (tf32) in an fp32 variant"])
+    without = {"split-K decode bf16 d64": _variant(_DECODE + _FMA)}
+    assert compile_kernels.problems(without) == [
+        "split-K decode bf16 d64: half-precision products not on tensor cores"]
+    assert compile_kernels.instruction_facts(_FMA + _WGMMA)["mma"] == 1  # the fence is no product
 
 
 # -- the registered implementations: kernels where they apply, the reference elsewhere ----------

@@ -366,10 +366,48 @@ def test_cache_update_body_stores_the_one_compensation_bias(count: int) -> None:
 # ------------------------------------------------------------------ the rewritten graphs
 
 
+def _torch_state(cache, filled: int) -> dict[str, np.ndarray]:
+    """A one-row torch cache as the graphs' ``present.*`` tensors of that row (full buffers cut
+    to their ``filled`` slots; the slots after them hold nothing)."""
+    state = {}
+    for index, layer in enumerate(cache.layers):
+        if layer.full is not None:
+            for part, buffer in zip(onnx_io.FULL_PARTS, (layer.full.k, layer.full.v), strict=True):
+                state[onnx_io.present(index, part)] = buffer[0, :, :filled].numpy()
+        if layer.budgeted is not None:
+            kept = layer.budgeted
+            for part, buffer in zip(onnx_io.BUDGET_PARTS, (kept.k, kept.v, kept.bias, kept.counters),
+                                    strict=True):
+                state[onnx_io.present(index, part)] = buffer[0].numpy()
+    return state
+
+
+def _assert_rows_equal(logits: np.ndarray, found: dict[str, np.ndarray], expected: list,
+                       caches: list, filled: int) -> None:
+    """Each row of the graph's logits and state equals its own single-row torch run."""
+    for row, (want, cache) in enumerate(zip(expected, caches, strict=True)):
+        np.testing.assert_allclose(logits[row], want[0].numpy(), atol=1e-4, rtol=0)
+        state = _torch_state(cache, filled)
+        assert set(state) == set(found)  # every state tensor of the graph is compared
+        for name, value in state.items():
+            got = found[name][row]
+            if name.endswith(onnx_io.FULL_PARTS):
+                got = got[:, :filled]
+            if name.endswith("budget_counters"):
+                np.testing.assert_array_equal(got, value, err_msg=f"row {row} {name}")
+            elif name.endswith("budget_bias"):
+                np.testing.assert_allclose(got, value, atol=1e-6, rtol=0, err_msg=f"row {row} {name}")
+            else:  # keys and values: float32 noise, relative to their size after a few layers
+                np.testing.assert_allclose(got, value, atol=1e-5, rtol=1e-5,
+                                           err_msg=f"row {row} {name}")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_budget_graphs_equal_the_torch_runtime(family: str) -> None:
-    """Prefill past every capacity, then 40 decode steps: the compressed state and every
-    step's logits equal the torch runtime's (batch 2, function bodies, nothing registered)."""
+    """Batch 2, rows of different tokens: after a prefill past every capacity and after each of
+    40 decode steps, each row's logits and whole cache state (full buffers, budgeted slots, bias,
+    counters) equal that row's own single-row torch runtime (function bodies, nothing
+    registered). Rows of different lengths are out of reach: the graphs take one past length."""
     loaded, prefill, decode = source(family)
     arch = loaded.arch
     plan = tiny_plan(arch, selection="key_norm" if family == "qwen2" else "attention")
@@ -379,35 +417,27 @@ def test_static_budget_graphs_equal_the_torch_runtime(family: str) -> None:
     prompt, steps = 30, 40
     tokens = ids(2, prompt + steps, seed=5)
     assert prompt > max(layer.layout.capacity for layer in plan.layers if layer.layout)
-    cache = engine.allocate(2, max_context=CONTEXT)
-    expected = engine.prefill(torch.from_numpy(tokens[:, :prompt]), [cache]).numpy()
+    assert (tokens[0] != tokens[1]).mean() > 0.9  # different content in every stretch
+    caches = [engine.allocate(1, max_context=CONTEXT) for _ in range(2)]
+    expected = [engine.prefill(torch.from_numpy(tokens[row:row + 1, :prompt]), [caches[row]])
+                for row in range(2)]
     logits, *state = session(prefill).run(None, {onnx_io.INPUT_IDS: tokens[:, :prompt]})
-    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
     names = [value.name for value in prefill.graph.outputs[1:]]
     found = dict(zip(names, state, strict=True))
-    for index, layer in enumerate(cache.layers):
-        if layer.full is not None:
-            np.testing.assert_allclose(found[onnx_io.present(index, "full_key")][:, :, :prompt],
-                                       layer.full.k[:, :, :prompt].numpy(), atol=1e-5, rtol=0)
-        if layer.budgeted is not None:
-            kept = layer.budgeted
-            np.testing.assert_allclose(found[onnx_io.present(index, "budget_key")],
-                                       kept.k.numpy(), atol=1e-5, rtol=0)
-            np.testing.assert_allclose(found[onnx_io.present(index, "budget_value")],
-                                       kept.v.numpy(), atol=1e-5, rtol=0)
-            np.testing.assert_allclose(found[onnx_io.present(index, "budget_bias")],
-                                       kept.bias.numpy(), atol=1e-6, rtol=0)
-            np.testing.assert_array_equal(found[onnx_io.present(index, "budget_counters")],
-                                          kept.counters.numpy())
+    _assert_rows_equal(logits, found, expected, caches, prompt)
+    assert np.abs(logits[0] - logits[1]).max() > 1e-2  # the rows cannot stand in for each other
+    assert all(layer.budgeted is None or layer.budgeted.counters[0, 1] > layer.budgeted.layout.window
+               for layer in caches[0].layers)  # every ring wrapped
     step = session(decode)
     for t in range(prompt, prompt + steps):
-        expected = engine.extend(torch.from_numpy(tokens[:, t:t + 1]), cache).numpy()
+        expected = [engine.extend(torch.from_numpy(tokens[row:row + 1, t:t + 1]), caches[row])
+                    for row in range(2)]
         feed = {onnx_io.INPUT_IDS: tokens[:, t:t + 1],
                 onnx_io.PAST_LENGTH: np.full(2, t, dtype=np.int64),
                 **{name.replace("present.", "past.", 1): value for name, value in found.items()}}
         logits, *state = step.run(None, feed)
         found = dict(zip(names, state, strict=True))
-        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+        _assert_rows_equal(logits, found, expected, caches, t + 1)
 
 
 # ------------------------------------------------------------------ the pass manager

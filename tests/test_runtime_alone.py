@@ -64,12 +64,15 @@ def test_bfloat16_artifact_halves_the_weights_and_serves_in_bfloat16(artifacts) 
     assert load(half, dtype="float32").model.dtype == torch.float32  # upcast on request
     ids = torch.tensor([[5, 9, 11, 3, 40, 41, 7, 7, 19, 23, 60, 2, 8]])
     logits = {}
-    for name, engine in (("low", low), ("ref", ref)):
+    for name, engine, dtype in (("low", low, torch.bfloat16), ("ref", ref, torch.float32)):
         cache = engine.allocate(1, max_context=32)
         steps = [engine.prefill(ids[:, :8], [cache])]
         steps += [engine.extend(ids[:, t:t + 1], cache) for t in range(8, ids.shape[1])]
         logits[name] = torch.stack(steps).float()
-    assert cache.layers[0].budgeted is None or cache.layers[0].budgeted.k.dtype == torch.float32
+        # every key and value buffer, full and budgeted, holds the engine's precision
+        buffers = [buf for layer in cache.layers for buf in (layer.full, layer.budgeted) if buf]
+        assert {type(buf).__name__ for buf in buffers} == {"FullBuffer", "BudgetedBuffer"}
+        assert {t.dtype for buf in buffers for t in (buf.k, buf.v)} == {dtype}, name
     probs = (logits["low"].softmax(-1) - logits["ref"].softmax(-1)).abs().max()
     assert 0 < probs < 0.05
 

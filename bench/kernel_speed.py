@@ -43,9 +43,9 @@ Three tables, on one device:
 Without a GPU the script still runs every table on CPU (reference implementations, CPU-sized
 contexts) and says that no GPU was present; the GPU goals are then not assessed.
 
-    python bench/kernels.py --markdown                       # GPU: 8K/32K/128K, bfloat16
-    python bench/kernels.py --artifact /tmp/bench/artifact   # + end-to-end decode
-    python bench/kernels.py --interpret                      # CPU: + the kernels, interpreted
+    python bench/kernel_speed.py --markdown                       # GPU: 8K/32K/128K, bfloat16
+    python bench/kernel_speed.py --artifact /tmp/bench/artifact   # + end-to-end decode
+    python bench/kernel_speed.py --interpret                      # CPU: + the kernels, interpreted
 """
 from __future__ import annotations
 
