@@ -11,15 +11,16 @@ import torch
 from kvcompile.arch import ArchSpec, arch_from_config
 from kvcompile.errors import ProfileError
 from kvcompile.passes import ATTENTION_NAME, PASSES, compile_model
-from kvcompile.plan import BudgetLayout, HeadOrder, LayerPlan, Plan
+from kvcompile.plan import BudgetLayout, HeadOrder, LayerPlan, Plan, Selection
 from kvcompile.runtime.model import CompactLM
 from tests.tiny import VOCAB, compact_logits, state_of, tiny_hf_model
 
 LAYOUT = BudgetLayout(sinks=2, compensation=1, selected=1, window=4)
 
 
-def random_plan(n_layers: int, n_kv: int, seed: int) -> Plan:
-    """Random full heads per layer (possibly none or all), budgeted in a random order too."""
+def random_plan(n_layers: int, n_kv: int, seed: int, layout: BudgetLayout = LAYOUT,
+                selection: Selection = Selection()) -> Plan:
+    """Random full heads per layer (possibly none or all), both groups in a random order."""
     rng = random.Random(seed)
     layers = []
     for _ in range(n_layers):
@@ -27,8 +28,8 @@ def random_plan(n_layers: int, n_kv: int, seed: int) -> Plan:
         rng.shuffle(heads)
         n_full = rng.randint(0, n_kv)
         full, budgeted = tuple(heads[:n_full]), tuple(heads[n_full:])
-        layers.append(LayerPlan(full, budgeted, LAYOUT if budgeted else None))
-    return Plan(tuple(layers))
+        layers.append(LayerPlan(full, budgeted, layout if budgeted else None))
+    return Plan(tuple(layers), selection=selection)
 
 
 def _double_model(family: str, seed: int) -> tuple[Any, ArchSpec, dict[str, torch.Tensor]]:

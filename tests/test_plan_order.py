@@ -9,11 +9,12 @@ import torch
 
 from kvcompile.errors import ProfileError
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
-from kvcompile.plan import BudgetLayout, HeadOrder, LayerPlan, Plan, Selection, head_rows
+from kvcompile.plan import BudgetLayout, HeadOrder, Plan, Selection, head_rows
 from kvcompile.plan_io import Reader, plan_from_dict, plan_to_dict
 from kvcompile.profile.record import load_profile
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
+from tests.test_passes import random_plan as random_passes_plan
 from tests.tiny import tiny_loaded
 
 SHIPPED = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
@@ -22,15 +23,7 @@ LAYOUT = BudgetLayout(1, 1, 1, 2)
 
 def random_plan(n_layers: int, n_kv: int, seed: int) -> Plan:
     """Random full heads per layer, both groups in a random (unsorted) order."""
-    rng = random.Random(seed)
-    layers = []
-    for _ in range(n_layers):
-        heads = list(range(n_kv))
-        rng.shuffle(heads)
-        n_full = rng.randint(0, n_kv)
-        full, budgeted = tuple(heads[:n_full]), tuple(heads[n_full:])
-        layers.append(LayerPlan(full, budgeted, LAYOUT if budgeted else None))
-    return Plan(tuple(layers), selection=Selection("key_norm"))
+    return random_passes_plan(n_layers, n_kv, seed, layout=LAYOUT, selection=Selection("key_norm"))
 
 
 # ----------------------------------------------------------------- the one index helper
