@@ -22,6 +22,7 @@ Comparisons tolerate float rounding (``EPS``): 1.0 - 0.98 passes ``max_drop: 0.0
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,7 +51,7 @@ def _missing(detail: str) -> RowCheck:
 
 
 @dataclass(frozen=True)
-class Rule:
+class Rule(ABC):
     """What every rule kind has: where it applies and what power it must have."""
 
     index: int  # position in the rules file (0-based, as in error messages)
@@ -71,15 +72,17 @@ class Rule:
         """Short label for tables: the user's ``name`` or ``kind threshold``."""
         return self.name or f"{self.kind} {self.threshold:g}"
 
+    @abstractmethod
     def carries(self, row: Row) -> bool:
         """Whether ``row`` has this rule's metric (rules without ``task`` check those rows)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def check(self, row: Row) -> RowCheck:
-        raise NotImplementedError
+        """The threshold check on one row."""
 
+    @abstractmethod
     def power(self, row: Row) -> Power:
-        raise NotImplementedError
+        """What the check can detect at this row's sample size."""
 
     def _compare(self, name: str, value: float, spec: str = ".4g") -> RowCheck:
         """The threshold check on a measured value, with its one-line reason."""
@@ -103,10 +106,10 @@ class AccuracyRule(Rule):
     def carries(self, row: Row) -> bool:
         return isinstance(row, AccuracyRow)
 
+    @abstractmethod
     def fails(self, base_acc: float | None, art_acc: float, art_hi: float) -> bool:
         """The verdict on an artifact accuracy (and its 95% upper bound ``art_hi``): the one
         definition used both to judge a row and to find the counts that fail at a given n."""
-        raise NotImplementedError
 
     def power(self, row: Row) -> Power:
         if not isinstance(row, AccuracyRow) or row.n is None:
@@ -174,8 +177,9 @@ class MaxDrop(AccuracyRule):
 class ContinuousRule(Rule):
     """A mean over the row's continuations: normal-approximation power from its spread."""
 
+    @abstractmethod
     def standard_error(self, row: ContinuationRow) -> float | None:
-        raise NotImplementedError
+        """The standard error of the row's mean, from its per-case values or its interval."""
 
     def power(self, row: Row) -> Power:
         if not isinstance(row, ContinuationRow):
