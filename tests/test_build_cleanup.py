@@ -147,7 +147,7 @@ def test_only_dead_processes_on_this_host_own_stale_temporaries(tmp_path: Path) 
     host = staging.host_name()
     names = {f".a.b.tmp-{dead}@{host}-x1y2z3_4": True, f".a.b.old-{dead}@{host}-abcdefgh": True,
              f".a.b.tmp-{os.getpid()}@{host}-abcdefgh": False,
-             f".a.b.tmp-{dead}@not-{host}-abcdefgh": False, f".aXb.tmp-{dead}@{host}-abcdefgh": False,
+             f".a.b.tmp-{dead}@elsewhere.example-abcdefgh": False, f".aXb.tmp-{dead}@{host}-abcdefgh": False,
              f".a.b.tmp-{dead}@{host}": False, ".a.b.tmp-abcdefgh": False}
     for name in names:
         (tmp_path / name).mkdir()
@@ -261,6 +261,8 @@ def test_a_full_disk_is_told_from_other_errors(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 4096))
     assert staging.is_disk_full(short_write, tmp_path)
     assert not staging.is_disk_full(KeyboardInterrupt(), tmp_path)
+    from kvcompile.errors import ArtifactError  # not an I/O error: a failed check stays itself
+    assert not staging.is_disk_full(ArtifactError("ONNX parity failed"), tmp_path)
 
 
 def test_a_signal_during_the_final_swap_waits_until_it_is_done(tmp_path: Path, monkeypatch) -> None:

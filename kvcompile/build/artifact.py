@@ -225,7 +225,7 @@ def _write_files(tmp: Path, loaded: LoadedModel, profile: Profile, compiled: Com
     from kvcompile.profile.record import profile_to_dict
     from kvcompile.runtime import onnx_io
 
-    dtype = dtype_name(next(iter(compiled.state.values())).dtype)
+    dtype = report.memory.dtype  # the stored precision, as the build report states it
     save_file({k: v.contiguous() for k, v in compiled.state.items()}, str(tmp / WEIGHTS),
               metadata={"format": "pt", "kvcompile": ARTIFACT_FORMAT})
     os.chmod(tmp / WEIGHTS, 0o666 & ~current_umask())  # safetensors writes 0600; artifacts are shared

@@ -119,15 +119,17 @@ def is_disk_full(exc: BaseException, directory: Path | None = None) -> bool:
     device has (next to) no space left (numpy reports a short write without an errno). Ask
     before removing what was written, while the disk is still full."""
     seen: set[int] = set()
+    io_error = False
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        io_error = io_error or isinstance(current, OSError)
         if isinstance(current, OSError) and current.errno in _DISK_FULL:
             return True
         if any(f"(os error {code})" in str(current) for code in _DISK_FULL):
             return True
         current = current.__cause__ or current.__context__
-    if directory is None or isinstance(exc, KeyboardInterrupt):
+    if directory is None or not io_error:  # a failed check or a signal is not a full disk
         return False
     try:
         return shutil.disk_usage(directory).free < _NEARLY_FULL
