@@ -20,7 +20,7 @@ from policies import load_runs, table  # bench/ is on sys.path when this script 
 
 from kvcompile.errors import KVCompileError
 from kvcompile.eval.report import AccuracyRow, AccuracySide, ContinuationRow, NllSide, Report, Row
-from kvcompile.stats import wilson_interval
+from kvcompile.stats import nll_increase, wilson_interval
 
 
 def _accuracy(correct: int, n: int) -> AccuracySide:
@@ -48,7 +48,7 @@ def _pooled_task(rows: list[Row]) -> Row:
     tokens = sum(int(_need(r.agreement_n)) for r in cont)
     return ContinuationRow(
         first.task, first.length, n, baseline=NllSide(nll=base), artifact=NllSide(nll=art),
-        nll_increase=art / base - 1, kl=sum(_need(r.n) * _need(r.kl) for r in cont) / n,
+        nll_increase=nll_increase(art, base), kl=sum(_need(r.n) * _need(r.kl) for r in cont) / n,
         agreement=sum(_need(r.agreement_n) * _need(r.agreement) for r in cont) / tokens, agreement_n=tokens,
     )
 

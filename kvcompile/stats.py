@@ -75,6 +75,12 @@ def mean_ci(values: Iterable[float], z: float = Z95) -> tuple[float, float, floa
     return mean, mean - half, mean + half
 
 
+def nll_increase(value: float, baseline: float) -> float:
+    """Relative NLL increase over the baseline's: ``value / baseline - 1`` (0 = as good).
+    Here rather than in ``metrics`` so that reading a report needs no torch."""
+    return value / baseline - 1
+
+
 def relative_increase_ci(
     treated: Iterable[float], reference: Iterable[float], z: float = Z95
 ) -> tuple[float, float, float]:

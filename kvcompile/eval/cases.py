@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from kvcompile.errors import KVCompileError
+from kvcompile.eval.report import CONTINUATION_TASK
 from kvcompile.eval.tasks import EvalCase
 from kvcompile.textsource import bos_prefix, encode_text
 
 ANSWERS_TASK = "answers"
-CONTINUATION_TASK = "continuation"
 
 
 class CasesError(KVCompileError):

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from kvcompile.errors import KVCompileError
 from kvcompile.memory import memory_ratio
 from kvcompile.plan_io import Reader
-from kvcompile.stats import wilson_interval
+from kvcompile.stats import nll_increase, wilson_interval
 from kvcompile.yamlio import atomic_write_bytes
 
 REPORT_FORMAT = "kvcompile-report/1"
@@ -175,7 +175,7 @@ class ContinuationRow:
         NLL is not positive (a relative increase is undefined)."""
         base, art = self.baseline.nll, self.artifact.nll
         if base is not None and art is not None:
-            return art / base - 1.0 if base > 0 else None
+            return nll_increase(art, base) if base > 0 else None
         return self.nll_increase
 
 
