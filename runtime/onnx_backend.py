@@ -183,11 +183,15 @@ class OnnxEngine:
         self.decode_session = _open(graphs / onnx_io.DECODE_FILE, options, device)
         self.device = "cuda" if CUDA in self.decode_session.get_providers() else "cpu"
         self.graph_context = graph_context  # every full-head buffer's slots
-        self.buffer_context: int | None = graph_context  # whatever context a request asks for
         self.cache_specs = self._cache_specs(graph_context)
         logits = next(o for o in self.decode_session.get_outputs() if o.name == onnx_io.LOGITS)
         self.vocab_size = int(logits.shape[-1])
         self.max_context = min(max_context or graph_context, graph_context)
+
+    @property
+    def buffer_context(self) -> int:
+        """Every full-head buffer has the graphs' slots, whatever context a request asks for."""
+        return self.graph_context
 
     def _cache_specs(self, graph_context: int) -> list[onnx_io.CacheTensor]:
         """The cache tensors the decode graph declares, checked against the manifest's plan

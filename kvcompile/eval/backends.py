@@ -41,9 +41,12 @@ class OnnxBesideTorch:
         self.manifest: Manifest | None = torch_engine.manifest
         self.eos_token_ids = torch_engine.eos_token_ids
         self.max_context = min(torch_engine.max_context, onnx_engine.max_context)
-        # the graphs' buffers have this many slots whatever the request: memory ratios compare
-        # the baseline allocated for the same context (evaluate.memory_context)
-        self.buffer_context: int | None = onnx_engine.buffer_context
+
+    @property
+    def buffer_context(self) -> int | None:
+        """The graphs' buffers have this many slots whatever the request: memory ratios compare
+        the baseline allocated for the same context (evaluate.memory_context)."""
+        return self.onnx_engine.buffer_context
 
     @property
     def device(self) -> torch.device:
