@@ -35,14 +35,6 @@ class CompiledModel:
     state: dict[str, torch.Tensor]
     plan: Plan
 
-    @property
-    def attention(self) -> str:
-        return ATTENTION_NAME
-
-    @property
-    def log(self) -> list[str]:
-        return list(PASSES)
-
 
 def check_plan(arch: ArchSpec, plan: Plan) -> None:
     """The plan must be in source order and describe exactly this model's layers, heads and

@@ -41,7 +41,7 @@ from kvcompile.interrupts import signals_deferred
 from kvcompile.memory import memory_table, plan_bytes
 from kvcompile.metrics import greedy_agreement
 from kvcompile.models import LoadedModel, fingerprint_weights
-from kvcompile.passes import CompiledModel, compile_model
+from kvcompile.passes import ATTENTION_NAME, PASSES, CompiledModel, compile_model
 from kvcompile.plan import Plan
 from kvcompile.profile.record import Profile, check_profile_matches
 from kvcompile.runtime.artifact import (
@@ -186,7 +186,7 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     try:
         tmp = make_temporary(out_dir)
         graphs = _write_onnx(tmp, loaded, compiled, engine, context) if onnx else None
-        report = BuildReport(parity=parity, passes=tuple(compiled.log), memory=memory,
+        report = BuildReport(parity=parity, passes=PASSES, memory=memory,
                              onnx=graphs)
         _write_files(tmp, loaded, profile, compiled, report, context)
         move_into_place(tmp, out_dir)
@@ -251,8 +251,8 @@ def _write_files(tmp: Path, loaded: LoadedModel, profile: Profile, compiled: Com
         weights_fingerprint=fingerprint_weights(loaded.config, compiled.state),
         dtype=dtype,
         max_context=max_context,
-        attention=compiled.attention,
-        passes=tuple(compiled.log),
+        attention=ATTENTION_NAME,
+        passes=PASSES,
         plan=compiled.plan,
         onnx=graphs,
         files=files,
