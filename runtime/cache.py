@@ -77,6 +77,15 @@ class BudgetedBuffer:
             layout=layout,
         )
 
+    def rows(self, start: int, stop: int) -> BudgetedBuffer:
+        """Rows ``start .. stop - 1`` as views: writes through them land in this buffer."""
+        return BudgetedBuffer(self.k[start:stop], self.v[start:stop], self.bias[start:stop],
+                              self.counters[start:stop], self.layout)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        for t in (self.k, self.v, self.bias, self.counters):
+            t[dst].copy_(t[src])
+
     def reset(self) -> None:
         """Forget every token in place (buffers keep their storage)."""
         self.bias.fill_(float("-inf"))
@@ -182,17 +191,22 @@ def selection_scores(q: Tensor, k: Tensor, scale: float, selection: str,
 
     ``"attention"``: causal attention probability each key receives from the last
     ``observation_window`` queries, summed over those queries and the group's query heads.
+    ``q`` holds the last ``T`` queries of the ``L`` keys (``T = L`` after a one-go prefill; a
+    chunked prefill passes its last chunk, which holds at least the observation window).
     ``"key_norm"``: ``-||k||_2`` (low-norm keys are kept).
     """
     if selection == "key_norm":
         return -torch.linalg.vector_norm(k.to(torch.promote_types(k.dtype, torch.float32)), dim=-1)
     if selection != "attention":
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    b, hq, n_tok, d = q.shape
-    hkv = k.shape[1]
+    b, hq, n_q, d = q.shape
+    hkv, n_tok = k.shape[1], k.shape[2]
     n_obs = max(1, min(observation_window, n_tok))
+    if n_q < n_obs or n_q > n_tok:
+        raise ValueError(f"the scores need the last {n_obs} queries of the {n_tok} keys, got "
+                         f"{n_q} queries")
     cdt = torch.promote_types(q.dtype, torch.float32)
-    q_obs = q[:, :, n_tok - n_obs:].to(cdt).reshape(b, hkv, hq // hkv, n_obs, d) * scale
+    q_obs = q[:, :, n_q - n_obs:].to(cdt).reshape(b, hkv, hq // hkv, n_obs, d) * scale
     logits = torch.matmul(q_obs, k.to(cdt).unsqueeze(2).transpose(-1, -2))  # [B,Hkv,g,o,L]
     qpos = torch.arange(n_tok - n_obs, n_tok, device=q.device).unsqueeze(1)
     future = torch.arange(n_tok, device=q.device).unsqueeze(0) > qpos
@@ -264,6 +278,17 @@ class FullBuffer:
 
     def reset(self) -> None:
         self.length.zero_()
+
+    def rows(self, start: int, stop: int) -> FullBuffer:
+        """Rows ``start .. stop - 1`` as views: writes through them land in this buffer."""
+        return FullBuffer(self.k[start:stop], self.v[start:stop], self.length[start:stop])
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row ``src``'s filled slots and length into row ``dst`` (slots past it are ignored)."""
+        n = int(self.length[src])
+        self.k[dst, :, :n].copy_(self.k[src, :, :n])
+        self.v[dst, :, :n].copy_(self.v[src, :, :n])
+        self.length[dst].copy_(self.length[src])
 
     @property
     def nbytes(self) -> int:
@@ -408,6 +433,17 @@ class LayerKV:
                 buf.reset()
         self.length = 0
 
+    def rows(self, start: int, stop: int) -> LayerKV:
+        """Rows ``start .. stop - 1`` as views, with a host count of 0 (the caller sets it)."""
+        return LayerKV(None if self.full is None else self.full.rows(start, stop),
+                       None if self.budgeted is None else self.budgeted.rows(start, stop),
+                       self.group_size, self.sliding_window)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        for buf in (self.full, self.budgeted):
+            if buf is not None:
+                buf.copy_row(src, dst)
+
     @property
     def nbytes(self) -> int:
         return sum(buf.nbytes for buf in (self.full, self.budgeted) if buf is not None)
@@ -421,8 +457,10 @@ class LayerKV:
 class StaticKVCache:
     """All layers' caches for one :class:`Plan`, allocated once (use :meth:`allocate`).
 
-    ``seen`` (int64 ``[B]``, on the device) counts the tokens fed, the source of the next
-    positions; the host-side ``length`` mirrors it (rows advance in step).
+    ``seen`` (int64 ``[B]``, on the device) counts each row's tokens, the source of its next
+    positions. Rows may hold sequences of different lengths (a slot pool's rows, views made by
+    :meth:`rows`); the host-side ``length`` is then the longest row's, which the owner of the
+    rows keeps (every layer's ``length``).
     """
 
     layers: list[LayerKV]
@@ -460,8 +498,29 @@ class StaticKVCache:
         return self.layers[0].length if self.layers else 0
 
     def positions(self, n_new: int) -> Tensor:
-        """Positions ``[n_new]`` of the next tokens, computed on the device (rows in step)."""
-        return self.seen[0] + torch.arange(n_new, device=self.seen.device)
+        """Positions ``[B, n_new]`` of each row's next tokens, computed on the device."""
+        return self.seen[:, None] + torch.arange(n_new, device=self.seen.device)
+
+    def rows(self, start: int, stop: int) -> StaticKVCache:
+        """Rows ``start .. stop - 1`` as a cache of views (no copy): a slot pool decodes its
+        active rows, or prefills one row, through it. Host counts start at 0: the caller sets
+        each layer's ``length`` to what the rows hold (:meth:`set_length`)."""
+        if not 0 <= start < stop <= self.batch:
+            raise ValueError(f"rows {start}..{stop - 1} are not in the cache's {self.batch}")
+        return StaticKVCache([layer.rows(start, stop) for layer in self.layers], self.plan,
+                             stop - start, self.max_context, self.head_dim, self.group_size,
+                             self.dtype, self.device, self.seen[start:stop])
+
+    def set_length(self, length: int) -> None:
+        """The host-side count every layer checks room against (the longest row's tokens)."""
+        for layer in self.layers:
+            layer.length = length
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row ``src``'s whole state into row ``dst`` (a slot pool packing its rows)."""
+        for layer in self.layers:
+            layer.copy_row(src, dst)
+        self.seen[dst].copy_(self.seen[src])
 
     def advance(self, n_new: int) -> None:
         """Count ``n_new`` tokens fed through every layer (device side)."""

@@ -28,6 +28,7 @@ from kvcompile.runtime.generation import (
 from kvcompile.runtime.generation import eos_ids as _eos_ids
 from kvcompile.runtime.manifest import Manifest
 from kvcompile.runtime.model import CompactLM
+from kvcompile.runtime.prefill import PREFILL_CHUNK, ChunkedPrefill
 from kvcompile.runtime.protocols import LayeredKVCache
 
 CUDA_GRAPHS_ENV = "KVCOMPILE_CUDA_GRAPHS"  # "0" turns decode-step capture off (debugging)
@@ -48,6 +49,7 @@ class Engine:
             cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._session: StaticKVCache | None = None
+        self.prefill_chunk = PREFILL_CHUNK  # prompt tokens per prefill chunk (generate, serving)
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +91,32 @@ class Engine:
             logits = self.model.logits(hidden[:, -1])
         for cache in caches:
             cache.advance(length)
+        return logits
+
+    def prefill_last_chunk(self, input_ids: torch.Tensor, staging: StaticKVCache,
+                           cache: StaticKVCache) -> torch.Tensor:
+        """The last chunk of a prompt whose earlier chunks are in ``staging`` (uncompressed):
+        exact attention through ``staging``, then the whole prompt stored (and compressed)
+        into the empty ``cache``, scored by this chunk's queries. Last logits ``[B, V]``."""
+        n_new = input_ids.shape[1]
+        total = staging.length + n_new
+        check_prefill(total, [cache])
+        check_extend(staging, n_new)
+        scale = self.arch.attention_scale
+        selection = cache.plan.selection
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = staging[i].extend(q, k, v, scale)
+            full = staging[i].full
+            cache[i].store(q, full.k[:, :, :total], full.v[:, :, :total], scale, selection)
+            return out
+
+        with torch.no_grad():
+            hidden = self.model.hidden_states(input_ids.to(self.device), staging.positions(n_new),
+                                              attend, max_position=total - 1)
+            logits = self.model.logits(hidden[:, -1])
+        staging.advance(n_new)
+        cache.advance(total)
         return logits
 
     def extend(self, input_ids: torch.Tensor, cache: LayeredKVCache,
@@ -166,8 +194,11 @@ class Engine:
         check_prompt(ids, max_new_tokens, self.max_context)
         generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         cache = self.session_cache(1, len(ids) + max_new_tokens)
+        job = ChunkedPrefill(self, ids, self.prefill_chunk, cache.plan)  # as a server prefills
+        while job.step():
+            pass
         generated, text, reason = decode_loop(
-            self.prefill(torch.tensor([ids]), [cache]),
+            job.finish(cache),
             lambda logits: sample(logits[0], temperature, top_p, generator),
             lambda token: self.extend(torch.tensor([[token]]), cache),
             self.tokenizer, self.eos_token_ids, max_new_tokens, on_text)

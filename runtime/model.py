@@ -189,7 +189,8 @@ class CompactLM(nn.Module):
 
     def rope_tables(self, positions: torch.Tensor, max_position: int | None = None
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """cos/sin per layer for ``positions`` [T]; layers sharing a RoPE share the tables.
+        """cos/sin per layer for ``positions`` [T] (every row) or [B, T] (per row: the tables
+        are then ``[B, 1, T, D]``, broadcasting over heads); layers sharing a RoPE share them.
 
         Rows are gathered from per-RoPE tables over ``0..max_position``, computed once on the
         model's device and grown geometrically (the values are elementwise in the position,
@@ -211,7 +212,10 @@ class CompactLM(nn.Module):
             if key not in shared:
                 cos, sin = self._rope_rows(inv_freq, scaling, max_position + 1)
                 idx = positions.to(cos.device)
-                shared[key] = (cos.index_select(0, idx), sin.index_select(0, idx))
+                if idx.dim() == 1:
+                    shared[key] = (cos.index_select(0, idx), sin.index_select(0, idx))
+                else:  # [B, T] -> [B, 1, T, D]: the same rows, one table per sequence
+                    shared[key] = (cos[idx].unsqueeze(1), sin[idx].unsqueeze(1))
             tables.append(shared[key])
         return tables
 
@@ -222,8 +226,10 @@ class CompactLM(nn.Module):
         for inv_freq, scaling in self._rope:
             key = id(inv_freq)
             if key not in cache:
-                freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+                freqs = positions.float()[..., None] * inv_freq.to(positions.device)
                 emb = torch.cat((freqs, freqs), dim=-1)
+                if positions.dim() == 2:
+                    emb = emb.unsqueeze(1)  # [B, 1, T, D]
                 cache[key] = (
                     (emb.cos() * scaling).to(self.dtype),
                     (emb.sin() * scaling).to(self.dtype),

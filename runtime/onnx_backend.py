@@ -41,6 +41,7 @@ from kvcompile.runtime.generation import (
     eos_ids,
 )
 from kvcompile.runtime.manifest import Manifest
+from kvcompile.runtime.sampling import sample
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -267,23 +268,6 @@ class OnnxEngine:
             lambda token: self.decode_step(np.array([[token]]), cache),
             self.tokenizer, self.eos_token_ids, max_new_tokens, on_text)
         return Generation(len(ids), generated, text, reason, cache.nbytes)
-
-
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0 (the torch engine's choice, first maximum), else nucleus sampling."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        sorted_probs = probs[order]
-        keep = np.cumsum(sorted_probs) - sorted_probs < top_p  # always keeps the top token
-        probs = np.zeros_like(probs)
-        probs[order[keep]] = sorted_probs[keep]
-        probs /= probs.sum()
-    return int(rng.choice(len(probs), p=probs))
 
 
 def load_onnx_engine(directory: Path, verify: bool = True, max_context: int | None = None,
