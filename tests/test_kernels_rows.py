@@ -85,7 +85,8 @@ def test_decode_attention_rows_of_different_lengths_equal_rows_alone(
         splits: int, dtype: torch.dtype) -> None:
     """Each row equals the reference on that row alone, and the kernels on that row alone bit
     for bit (same split plan: a row's programs read only its own length and slots). Slots past
-    a row's length hold NaN: a kernel that read them would show it."""
+    a row's length hold NaN, and so do the output and the split workspace: a kernel that read
+    them, or a combine that merged a split past the row's length, would show it."""
     gen = torch.Generator().manual_seed(splits * 7 + (dtype == torch.bfloat16))
     batch, kv_heads, group, slots, head_dim = len(LENGTHS), 2, 3, 100, 16
     q = _randn(gen, batch, kv_heads * group, 1, head_dim, dtype=dtype)
@@ -95,7 +96,11 @@ def test_decode_attention_rows_of_different_lengths_equal_rows_alone(
         k[row, :, length:] = float("nan")
         v[row, :, length:] = float("nan")
     kv_length = torch.tensor(LENGTHS, device=DEVICE)
-    out = tk.decode_attention(q, k, v, None, kv_length, SCALE, num_splits=splits, block_n=16)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    partials = tuple(t.fill_(float("nan")) for t in  # a partial no split wrote would show
+                     tk.split_workspace(batch * kv_heads, splits, group, head_dim, DEVICE))
+    tk.decode_attention(q, k, v, None, kv_length, SCALE, num_splits=splits, block_n=16,
+                        out=out, partials=partials)
     tol = TOLERANCE[dtype]
     for row in range(batch):
         one = slice(row, row + 1)
