@@ -228,12 +228,6 @@ class _Row:
         return full, budget
 
 
-def _row_view(buf: BudgetedBuffer, row: int) -> BudgetedBuffer:
-    """Row ``row`` of a batched budgeted buffer as a one-row buffer sharing its storage."""
-    one = slice(row, row + 1)
-    return BudgetedBuffer(buf.k[one], buf.v[one], buf.bias[one], buf.counters[one], buf.layout)
-
-
 def test_mixed_length_decode_with_slot_reuse_equals_each_row_alone(serving_triton) -> None:
     """Three rows from prompts of 1, 6 and 13 tokens (sinks filling; ring just full; past the
     selected slots, folding) decode 16 greedy steps through the kernels (the ops' CUDA
@@ -258,11 +252,12 @@ def test_mixed_length_decode_with_slot_reuse_equals_each_row_alone(serving_trito
 
     def fill(row: int, prompt: torch.Tensor) -> None:
         """(Re)start sequence ``row`` in its slot: zero the slot, then its prompt's state."""
-        view = _row_view(budgeted, row)
+        view = budgeted.rows(row, row + 1)  # the slot pool's row views (StaticKVCache.rows)
         view.reset()  # bias -inf, counters 0, k/v 0 (compress_prefill resets too: done twice)
-        full.k[row].zero_()
-        full.v[row].zero_()
-        full.length[row] = 0
+        full_row = full.rows(row, row + 1)
+        full_row.reset()  # length 0: the old slots are no keys any more
+        full_row.k.zero_()  # (zeroed too, so the buffers compare bit for bit with a fresh run)
+        full_row.v.zero_()
         row_scores = scores(len(prompt))
         alone = _Row(model, prompt, row_scores, max_context)
         if len(prompt):
@@ -303,7 +298,7 @@ def test_mixed_length_decode_with_slot_reuse_equals_each_row_alone(serving_trito
             want_token = int(model.logits(torch.cat([want_full, want_budget], dim=1)).argmax())
             assert int(logits[row].argmax()) == want_token, f"step {step}, row {row}"
             tokens[row] = want_token
-            view = _row_view(budgeted, row)
+            view = budgeted.rows(row, row + 1)
             for got, want in ((full.length[one], alone.full.length), (full.k[one], alone.full.k),
                               (full.v[one], alone.full.v), (view.k, alone.budgeted.k),
                               (view.v, alone.budgeted.v), (view.bias, alone.budgeted.bias),
