@@ -312,3 +312,30 @@ def test_kv_memory_divides_by_the_plan_bytes_per_slot(engine):
     for bad in ("", "lots", "-1GiB", "2 GiBs"):
         with pytest.raises(PoolError, match="memory size"):
             parse_bytes(bad)
+
+
+@pytest.mark.slow
+def test_real_model_batched_requests_equal_generate(smollm2):
+    """SmolLM2 on the shipped plan: prompts of real text, some long enough to prefill in
+    several chunks, served three at a time, give ``Engine.generate``'s greedy tokens."""
+    from kvcompile.profile.record import load_profile
+    from kvcompile.textsource import encode_text, evaluation_paragraphs
+
+    plan = load_profile(Path(__file__).resolve().parents[1] / "profiles"
+                        / "smollm2-135m-instruct.yaml").plan
+    _, real = compile_engine(smollm2, plan, max_context=2048)
+    real.tokenizer = smollm2.tokenizer
+    text = " ".join(evaluation_paragraphs())
+    ids = encode_text(smollm2.tokenizer, text)
+    prompts = [ids[start:start + length] for start, length in
+               ((0, 40), (100, 700), (900, 130), (1200, 1100), (2500, 300))]
+    want = [real.generate(p, max_new_tokens=16).token_ids for p in prompts]
+    scheduler = Scheduler(TorchSlotPool(real, 3, max_context=1200), smollm2.tokenizer,
+                          real.eos_token_ids).start()
+    try:
+        tickets = [scheduler.submit(Request(p, 16)) for p in prompts]
+        got = [t.wait(600) for t in tickets]
+    finally:
+        scheduler.stop(5)
+    assert [g.token_ids[:len(w)] for g, w in zip(got, want, strict=True)] == want
+    assert [len(g.token_ids) for g in got] == [len(w) for w in want]
