@@ -32,7 +32,7 @@ class KVCache(Protocol):
 
     @property
     def length(self) -> int:
-        """Tokens fed so far (every row in step)."""
+        """Tokens fed so far (the longest row's, when rows hold different lengths)."""
 
     @property
     def max_context(self) -> int:
@@ -54,7 +54,7 @@ class LayeredKVCache(KVCache, Protocol):
         """Layer ``i``'s cache (``prefill``, ``store``, ``extend``)."""
 
     def positions(self, n_new: int) -> Any:
-        """Positions of the next ``n_new`` tokens, on the cache's device."""
+        """Positions ``[B, n_new]`` of each row's next tokens, on the cache's device."""
 
     def advance(self, n_new: int) -> None:
         """Count ``n_new`` tokens fed through every layer."""
