@@ -66,7 +66,9 @@ class Rows:
         self.length[row] = len(prompt)
         return found[onnx_io.LOGITS][0]
 
-    def decode(self, tokens: list[int]) -> np.ndarray:
+    def decode(self, tokens: list[int], parked: tuple[int, ...] = ()) -> np.ndarray:
+        """One step of every row; ``parked`` rows keep their length (a finished row left in
+        the batch, fed again at the same position)."""
         session = self.engine.decode_session
         feed = {onnx_io.INPUT_IDS: np.array(tokens, dtype=np.int64)[:, None],
                 onnx_io.PAST_LENGTH: self.length.copy(), **self.state}
@@ -75,6 +77,7 @@ class Rows:
         for spec in self.engine.cache_specs:
             self.state[spec.input_name] = found[spec.output_name]
         self.length += 1
+        self.length[list(parked)] -= 1
         return found[onnx_io.LOGITS]
 
 
@@ -131,3 +134,22 @@ def test_rows_of_different_lengths_decode_together_as_each_alone(engine: OnnxEng
     counters = rows.state[onnx_io.past(0, "budget_counters")]
     assert (rows.length > 9 + 2).all() and (counters[:, 3] > 0).all(), counters
     assert rows.length.tolist() == [1 + 30, 6 + 22, 9 + 30, 25 + 16]
+
+
+def test_a_finished_row_left_in_the_batch_disturbs_no_other(engine: OnnxEngine) -> None:
+    """docs/ONNX.md lets a driver keep a finished row in the batch, fed at its unchanged
+    ``past_length`` (examples/ort_generate.mjs does): the other rows still equal their B=1 runs."""
+    steps = 20
+    first = prompts(6, [3, 12])
+    reference = [single_row(engine, p, steps) for p in first]
+    rows = Rows(engine, 2)
+    tokens = [int(np.argmax(rows.prefill(row, p))) for row, p in enumerate(first)]
+    for step in range(steps):
+        parked = (0,) if step >= 2 else ()
+        logits = rows.decode(tokens, parked)
+        np.testing.assert_allclose(logits[1], reference[1][0][step + 1], atol=ATOL, rtol=0)
+        tokens[1] = int(np.argmax(logits[1]))
+        assert tokens[1] == reference[1][1][step + 1]
+        if step < 2:
+            tokens[0] = int(np.argmax(logits[0]))
+    assert rows.length.tolist() == [3 + 2, 12 + steps]
