@@ -177,3 +177,12 @@ def test_pool_names_match_the_graphs(engine: OnnxEngine) -> None:
     inputs = [i.name for i in engine.decode_session.get_inputs()]
     assert inputs[:2] == [onnx_io.INPUT_IDS, onnx_io.PAST_LENGTH]
     assert [spec.input_name for spec in pool.arrays] == inputs[2:]
+
+
+def test_the_pool_and_its_job_satisfy_the_slot_protocols(engine: OnnxEngine) -> None:
+    from kvcompile.runtime.slots import PrefillJob, SlotPool
+    from tests.test_protocols import conformance
+
+    pool = OnnxSlotPool(engine, 1)
+    assert conformance(pool, SlotPool) == []
+    assert conformance(pool.begin([4, 5]), PrefillJob) == []
