@@ -11,7 +11,7 @@ CONSTRAINTS := constraints.txt
 PIP = $(BIN)/python -m pip install -q -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
 LOCK_VENV := .lock-venv
 
-.PHONY: setup demo test test-fast lint profiles bench lock clean
+.PHONY: setup demo test test-fast lint profiles bench lock clean node-example
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -67,8 +67,15 @@ lock:
 	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 	rm -rf $(LOCK_VENV)
 
+# onnxruntime-node for examples/ort_generate.mjs (and its test), into examples/node/ at the
+# version package.json pins; opt-in: the package bundles every platform's binaries (~300 MB)
+node-example:
+	@if command -v npm >/dev/null; then \
+		cd examples/node && npm ci --no-audit --no-fund --ignore-scripts; \
+	else echo "npm not found: install Node.js 20+ to run examples/ort_generate.mjs"; fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(OUT) $(BENCH_OUT) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) examples/node/node_modules $(OUT) $(BENCH_OUT) .pytest_cache .ruff_cache .hypothesis
