@@ -285,7 +285,11 @@ class Scheduler:
             self._complete(running, "cancelled")
         if self._prefill is None and self._queue and len(self._rows) < self.pool.slots:
             running = self._queue.popleft()
-            running.job = self.pool.begin(running.ticket.request.prompt_ids)
+            try:
+                running.job = self.pool.begin(running.ticket.request.prompt_ids)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the loop goes on
+                self._complete(running, "error", _one_line(exc))
+                return
             self._prefill = running
 
     def _turn(self) -> None:
@@ -391,7 +395,7 @@ class Scheduler:
 
     def _fail_everyone_running(self, exc: Exception) -> None:
         """A step failed: the requests it touched end with an error and their slots free."""
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        message = _one_line(exc)
         failed = [*([self._prefill] if self._prefill else []), *self._rows]
         with self._lock:
             self._prefill = None
@@ -400,6 +404,10 @@ class Scheduler:
             self.pool.release(self.pool.active - 1)
         for running in failed:
             self._complete(running, "error", message)
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _notify(running: _Running, event: Event) -> None:
