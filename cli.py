@@ -407,6 +407,7 @@ def serve(artifact: Path, backend: str, device: str, dtype: str | None, host: st
     from kvcompile.runtime.server import create_app
     from kvcompile.runtime.server import serve as run_server
     from kvcompile.runtime.serving import open_pool
+    from kvcompile.runtime.slots import format_bytes
 
     plan = engine.uncompressed_plan() if plan_name == "uncompressed" else None
     pool = open_pool(engine, backend, slots=slots, kv_memory=memory, max_context=max_context,
@@ -418,7 +419,8 @@ def serve(artifact: Path, backend: str, device: str, dtype: str | None, host: st
 
     def started(url: str) -> None:
         click.echo(f"kvcompile serve: {url} model {name!r} ({backend}, {plan_name} plan), "
-                   f"{pool.slots} slots x {pool.bytes_per_slot} B = KV {pool.kv_bytes} B, "
+                   f"{pool.slots} slots x {format_bytes(pool.bytes_per_slot)} = KV "
+                   f"{format_bytes(pool.kv_bytes)}, "
                    f"{pool.max_context} tokens per slot; SIGTERM or Ctrl-C drains and stops",
                    err=True)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from kvcompile.errors import KVCompileError
 
-__all__ = ["PoolError", "PrefillJob", "SlotPool", "parse_bytes", "slots_for_memory"]
+__all__ = ["PoolError", "PrefillJob", "SlotPool", "format_bytes", "parse_bytes", "slots_for_memory"]
 
 
 class PoolError(KVCompileError):
@@ -97,6 +97,16 @@ def parse_bytes(text: str) -> int:
         raise PoolError(f"cannot read {text!r} as a memory size; write e.g. 2GiB, 512MiB or "
                         f"1.5GB")
     return int(value * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: binary units, one decimal (whole bytes below 1 KiB)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 def slots_for_memory(kv_memory: int, bytes_per_slot: int) -> int:

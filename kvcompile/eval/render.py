@@ -11,6 +11,8 @@ import math
 import os
 from typing import TYPE_CHECKING
 
+from kvcompile.runtime.slots import format_bytes
+
 if TYPE_CHECKING:  # the record module imports this one to write the files
     from kvcompile.eval.report import AccuracyRow, ContinuationRow, Interval, Report
 
@@ -34,14 +36,7 @@ def format_proportion(p: float | None, lo: float | None, hi: float | None, n: in
 
 
 def _human_bytes(n: float | None) -> str:
-    if n is None:
-        return _DASH
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(v) < 1024 or unit == "GiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    raise AssertionError("unreachable")
+    return _DASH if n is None else format_bytes(n)
 
 
 def _pct(x: float | None, digits: int = 1) -> str:

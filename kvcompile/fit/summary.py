@@ -8,14 +8,7 @@ from rich.table import Table
 from kvcompile.metrics import nll_increase
 from kvcompile.plan import Plan
 from kvcompile.profile.record import Profile
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from kvcompile.runtime.slots import format_bytes
 
 
 def plan_table(plan: Plan) -> Table:
@@ -36,8 +29,8 @@ def memory_rows_table(rows: list[dict[str, Any]], title: str = "KV memory (plan 
     for column in ("context", "kvcompile", "uncompressed", "ratio"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(str(row["context"]), _human_bytes(row["kv_bytes"]),
-                      _human_bytes(row["uncompressed_bytes"]), f"{row['ratio']:.4f}")
+        table.add_row(str(row["context"]), format_bytes(row["kv_bytes"]),
+                      format_bytes(row["uncompressed_bytes"]), f"{row['ratio']:.4f}")
     return table
 
 
