@@ -155,7 +155,7 @@ class OnnxSlotPool:
     def decode(self, token_ids: Sequence[int]) -> np.ndarray:
         n = self._active
         if len(token_ids) != n or n == 0:
-            raise ValueError(f"decode takes one token per active row: {n} rows, "
+            raise PoolError(f"decode takes one token per active row: {n} rows, "
                              f"{len(token_ids)} tokens")
         full = np.flatnonzero(self.past_length[:n] >= self.max_context)
         if full.size:
@@ -168,7 +168,7 @@ class OnnxSlotPool:
 
     def release(self, row: int) -> int | None:
         if not 0 <= row < self._active:
-            raise ValueError(f"row {row} is not active (rows 0 .. {self._active - 1} are)")
+            raise PoolError(f"row {row} is not active (rows 0 .. {self._active - 1} are)")
         last = self._active - 1
         self._active = last
         if row == last:

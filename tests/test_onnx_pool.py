@@ -151,10 +151,10 @@ def test_bad_calls_are_refused_with_one_line(tiny_onnx_artifact: Path) -> None:
         pool.decode([5])
     with pytest.raises(PoolError, match="all 1 slots are in use"):
         pool.finish(pool.begin([4]))
-    with pytest.raises(ValueError, match="one token per active row"):
+    with pytest.raises(PoolError, match="one token per active row"):
         pool.decode([5, 6])
     assert pool.release(0) is None and pool.active == 0
-    with pytest.raises(ValueError, match="row 0 is not active"):
+    with pytest.raises(PoolError, match="row 0 is not active"):
         pool.release(0)
     with pytest.raises(PoolError, match="at least one slot"):
         OnnxSlotPool(short, 0)
