@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -21,25 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated
+from tests.triton_mode import CUDA, DEVICE, TOLERANCE  # before the kernels: sets the mode
 
-if platform.system() == "Linux" and platform.machine() == "x86_64":
-    import triton  # noqa: F401  a dependency on this platform: missing must fail, not skip
-else:
-    pytest.importorskip("triton")
+# isort: split
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan
+from kvcompile.runtime import kernels, ops
+from kvcompile.runtime import triton_kernels as tk
+from tests import compile_kernels
+from tests.test_ops import random_bias
 
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan  # noqa: E402
-from kvcompile.runtime import kernels, ops  # noqa: E402
-from kvcompile.runtime import triton_kernels as tk  # noqa: E402
-from tests import compile_kernels  # noqa: E402
-from tests.test_ops import random_bias  # noqa: E402
-
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 HALF = (torch.float16, torch.bfloat16)
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 SCALE = 0.125
 
 

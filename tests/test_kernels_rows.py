@@ -10,30 +10,19 @@ Sizes are small: the interpreter runs one numpy program per grid cell.
 """
 from __future__ import annotations
 
-import os
-import platform
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated
+from tests.triton_mode import DEVICE, TOLERANCE  # before the kernels: sets the mode
 
-if platform.system() == "Linux" and platform.machine() == "x86_64":
-    import triton  # noqa: F401  a dependency on this platform: missing must fail, not skip
-else:
-    pytest.importorskip("triton")
+# isort: split
+from kvcompile.plan import BudgetLayout
+from kvcompile.runtime import kernels, ops
+from kvcompile.runtime import triton_kernels as tk
+from kvcompile.runtime.cache import BudgetedBuffer, FullBuffer, compress_prefill
+from tests.test_ops import random_bias
 
-from kvcompile.plan import BudgetLayout  # noqa: E402
-from kvcompile.runtime import kernels, ops  # noqa: E402
-from kvcompile.runtime import triton_kernels as tk  # noqa: E402
-from kvcompile.runtime.cache import BudgetedBuffer, FullBuffer, compress_prefill  # noqa: E402
-from tests.test_ops import random_bias  # noqa: E402
-
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 SCALE = 0.25
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 LAYOUT = BudgetLayout(2, 1, 3, 4)  # capacity 10: sinks 0-1, compensation 2, selected 3-5, ring 6-9
 DROPPING = BudgetLayout(2, 0, 3, 4)  # no compensation slot: past the selected slots, drop
 
