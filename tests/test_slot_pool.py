@@ -331,3 +331,12 @@ def test_real_model_batched_requests_equal_generate(smollm2):
         scheduler.stop(5)
     assert [g.token_ids[:len(w)] for g, w in zip(got, want, strict=True)] == want
     assert [len(g.token_ids) for g in got] == [len(w) for w in want]
+
+
+def test_the_torch_pool_and_its_job_satisfy_the_slot_protocols(engine):
+    from kvcompile.runtime.slots import PrefillJob, SlotPool
+    from tests.test_protocols import conformance
+
+    pool = TorchSlotPool(engine, 1, max_context=32)
+    assert conformance(pool, SlotPool) == []
+    assert conformance(pool.begin([4, 5]), PrefillJob) == []
