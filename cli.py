@@ -74,6 +74,7 @@ def main() -> None:
       kvcompile profile MODEL -o profile.yaml     learn retrieval vs local heads, fit budgets
       kvcompile build MODEL --profile P -o DIR    write the static-budget artifact
       kvcompile run DIR --prompt TEXT             generate with fixed-size KV buffers
+      kvcompile serve DIR --slots 8               OpenAI-compatible server, continuous batching
       kvcompile inspect DIR                       plan and KV memory vs the uncompressed model
       kvcompile eval DIR -o report.json           accuracy against the uncompressed model
       kvcompile gate report.json --rules R.yaml   exit 1 when accuracy regresses (CI)
@@ -348,6 +349,80 @@ def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_to
     click.echo()
     click.echo(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated, stop: "
                f"{result.stop_reason}, KV buffers {result.kv_bytes} B, {elapsed:.2f} s]", err=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@backend_option
+@device_option("the artifact")
+@dtype_option("weights and KV buffers (default: what the artifact stores)", None)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (the default takes connections from this machine only).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on; 0 picks a free one (the start line says which).")
+@click.option("--slots", type=int, default=None,
+              help="Concurrent sequences (cache slots allocated once). Default 4 unless --kv-memory.")
+@click.option("--kv-memory", default=None,
+              help="KV memory to fill with slots instead of --slots, e.g. 2GiB or 512MiB: divided "
+              "by the plan's bytes per sequence at --max-context.")
+@click.option("--max-context", type=int, default=None,
+              help="Tokens per slot, prompt plus answer (default: the artifact's context).")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Requests that may wait for a slot; more get 429 with Retry-After.")
+@click.option("--plan", "plan_name", type=click.Choice(["artifact", "uncompressed"]), default="artifact",
+              show_default=True, help="uncompressed: every head full, the baseline (torch only).")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.")
+@click.option("--model-name", default=None,
+              help="The model id clients send (default: the artifact's model name).")
+@friendly_errors
+def serve(artifact: Path, backend: str, device: str, dtype: str | None, host: str, port: int,
+          slots: int | None, kv_memory: str | None, max_context: int | None, max_queue: int,
+          plan_name: str, drain_timeout: float, model_name: str | None) -> None:
+    """Serve an artifact over an OpenAI-compatible HTTP API, many requests at once.
+
+    \b
+    POST /v1/completions, /v1/chat/completions (stream: true for server-sent events)
+    GET  /v1/models, /health, /metrics (Prometheus)
+    Requests share --slots cache slots by continuous batching; SIGTERM drains and exits 0.
+    """
+    from kvcompile.runtime import load
+    from kvcompile.runtime.slots import parse_bytes
+
+    if slots is not None and kv_memory is not None:
+        raise KVCompileError("pass either --slots N or --kv-memory SIZE, not both")
+    if slots is not None and slots < 1:
+        raise KVCompileError(f"--slots must be at least 1, got {slots}")
+    memory = parse_bytes(kv_memory) if kv_memory is not None else None
+    if slots is None and memory is None:
+        slots = 4
+    if max_queue < 1 or drain_timeout < 0:
+        raise KVCompileError("--max-queue must be >= 1 and --drain-timeout >= 0")
+    if max_context is not None and max_context < 2:
+        raise KVCompileError(f"--max-context must be at least 2, got {max_context}")
+    if plan_name == "uncompressed" and backend != "torch":
+        raise KVCompileError("--plan uncompressed runs on --backend torch only")
+    engine = load(artifact, device=device, dtype=dtype, backend=backend)
+    from kvcompile.runtime.scheduler import Scheduler
+    from kvcompile.runtime.server import create_app
+    from kvcompile.runtime.server import serve as run_server
+    from kvcompile.runtime.serving import open_pool
+
+    plan = engine.uncompressed_plan() if plan_name == "uncompressed" else None
+    pool = open_pool(engine, backend, slots=slots, kv_memory=memory, max_context=max_context,
+                     plan=plan)
+    manifest = getattr(engine, "manifest", None)
+    name = model_name or (manifest.source_model.name if manifest is not None else artifact.name)
+    scheduler = Scheduler(pool, engine.tokenizer, engine.eos_token_ids, max_queue=max_queue).start()
+    app = create_app(scheduler, engine, name, drain_s=drain_timeout)
+
+    def started(url: str) -> None:
+        click.echo(f"kvcompile serve: {url} model {name!r} ({backend}, {plan_name} plan), "
+                   f"{pool.slots} slots x {pool.bytes_per_slot} B = KV {pool.kv_bytes} B, "
+                   f"{pool.max_context} tokens per slot; SIGTERM or Ctrl-C drains and stops",
+                   err=True)
+
+    run_server(app, host, port, drain_timeout, started)
 
 
 @main.command()

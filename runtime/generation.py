@@ -28,10 +28,16 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
     """Token ids of ``prompt`` (with the tokenizer's special tokens), or of the chat template
     wrapping it as one user message, ready for the assistant's answer."""
     if chat:
-        messages = [{"role": "user", "content": prompt}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Token ids of a whole conversation in the tokenizer's chat template, ready for the
+    assistant's answer (what ``/v1/chat/completions`` feeds the model; one user message gives
+    ``encode_prompt(..., chat=True)``)."""
+    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
 
 
 def eos_ids(tokenizer: Any) -> tuple[int, ...]:
