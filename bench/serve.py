@@ -304,7 +304,7 @@ def bench_server(artifact: Path, plan: str, prompts: list[str], args: argparse.N
                 f"{level.generated} tokens in {seconds:.1f} s")
         for clients in sorted(c for c in args.concurrency if c > slots):
             levels.append(Level(system, slots, kv_bytes, clients, 0,
-                                note=f"skipped: more clients than {slots} slots only queue"))
+                                note=f"skipped: more clients than {slots} slot{'s' if slots > 1 else ''} only queue"))
     finally:
         code = server.stop()
         log(f"[{plan}] server stopped (exit {code})")
