@@ -456,7 +456,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=4096,
                         help="tokens each sequence's slot reserves (default 4096)")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="tokens per prompt (default 2048)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    parser.add_argument("--max-tokens", type=int, default=256,
+                        help="tokens generated per request (default 256)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(LEVELS),
                         help="concurrent clients (default 1 4 16; each server's maximum is added)")
     parser.add_argument("--requests-per-client", type=int, default=2,
