@@ -212,9 +212,11 @@ def _validation_answer(exc: RequestValidationError,
         if error.get("type") == "json_invalid":
             detail = (error.get("ctx") or {}).get("error", "")
             return refuse(400, f"the body is not valid JSON ({detail}); send one JSON object")
-    if any(tuple(error.get("loc", ())) == ("body",) for error in errors):
-        return refuse(400, "the request needs a JSON object body (Content-Type: "
-                           "application/json)")
+    for error in errors:
+        if tuple(error.get("loc", ())) == ("body",) and error.get("type") != "value_error":
+            # no body, or JSON that is no object
+            return refuse(400, "the body must be one JSON object (Content-Type: "
+                               "application/json)")
     parts, first = [], None
     for error in errors[:5]:
         where = ".".join(str(p) for p in error.get("loc", ())[1:]) or "body"
@@ -314,15 +316,18 @@ async def _collect(http: HttpRequest, reply: _Reply, ticket: Ticket,
                    events: asyncio.Queue[Event]) -> JSONResponse:
     """A non-streaming answer; the ticket is cancelled if the client leaves first."""
     finished = False
+    checked = time.monotonic()
     try:
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     return JSONResponse({}, status_code=499)  # nobody reads it
-                continue
-            if event.finish_reason is None:
+            if event is None or event.finish_reason is None:
                 continue
             finished = True
             done = ticket.completion

@@ -41,6 +41,12 @@ def test_runtime_loads_and_serves_without_the_compiler(artifacts) -> None:
         "import kvcompile.runtime as runtime\n"
         f"engine = runtime.load({str(artifacts['float32'])!r})\n"
         "out = engine.generate([5, 6, 7, 8], max_new_tokens=4)\n"
+        # the server a team deploys is part of the runtime: it stands alone too
+        "from kvcompile.runtime.scheduler import Scheduler\n"
+        "from kvcompile.runtime.server import create_app\n"
+        "from kvcompile.runtime.serving import open_pool\n"
+        "pool = open_pool(engine, 'torch', slots=1)\n"
+        "create_app(Scheduler(pool, engine.tokenizer, engine.eos_token_ids), engine, 'm')\n"
         f"print(json.dumps([len(out.token_ids), [m for m in {COMPILER_MODULES!r} if m in sys.modules]]))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
