@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -41,10 +42,15 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    import httpx
 
 MIB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +107,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def summarize(level: Level, results: list[RequestResult], seconds: float, count_tokens) -> Level:
+def summarize(level: Level, results: list[RequestResult], seconds: float,
+              count_tokens: Callable[[str], int]) -> Level:
     """Fill ``level`` from its requests: tokens from the server's usage (else re-tokenized
     text), TTFT per request, inter-token gaps of every request pooled."""
     level.seconds = seconds
@@ -129,6 +136,7 @@ class Server:
         self.command = [*shlex.split(args.server_command), *self.arguments]
         self.lines: list[str] = []
         self.url: str | None = None
+        self.banner = ""  # the start line that named the URL
         self._ready = threading.Event()
         self.proc: subprocess.Popen | None = None
 
@@ -199,7 +207,7 @@ def server_slots(banner: str, metrics: dict[str, float]) -> tuple[int, int | Non
 # ------------------------------------------------------------------------ the clients
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int, timeout: float) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, timeout: float) -> RequestResult:
     """One streaming completion; every chunk's arrival time recorded."""
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
@@ -242,7 +250,7 @@ async def drive(url: str, prompts: list[str], clients: int, per_client: int, max
     results: list[RequestResult] = []
     order = iter(range(clients * per_client))
 
-    async def client_loop(client) -> None:
+    async def client_loop(client: httpx.AsyncClient) -> None:
         for _ in range(per_client):
             left = deadline - time.monotonic()
             index = next(order, None)
@@ -275,7 +283,7 @@ def wait_healthy(url: str, timeout: float) -> dict[str, float]:
 
 
 def bench_server(artifact: Path, plan: str, prompts: list[str], args: argparse.Namespace,
-                 deadline: float, count_tokens) -> list[Level]:
+                 deadline: float, count_tokens: Callable[[str], int]) -> list[Level]:
     """Start the server for ``plan``, run every concurrency level it holds, stop it."""
     system = PLANS[plan]
     server = Server(artifact, plan, args)
@@ -387,7 +395,7 @@ def format_table(levels: list[Level], markdown: bool) -> str:
     for lv in levels:
         tps = lv.tokens_per_s
         rows.append([lv.system, "—" if lv.slots is None else str(lv.slots),
-                     "—" if lv.kv_bytes is None else f"{lv.kv_bytes / MIB:.0f}",
+                     "—" if lv.kv_bytes is None else f"{lv.kv_bytes / MIB:.3g}",
                      str(lv.clients), f"{lv.completed}/{lv.requests}", str(lv.generated),
                      "—" if tps is None else f"{tps:.2f}", ms(percentile(lv.ttft, 50)),
                      ms(percentile(lv.ttft, 95)), ms(percentile(lv.itl, 50)),
@@ -486,6 +494,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     deadline = time.monotonic() + args.deadline
+    if importlib.util.find_spec("httpx") is None:
+        raise SystemExit("bench/serve.py's clients need httpx (it comes with the dev extra: "
+                         "pip install -e '.[dev]')")
     import torch
     from transformers import AutoTokenizer
 

@@ -310,7 +310,7 @@ def smoke_serve(tiny: TinyBench, request) -> None:
     # the uncompressed server holds what the memory divides into; 16 clients exceed it: skipped
     assert [(r["concurrent sequences"], r["clients"]) for r in unc] == [
         ("3", "1"), ("3", "2"), ("3", "3"), ("3", "16")]
-    assert number(unc[0]["KV MiB"]) == round(slots * per_slot / 2**20)
+    assert abs(number(unc[0]["KV MiB"]) - slots * per_slot / 2**20) < 0.005 * slots * per_slot / 2**20
     art = by_system["kvcompile artifact"]
     art_slots = int(art[0]["concurrent sequences"])
     assert art_slots >= slots  # the artifact's plan never needs more bytes than full heads
