@@ -4,8 +4,9 @@ The same KV memory (``--kv-memory``, default 256 MiB) holds as many slots as the
 per sequence at ``--context`` tokens allow (every slot reserves the whole context). For each
 plan the script starts ``kvcompile serve`` as a real process on 127.0.0.1 (a free port), reads
 the slots it reports, and drives it with streaming ``/v1/completions`` clients (asyncio +
-httpx) at 1, 4, 16 and the server's maximum concurrent clients (levels above the slots would
-only queue and are skipped); each client sends ``--requests-per-client`` requests in turn.
+httpx) at 1, 4, 16 and the server's maximum concurrent clients (levels above the slots only
+queue: skipped unless ``--include-queued``); each client sends ``--requests-per-client``
+requests in turn.
 Measured on the client: aggregate generated tokens/s (all requests' tokens over the level's
 wall time), time to first token (request sent -> first text chunk) and inter-token latency
 (gaps between streamed chunks) p50/p95, requests completed.
@@ -295,7 +296,8 @@ def bench_server(artifact: Path, plan: str, prompts: list[str], args: argparse.N
         slots, kv_bytes = server_slots(server.banner, metrics)
         log(f"[{plan}] {server.url}: {slots} slots ({server.banner}); up in "
             f"{time.monotonic() - t0:.1f} s")
-        wanted = sorted({c for c in args.concurrency if c <= slots} | {slots})
+        held = {c for c in args.concurrency if c <= slots or args.include_queued}
+        wanted = sorted(held | {slots})
         for clients in wanted:
             if time.monotonic() > deadline - 5:
                 levels.append(Level(system, slots, kv_bytes, clients, 0, note="deadline reached"))
@@ -307,10 +309,12 @@ def bench_server(artifact: Path, plan: str, prompts: list[str], args: argparse.N
             errors = sorted({r.error for r in results if r.error})
             if errors:
                 level.note = "; ".join(errors)[:160]
+            elif clients > slots:
+                level.note = f"{clients - slots} of {clients} clients queue for a slot"
             levels.append(level)
             log(f"[{plan}] {clients} clients: {level.completed}/{level.requests} done, "
                 f"{level.generated} tokens in {seconds:.1f} s")
-        for clients in sorted(c for c in args.concurrency if c > slots):
+        for clients in sorted(set(args.concurrency) - held):
             levels.append(Level(system, slots, kv_bytes, clients, 0,
                                 note=f"skipped: more clients than {slots} slot{'s' if slots > 1 else ''} only queue"))
     finally:
@@ -470,6 +474,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="concurrent clients (default 1 4 16; each server's maximum is added)")
     parser.add_argument("--requests-per-client", type=int, default=2,
                         help="requests each client sends in turn (default 2)")
+    parser.add_argument("--include-queued", action="store_true",
+                        help="also run the levels with more clients than slots (they queue)")
     parser.add_argument("--plans", nargs="*", choices=list(PLANS), default=list(PLANS),
                         help="servers to run (default: artifact uncompressed; none: the baseline only)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
