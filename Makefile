@@ -51,6 +51,7 @@ $(BENCH_OUT)/artifact/manifest.yaml: $(STAMP) $(SHIPPED)
 bench: $(BENCH_OUT)/artifact/manifest.yaml
 	$(BIN)/python bench/decode.py --artifact $(BENCH_OUT)/artifact --contexts 2048 8192 --markdown
 	$(BIN)/python bench/policies.py --samples 10
+	$(BIN)/python bench/serve.py --artifact $(BENCH_OUT)/artifact --markdown
 
 # move the pins forward: the newest releases pyproject.toml allows (torch stays 2.13.0, the
 # local CPU build), installed in a scratch venv and written to constraints.txt; then `make test`

@@ -290,6 +290,48 @@ def smoke_gate_variants(tiny: TinyBench, request) -> None:
         assert (verdict == "PASS") == (number(rows[name]["KV memory"]) <= threshold), name
 
 
+def smoke_serve(tiny: TinyBench, request) -> None:
+    config = json.loads((tiny.model / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    # keys and values of every layer and KV head at the context, float32: one uncompressed slot
+    per_slot = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * CONTEXT * 4
+    max_tokens, slots = 4, 3
+    out = run("serve", "--artifact", tiny.artifact, "--kv-memory", slots * per_slot + per_slot // 2,
+              "--context", CONTEXT, "--prompt-tokens", 48, "--max-tokens", max_tokens,
+              "--concurrency", 1, 2, 16, "--requests-per-client", 1, "--threads", 1,
+              "--deadline", 240, "--markdown")
+    rows = tables(out)[0]
+    by_system: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_system.setdefault(row["system"], []).append(row)
+    assert list(by_system) == ["kvcompile artifact", "kvcompile uncompressed",
+                               "transformers StaticCache, one batch"]
+    unc = by_system["kvcompile uncompressed"]
+    # the uncompressed server holds what the memory divides into; 16 clients exceed it: skipped
+    assert [(r["concurrent sequences"], r["clients"]) for r in unc] == [
+        ("3", "1"), ("3", "2"), ("3", "3"), ("3", "16")]
+    assert abs(number(unc[0]["KV MiB"]) - slots * per_slot / 2**20) < 0.005 * slots * per_slot / 2**20
+    art = by_system["kvcompile artifact"]
+    art_slots = int(art[0]["concurrent sequences"])
+    assert art_slots >= slots  # the artifact's plan never needs more bytes than full heads
+    for row in unc[:3] + [r for r in art if int(r["clients"]) <= art_slots]:
+        clients = int(row["clients"])
+        assert row["requests done"] == f"{clients}/{clients}", row
+        assert 0 < int(row["generated tokens"]) <= clients * max_tokens, row
+        assert number(row["tokens/s"]) > 0 and number(row["TTFT p50 ms"]) >= 0, row
+        assert number(row["TTFT p95 ms"]) >= number(row["TTFT p50 ms"]), row
+    assert unc[3]["note"].startswith("skipped") and unc[3]["requests done"] == "0/0"
+    # transformers' own static cache of the same context: as many sequences as the server's
+    hf = by_system["transformers StaticCache, one batch"]
+    assert [(r["concurrent sequences"], r["clients"], r["requests done"]) for r in hf] == [
+        ("3", "3", "3/3")]
+    assert int(hf[0]["generated tokens"]) == 3 * max_tokens  # min_new_tokens: exactly that many
+    assert hf[0]["KV MiB"] == unc[0]["KV MiB"]
+    ratio = re.search(r"concurrent sequences (\S+)x \((\d+) vs (\d+)\)", out)
+    assert ratio and (int(ratio.group(2)), int(ratio.group(3))) == (art_slots, slots)
+    assert abs(float(ratio.group(1)) - art_slots / slots) < 0.006
+
+
 SMOKE: dict[str, Callable[[TinyBench, pytest.FixtureRequest], None]] = {
     "decode": smoke_decode,
     "gate_variants": smoke_gate_variants,
@@ -298,6 +340,7 @@ SMOKE: dict[str, Callable[[TinyBench, pytest.FixtureRequest], None]] = {
     "oracle_selection": smoke_oracle_selection,
     "policies": smoke_policies,
     "pool": smoke_pool,
+    "serve": smoke_serve,
     "variants": smoke_variants,
 }
 
