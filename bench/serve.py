@@ -188,21 +188,11 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def server_slots(banner: str, metrics: dict[str, float]) -> tuple[int, int | None]:
-    """The slots and KV bytes the server reports: its ``kvcompile_slots`` and
-    ``kvcompile_kv_bytes`` gauges, else its start line ("N slots x B B = KV K B")."""
-    slots = metrics.get("kvcompile_slots")
-    kv_bytes = metrics.get("kvcompile_kv_bytes")
-    if slots is None:
-        found = re.search(r"(\d+)\s+slots?\b", banner)
-        slots = float(found.group(1)) if found else None
-    if kv_bytes is None:
-        found = re.search(r"\bKV\s+(\d+)\s*B\b", banner)
-        kv_bytes = float(found.group(1)) if found else None
-    if slots is None:
-        raise SystemExit(f"cannot read the slot count from the server's /metrics or its start "
-                         f"line {banner!r}")
-    return int(slots), None if kv_bytes is None else int(kv_bytes)
+def server_slots(metrics: dict[str, float]) -> tuple[int, int]:
+    """The slots and KV bytes the server reports (``kvcompile_slots``, ``kvcompile_kv_bytes``)."""
+    if "kvcompile_slots" not in metrics or "kvcompile_kv_bytes" not in metrics:
+        raise SystemExit("the server's /metrics has no kvcompile_slots / kvcompile_kv_bytes")
+    return int(metrics["kvcompile_slots"]), int(metrics["kvcompile_kv_bytes"])
 
 
 # ------------------------------------------------------------------------ the clients
@@ -293,7 +283,7 @@ def bench_server(artifact: Path, plan: str, prompts: list[str], args: argparse.N
     levels: list[Level] = []
     try:
         metrics = wait_healthy(server.url, timeout=min(60.0, max(1.0, deadline - time.monotonic())))
-        slots, kv_bytes = server_slots(server.banner, metrics)
+        slots, kv_bytes = server_slots(metrics)
         log(f"[{plan}] {server.url}: {slots} slots ({server.banner}); up in "
             f"{time.monotonic() - t0:.1f} s")
         held = {c for c in args.concurrency if c <= slots or args.include_queued}

@@ -171,15 +171,28 @@ def _attention_decode(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     return torch.matmul(probs, v).reshape(b, hq, 1, d).to(q.dtype)
 
 
-def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
-    """No bias, no window: the fused kernel, so no T x S mask is materialised."""
+def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                    mask: Tensor | None = None) -> Tensor:
+    """No bias: the fused kernel. Without ``mask`` none is materialised (``causal`` needs
+    T == S); a ``[T, S]`` boolean ``mask`` (True: visible) covers the other static cases."""
     g = q.shape[1] // k.shape[1]
     if g > 1 and not _HAS_ENABLE_GQA:  # torch < 2.5
         k = k.repeat_interleave(g, dim=1)
         v = v.repeat_interleave(g, dim=1)
         g = 1
     kwargs = {"enable_gqa": True} if g > 1 else {}
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kwargs)
+
+
+def _offset_causal_mask(t: int, s: int, window: int, device: torch.device) -> Tensor:
+    """``[T, S]``: query ``i`` is key ``S - T + i`` and sees the keys up to it (and within
+    ``window`` of it); every query sees at least itself."""
+    qpos = torch.arange(s - t, s, device=device)[:, None]
+    kpos = torch.arange(s, device=device)[None, :]
+    allowed = kpos <= qpos
+    return allowed & (kpos > qpos - window) if window > 0 else allowed
 
 
 def _attention_chunked(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
@@ -235,6 +248,9 @@ def _budgeted_attention_ref(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
         return _attention_decode(q, k, v, bias, kv_length, window, scale)
     if kv_length is None and bias is None and window == 0 and (not causal or t == s):
         return _attention_sdpa(q, k, v, causal, scale)
+    if kv_length is None and bias is None and causal and t <= QUERY_CHUNK:
+        # queries after cached keys (a prefill chunk, an extend): static mask, fused kernel
+        return _attention_sdpa(q, k, v, True, scale, _offset_causal_mask(t, s, window, q.device))
     return _attention_chunked(q, k, v, bias, kv_length, causal, window, scale)
 
 
