@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 model is loaded once per test session."""
+"""Shared fixtures: the real SmolLM2 model (loaded once per test session), a tiny ONNX artifact, the Triton kernels counted."""
 from __future__ import annotations
 
 import os
@@ -32,3 +32,29 @@ def tiny_onnx_artifact(tmp_path_factory):
     _, loaded, profile = saved_tiny_model(root)
     build_artifact(loaded, profile, root / "artifact", max_context=96)
     return root / "artifact"
+
+
+@pytest.fixture
+def serving_triton(monkeypatch) -> dict[str, int]:
+    """The ops' CUDA implementations as they run once ``enable()`` chose Triton, counting the
+    kernel launches (a fallback to the reference would not count). For the kernel tests, which
+    import ``tests.triton_mode`` first (the interpreter without a GPU)."""
+    from kvcompile.runtime import kernels
+    from kvcompile.runtime import triton_kernels as tk
+
+    monkeypatch.setattr(kernels, "_status", "triton")
+    monkeypatch.setattr(kernels, "_triton", tk)
+    calls = {"attention": 0, "update": 0}
+    attention, update = tk.decode_attention, tk.cache_update
+
+    def count_attention(*args, **kwargs):
+        calls["attention"] += 1
+        return attention(*args, **kwargs)
+
+    def count_update(*args, **kwargs):
+        calls["update"] += 1
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(tk, "decode_attention", count_attention)
+    monkeypatch.setattr(tk, "cache_update", count_update)
+    return calls

@@ -301,25 +301,6 @@ def test_the_compile_check_refuses_any_tensor_core_product_in_fp32(products: str
 
 # -- the registered implementations: kernels where they apply, the reference elsewhere ----------
 
-@pytest.fixture
-def serving_triton(monkeypatch):
-    """The registered implementations as they run once ``enable()`` chose Triton."""
-    monkeypatch.setattr(kernels, "_status", "triton")
-    monkeypatch.setattr(kernels, "_triton", tk)
-    calls = {"attention": 0, "update": 0}
-    attention, update = tk.decode_attention, tk.cache_update
-
-    def count_attention(*args, **kwargs):
-        calls["attention"] += 1
-        return attention(*args, **kwargs)
-
-    def count_update(*args, **kwargs):
-        calls["update"] += 1
-        return update(*args, **kwargs)
-
-    monkeypatch.setattr(tk, "decode_attention", count_attention)
-    monkeypatch.setattr(tk, "cache_update", count_update)
-    return calls
 
 
 def test_registered_attention_runs_the_kernels_for_decode(serving_triton) -> None:

@@ -39,26 +39,6 @@ def _reference_attention(q, k, v, bias, kv_length) -> torch.Tensor:
         None if kv_length is None else kv_length.cpu(), True, 0, SCALE)
 
 
-@pytest.fixture
-def serving_triton(monkeypatch) -> dict[str, int]:
-    """The ops' CUDA implementations as they run once ``enable()`` chose Triton, counting the
-    kernel launches (a fallback to the reference would not count)."""
-    monkeypatch.setattr(kernels, "_status", "triton")
-    monkeypatch.setattr(kernels, "_triton", tk)
-    calls = {"attention": 0, "update": 0}
-    attention, update = tk.decode_attention, tk.cache_update
-
-    def count_attention(*args, **kwargs):
-        calls["attention"] += 1
-        return attention(*args, **kwargs)
-
-    def count_update(*args, **kwargs):
-        calls["update"] += 1
-        return update(*args, **kwargs)
-
-    monkeypatch.setattr(tk, "decode_attention", count_attention)
-    monkeypatch.setattr(tk, "cache_update", count_update)
-    return calls
 
 
 # -- decode attention over full-head buffers filled to different lengths -----------------------
