@@ -48,10 +48,6 @@ class OnnxPrefillJob:
     def prompt_tokens(self) -> int:
         return int(self.prompt_ids.shape[1])
 
-    @property
-    def done_tokens(self) -> int:
-        return 0
-
     def step(self) -> bool:
         """No chunk runs before the last: the graph has no chunked prefill."""
         return False
@@ -101,10 +97,6 @@ class OnnxSlotPool:
     @property
     def kv_bytes(self) -> int:
         return self._slots * self._bytes_per_slot
-
-    @property
-    def chunk_tokens(self) -> int:
-        return 0
 
     # -- bindings -------------------------------------------------------------------------
     def _prefill_binding(self, row: int) -> ort.IOBinding:

@@ -64,10 +64,6 @@ class ChunkedPrefill:
     def prompt_tokens(self) -> int:
         return self.ids.shape[1]
 
-    @property
-    def done_tokens(self) -> int:
-        return self.bounds[self._next][0]
-
     def step(self) -> bool:
         if self._next >= len(self.bounds) - 1:
             return False

@@ -172,7 +172,7 @@ class Scheduler:
         self._prompt_tokens = 0
         self._generated = 0
         self._completed = 0
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._recent: collections.deque[float] = collections.deque()  # when tokens came
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class Scheduler:
             self._thread.join(timeout=60)
 
     def _busy(self) -> bool:
-        with self._lock:
+        with self._lock:  # reentrant: the worker asks while holding it
             return bool(self._queue or self._prefill or self._rows)
 
     def _everyone(self) -> list[_Running]:
@@ -244,17 +244,16 @@ class Scheduler:
         with self._lock:
             now = time.monotonic()
             self._trim_rate(now)
-            generated = sum(n for _, n in self._recent)
             return SchedulerStats(
                 slots=self.pool.slots, active=len(self._rows),
                 prefilling=int(self._prefill is not None), queued=len(self._queue),
                 kv_bytes=self.pool.kv_bytes, bytes_per_slot=self.pool.bytes_per_slot,
                 max_context=self.pool.max_context, prompt_tokens=self._prompt_tokens,
                 generated_tokens=self._generated, completed=self._completed,
-                tokens_per_s=generated / RATE_WINDOW_S)
+                tokens_per_s=len(self._recent) / RATE_WINDOW_S)
 
     def _trim_rate(self, now: float) -> None:
-        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+        while self._recent and self._recent[0] < now - RATE_WINDOW_S:
             self._recent.popleft()
 
     # -- the worker ---------------------------------------------------------------------------
@@ -263,7 +262,7 @@ class Scheduler:
             with self._lock:
                 while not self._stop and not (self._queue or self._prefill or self._rows):
                     self._lock.wait()
-                if self._stop and not self._busy_unlocked():
+                if self._stop and not self._busy():
                     return
                 self._admit()
             try:
@@ -274,9 +273,6 @@ class Scheduler:
                 with self._lock:
                     for running in self._everyone():
                         running.ticket.cancel()
-
-    def _busy_unlocked(self) -> bool:
-        return bool(self._queue or self._prefill or self._rows)
 
     def _admit(self) -> None:
         """Under the lock: drop cancelled queued requests, start the next prefill."""
@@ -331,7 +327,7 @@ class Scheduler:
         running.tokens.append(token)
         with self._lock:
             self._generated += 1
-            self._recent.append((now, 1))
+            self._recent.append(now)
         text = self.tokenizer.decode(running.tokens, skip_special_tokens=True)
         cut = _first_stop(text, request.stop)
         if cut is not None:

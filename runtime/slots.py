@@ -30,10 +30,6 @@ class PrefillJob(Protocol):
     @property
     def prompt_tokens(self) -> int: ...
 
-    @property
-    def done_tokens(self) -> int:
-        """Prompt tokens already through the model."""
-
     def step(self) -> bool:
         """Run the next chunk that does not finish the prompt; False when only the last
         chunk is left (then call :meth:`SlotPool.finish`)."""
@@ -59,10 +55,6 @@ class SlotPool(Protocol):
 
     @property
     def bytes_per_slot(self) -> int: ...
-
-    @property
-    def chunk_tokens(self) -> int:
-        """Prompt tokens per prefill chunk (0: the backend prefills a prompt in one go)."""
 
     def begin(self, prompt_ids: Sequence[int]) -> PrefillJob:
         """Start prefilling a prompt; it takes no slot until :meth:`finish`."""

@@ -63,10 +63,6 @@ class TorchSlotPool:
     def bytes_per_slot(self) -> int:
         return self.cache.nbytes // self.slots
 
-    @property
-    def chunk_tokens(self) -> int:
-        return self.engine.prefill_chunk
-
     def begin(self, prompt_ids: Sequence[int]) -> ChunkedPrefill:
         if not 0 < len(prompt_ids) <= self.max_context:
             raise PoolError(f"a prompt of {len(prompt_ids)} tokens does not fit a slot of "
