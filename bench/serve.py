@@ -49,6 +49,7 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 import numpy as np  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 if TYPE_CHECKING:
     import httpx
@@ -176,16 +177,11 @@ class Server:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> ``{name: value}`` of unlabelled samples."""
-    out = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
-            try:
-                out[parts[0]] = float(parts[1])
-            except ValueError:
-                pass
-    return out
+    """Prometheus text -> ``{sample name: value}`` of the unlabelled samples (the server's
+    gauges), read with prometheus_client's own parser."""
+    return {sample.name: sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if not sample.labels}
 
 
 def server_slots(metrics: dict[str, float]) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvcompile.runtime import load
 from kvcompile.runtime.generation import encode_chat, encode_prompt
@@ -309,10 +311,14 @@ def _asgi_call(app: Any, payload: dict, disconnect_after_s: float | None) -> lis
 
 
 def _metric(app: Any, name: str) -> float:
+    """The value of sample ``name`` (``base`` or ``base{label="value",...}``) in /metrics."""
     text = call(app, "GET", "/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
+    base, _, rest = name.partition("{")
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == base and sample.labels == labels:
+                return sample.value
     raise AssertionError(f"{name} not in /metrics:\n{text}")
 
 
