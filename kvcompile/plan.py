@@ -7,6 +7,7 @@ place a head order becomes tensor indices.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -61,6 +62,63 @@ class Selection:
             raise ValueError(f"observation window must be >= 1, got {self.observation_window}")
 
 
+STORAGE_BITS = (16, 8, 4)
+"""Bits per stored key or value: 16 is full precision (the cache's compute dtype, counted at
+2 bytes against bf16), 8 and 4 are codes with 16-bit scales and zero points."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How one head group stores its keys and values (docs/DESIGN.md, "Quantized storage").
+
+    Full precision (16/16), or codes as KIVI lays them out: keys per channel over groups of
+    ``group`` tokens, values per token over groups of ``group`` channels, an asymmetric
+    ``x ≈ code * scale + zero`` with ``scale`` and ``zero`` in float16. Keys keep at least as
+    many bits as values (their outlier channels make them the more fragile of the two).
+    """
+
+    key_bits: int = 16
+    value_bits: int = 16
+    group: int = 32
+
+    def __post_init__(self) -> None:
+        bits = (self.key_bits, self.value_bits)
+        if any(b not in STORAGE_BITS for b in bits):
+            raise ValueError(f"storage bits must be among {STORAGE_BITS}, got k{self.key_bits}"
+                             f"v{self.value_bits}")
+        if (16 in bits) and bits != (16, 16):
+            raise ValueError(f"keys and values are both quantized or both full precision, got "
+                             f"k{self.key_bits}v{self.value_bits}")
+        if self.value_bits > self.key_bits:
+            raise ValueError(f"keys need at least as many bits as values, got "
+                             f"k{self.key_bits}v{self.value_bits}")
+        if self.group < 2:
+            raise ValueError(f"a quantization group needs at least 2 entries, got {self.group}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_bits < 16
+
+    @property
+    def name(self) -> str:
+        """``full``, or ``k8v4g32`` style (the CLI's and the tables' spelling)."""
+        return "full" if not self.quantized else f"k{self.key_bits}v{self.value_bits}g{self.group}"
+
+    @classmethod
+    def parse(cls, text: str) -> Storage:
+        """The inverse of :attr:`name` (``g32`` may be left out)."""
+        if text in ("full", "bf16", "k16v16"):
+            return cls()
+        match = re.fullmatch(r"k(\d+)v(\d+)(?:g(\d+))?", text)
+        if not match:
+            raise ValueError(f"storage must be 'full' or like 'k8v4g32', got {text!r}")
+        key_bits, value_bits, group = match.groups()
+        return cls(int(key_bits), int(value_bits), int(group) if group else cls.group)
+
+
+FULL_STORAGE = Storage()
+
+
 @dataclass(frozen=True)
 class BudgetLayout:
     """Slots of one budgeted KV head: sinks + compensation + selected + ring window."""
@@ -101,16 +159,31 @@ class LayerPlan:
     budgeted_heads: tuple[int, ...]
     layout: BudgetLayout | None
     sliding: bool = False  # the source model runs this layer as sliding-window attention
+    full_storage: Storage = FULL_STORAGE  # the full heads' body (a residual ring stays full)
+    budget_storage: Storage = FULL_STORAGE  # the budgeted heads' selected slots (the rest stays full)
 
     def __post_init__(self) -> None:
         if self.budgeted_heads and self.layout is None:
             raise ValueError("budgeted heads need a layout")
         if set(self.full_heads) & set(self.budgeted_heads):
             raise ValueError("a head cannot be both full and budgeted")
+        for storage in (self.full_storage, self.budget_storage):
+            if not isinstance(storage, Storage):
+                raise ValueError(f"storage must be a Storage, got {storage!r}")
 
     @property
     def n_heads(self) -> int:
         return len(self.full_heads) + len(self.budgeted_heads)
+
+    @property
+    def quantized_selected(self) -> bool:
+        """The budgeted heads keep their selected slots as codes (the rest stays full)."""
+        return (bool(self.budgeted_heads) and self.budget_storage.quantized
+                and self.layout is not None and self.layout.selected > 0)
+
+    @property
+    def quantized_full(self) -> bool:
+        return bool(self.full_heads) and self.full_storage.quantized
 
     @property
     def prefill_window(self) -> int:
@@ -161,9 +234,10 @@ class Plan:
     def kv_slots(self, context: int) -> int:
         return sum(layer.kv_slots(context) for layer in self.layers)
 
-    def kv_bytes(self, context: int, head_dim: int, bytes_per_value: int) -> int:
-        """KV memory at ``context`` tokens: keys and values, every layer."""
-        return self.kv_slots(context) * 2 * head_dim * bytes_per_value
+    @property
+    def quantized(self) -> bool:
+        return any(layer.full_storage.quantized or layer.budget_storage.quantized
+                   for layer in self.layers)
 
     def require_order(self, order: HeadOrder, use: str) -> None:
         """Refuse, in one line, a plan whose indices count another order than ``use`` needs."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvcompile.errors import ProfileError
-from kvcompile.plan import BudgetLayout, HeadOrder, LayerPlan, Plan, Selection
+from kvcompile.plan import BudgetLayout, HeadOrder, LayerPlan, Plan, Selection, Storage
 from kvcompile.yamlio import FlowDict, FlowList
 
 
@@ -27,6 +27,11 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             window=layout.window if layout else 0,
             sliding=layer.sliding,
         ))
+        # written only when quantized: full-precision plans read and write as before
+        if layer.full_storage.quantized:
+            layers[-1]["full_storage"] = layer.full_storage.name
+        if layer.budget_storage.quantized:
+            layers[-1]["budget_storage"] = layer.budget_storage.name
     data: dict[str, Any] = {
         "policy": plan.policy,
         "selection": plan.selection.rule,
@@ -91,9 +96,16 @@ def plan_from_dict(data: Any, reader: Reader, path: str = "plan",
         budgeted = reader.int_list(raw, "budgeted", p)
         ints = {k: reader.get(raw, k, p, int) for k in ("sinks", "compensation", "selected", "window")}
         sliding = reader.get(raw, "sliding", p, bool)
+        storages = {}
+        for key in ("full_storage", "budget_storage"):
+            if key in raw:
+                try:
+                    storages[key] = Storage.parse(reader.get(raw, key, p, str))
+                except ValueError as exc:
+                    raise reader.fail(f"{p}.{key}", str(exc)) from exc
         try:
             layout = BudgetLayout(**ints) if budgeted else None
-            layers.append(LayerPlan(full, budgeted, layout, sliding))
+            layers.append(LayerPlan(full, budgeted, layout, sliding, **storages))
         except ValueError as exc:
             raise reader.fail(p, str(exc)) from exc
     try:

@@ -22,6 +22,7 @@ from kvcompile.errors import ContextLengthError
 from kvcompile.plan import SELECTIONS, BudgetLayout, LayerPlan, Plan, Selection
 
 from .ops import budgeted_attention, budgeted_cache_update, host_reads_free, log_count
+from .quant_cache import QuantizedBudgetedBuffer, QuantizedFullBuffer
 
 __all__ = [
     "BudgetedBuffer",
@@ -101,15 +102,14 @@ class BudgetedBuffer:
         """Attention of ``q [B, g*H, T, D]`` over the occupied slots (bias masks the rest)."""
         return budgeted_attention(q, self.k, self.v, self.bias, scale=scale)
 
-    @property
-    def nbytes(self) -> int:
-        """KV memory: keys and values only (what the plan and the reports count)."""
-        return _nbytes(self.k, self.v)
+    def compress(self, k: Tensor, v: Tensor, scores: Tensor | None) -> None:
+        """A prompt compressed into this (reset) buffer: :func:`compress_prefill`."""
+        compress_prefill(k, v, scores, self.layout, out=self)
 
     @property
-    def overhead_bytes(self) -> int:
-        """Bias and counters, reported apart from KV memory."""
-        return _nbytes(self.bias, self.counters)
+    def nbytes(self) -> int:
+        """All the group's KV state: keys, values, bias, counters (``kvcompile.memory``)."""
+        return _nbytes(self.k, self.v, self.bias, self.counters)
 
 
 def compress_prefill(k: Tensor, v: Tensor, scores: Tensor | None, layout: BudgetLayout,
@@ -248,6 +248,10 @@ class FullBuffer:
     def max_context(self) -> int:
         return self.k.shape[2]
 
+    def fill(self, k: Tensor, v: Tensor) -> None:
+        """A prompt into the empty buffer (the quantized buffer's bulk path; here a write)."""
+        self.write(k, v)
+
     def write(self, k: Tensor, v: Tensor) -> None:
         """Append ``T`` tokens (``[B, H, T, D]``) after each row's filled slots.
 
@@ -292,7 +296,7 @@ class FullBuffer:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.k, self.v)
+        return _nbytes(self.k, self.v, self.length)
 
 
 @dataclass
@@ -305,8 +309,8 @@ class LayerKV:
     their own device-side state.
     """
 
-    full: FullBuffer | None
-    budgeted: BudgetedBuffer | None
+    full: FullBuffer | QuantizedFullBuffer | None
+    budgeted: BudgetedBuffer | QuantizedBudgetedBuffer | None
     group_size: int
     sliding_window: int = 0
     length: int = 0
@@ -318,11 +322,14 @@ class LayerKV:
         """Buffers for one :class:`LayerPlan`; sliding layers take their window from the layout."""
         if layer.sliding and layer.full_heads:
             raise ValueError("a sliding-window layer keeps only budgeted heads (its window)")
-        full = None
-        if layer.full_heads:
+        full: FullBuffer | QuantizedFullBuffer | None = None
+        if layer.quantized_full:
+            full = QuantizedFullBuffer.empty(batch, len(layer.full_heads), max_context, head_dim,
+                                             layer.full_storage, dtype, device)
+        elif layer.full_heads:
             full = FullBuffer.empty(batch, len(layer.full_heads), max_context, head_dim,
                                     dtype, device)
-        budgeted = None
+        budgeted: BudgetedBuffer | QuantizedBudgetedBuffer | None = None
         layout = layer.layout
         window = layer.prefill_window
         if window:
@@ -330,7 +337,11 @@ class LayerKV:
             # (transformers' static sliding layer: min(window, max_cache_len); kvcompile.memory)
             window = min(window, max_context)
             layout = BudgetLayout(0, 0, 0, window)
-        if layer.budgeted_heads:
+        if layer.quantized_selected and not window:
+            assert layout is not None
+            budgeted = QuantizedBudgetedBuffer.empty(batch, len(layer.budgeted_heads), head_dim,
+                                                     layout, layer.budget_storage, dtype, device)
+        elif layer.budgeted_heads:
             assert layout is not None
             budgeted = BudgetedBuffer.empty(batch, len(layer.budgeted_heads), head_dim,
                                             layout, dtype, device)
@@ -338,7 +349,15 @@ class LayerKV:
 
     @property
     def n_full(self) -> int:
-        return 0 if self.full is None else self.full.k.shape[1]
+        if self.full is None:
+            return 0
+        return self.full.k_res.shape[1] if isinstance(self.full, QuantizedFullBuffer) else self.full.k.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        """Some group stores codes: several new tokens are then appended one at a time."""
+        return isinstance(self.full, QuantizedFullBuffer) or isinstance(self.budgeted,
+                                                                        QuantizedBudgetedBuffer)
 
     def _split_q(self, q: Tensor) -> tuple[Tensor, Tensor]:
         nq = self.n_full * self.group_size
@@ -380,7 +399,7 @@ class LayerKV:
             scale = 1.0 / math.sqrt(q.shape[-1])
         nf = self.n_full
         if self.full is not None:
-            self.full.write(k[:, :nf], v[:, :nf])
+            self.full.fill(k[:, :nf], v[:, :nf])
         if self.budgeted is not None:
             kb, vb = k[:, nf:], v[:, nf:]
             lay = self.budgeted.layout
@@ -389,7 +408,7 @@ class LayerKV:
             if needs_scores:
                 scores = selection_scores(self._split_q(q)[1], kb, scale, selection.rule,
                                           selection.observation_window)
-            compress_prefill(kb, vb, scores, lay, out=self.budgeted)
+            self.budgeted.compress(kb, vb, scores)
         self.length = k.shape[2]
 
     def extend(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -404,6 +423,9 @@ class LayerKV:
         self._check_room(n_new)  # first: nothing is touched when the full heads would overflow
         nf, nq = self.n_full, self.n_full * self.group_size
         q_full, q_budget = self._split_q(q)
+        if n_new > 1 and self.quantized:  # codes are written by the one-token rule
+            return torch.cat([self.extend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                          scale) for t in range(n_new)], dim=2)
         if n_new == 1:  # decode: no output buffer to fill, no per-token slicing
             parts = []
             if self.full is not None:
@@ -447,10 +469,6 @@ class LayerKV:
     @property
     def nbytes(self) -> int:
         return sum(buf.nbytes for buf in (self.full, self.budgeted) if buf is not None)
-
-    @property
-    def overhead_bytes(self) -> int:
-        return 0 if self.budgeted is None else self.budgeted.overhead_bytes
 
 
 @dataclass
@@ -533,11 +551,11 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        """KV memory (keys + values), equal to ``plan.kv_bytes(max_context, d, itemsize) * B``."""
+        """All KV state (keys, values, codes, scales, biases, counters), equal to
+        ``kvcompile.memory.plan_state_bytes(plan, d, max_context, itemsize) * B``."""
         return sum(layer.nbytes for layer in self.layers)
 
     @property
     def overhead_bytes(self) -> int:
-        """Bias, counters and lengths, not counted as KV memory."""
-        lengths = sum(layer.full.length.numel() * 8 for layer in self.layers if layer.full)
-        return sum(layer.overhead_bytes for layer in self.layers) + lengths
+        """The position counter ``seen``, not counted as KV memory."""
+        return _nbytes(self.seen)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from kvcompile.memory import plan_state_bytes
 from kvcompile.plan import Plan
 from kvcompile.runtime.cache import StaticKVCache
 from kvcompile.runtime.engine import Engine
@@ -24,10 +25,10 @@ __all__ = ["TorchSlotPool", "torch_bytes_per_slot"]
 
 
 def torch_bytes_per_slot(engine: Engine, max_context: int, plan: Plan | None = None) -> int:
-    """KV bytes of one slot (keys and values) for ``plan`` at ``max_context``, before any
-    allocation: what ``--kv-memory`` is divided by."""
+    """KV bytes of one slot (all its KV state, ``kvcompile.memory``) for ``plan`` at
+    ``max_context``, before any allocation: what ``--kv-memory`` is divided by."""
     itemsize = torch.empty((), dtype=engine.model.dtype).element_size()
-    return (plan or engine.plan).kv_bytes(max_context, engine.arch.head_dim, itemsize)
+    return plan_state_bytes(plan or engine.plan, engine.arch.head_dim, max_context, itemsize)
 
 
 class TorchSlotPool:

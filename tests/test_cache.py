@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
+from kvcompile.memory import plan_state_bytes
+from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection, Storage
 from kvcompile.runtime import ops
 from kvcompile.runtime.cache import (
     BudgetedBuffer,
@@ -238,7 +239,7 @@ def test_decoding_far_past_capacity_keeps_buffers_and_stays_finite():
     layer = make_layer(0, heads, layout, batch, 0, d, 1, torch.float32)
     buf = layer.budgeted
     ptrs = [t.data_ptr() for t in (buf.k, buf.v, buf.bias, buf.counters)]
-    nbytes = (layer.nbytes, buf.overhead_bytes)
+    nbytes = layer.nbytes
     q, k, v = random_qkv(5, batch, heads, 1, prompt_len + steps, d, torch.float32)
     layer.prefill(q[:, :, :prompt_len], k[:, :, :prompt_len], v[:, :, :prompt_len])
     finite = True
@@ -247,7 +248,7 @@ def test_decoding_far_past_capacity_keeps_buffers_and_stays_finite():
         finite &= bool(torch.isfinite(out).all())
     assert finite
     assert [t.data_ptr() for t in (buf.k, buf.v, buf.bias, buf.counters)] == ptrs
-    assert (layer.nbytes, buf.overhead_bytes) == nbytes
+    assert layer.nbytes == nbytes
     # sinks 0,1; selected 2,3 (the first evicted); window: the last 4; everything else folded
     n_tok = prompt_len + steps
     folded = range(4, n_tok - 4)
@@ -312,6 +313,12 @@ PLANS = [
         LayerPlan((0, 1, 2), (), None),
     )),
     Plan.uncompressed(3, 2, sliding=(64, None, 64)),
+    Plan((  # quantized groups: codes, scales, residual rings (kvcompile.memory)
+        LayerPlan((0,), (1, 2), BudgetLayout(4, 1, 40, 16), full_storage=Storage(8, 4, 32),
+                  budget_storage=Storage(4, 4, 16)),
+        LayerPlan((0, 1, 2), (), None, full_storage=Storage(4, 4, 64)),
+        LayerPlan((), (0, 1, 2), BudgetLayout(2, 0, 7, 30), budget_storage=Storage(8, 8, 5)),
+    )),
 ]
 
 
@@ -320,8 +327,8 @@ PLANS = [
 def test_static_cache_nbytes_equals_plan_prediction(plan, dtype):
     batch, max_context, d = 2, 200, 16
     cache = StaticKVCache.allocate(plan, batch, max_context, d, 3, dtype)
-    assert cache.nbytes == plan.kv_bytes(max_context, d, dtype.itemsize) * batch
-    assert cache.overhead_bytes > 0
+    assert cache.nbytes == plan_state_bytes(plan, d, max_context, dtype.itemsize) * batch
+    assert cache.overhead_bytes == batch * 8
     assert len(cache) == len(plan.layers)
 
 

@@ -1,0 +1,139 @@
+"""Quantized KV storage: KIVI's layout, in plain torch (the reference every backend matches).
+
+Layout (docs/DESIGN.md, "Quantized storage"), for one head group ``[B, H, S, D]``:
+
+* **keys per channel**: tokens are cut into groups of ``group`` (a last partial group is
+  quantized over the tokens it has); each (group, channel) has a ``scale`` and a ``zero``,
+  ``[B, H, ceil(S / group), D]``. Keys have outlier channels, so a per-channel range keeps the
+  other channels' resolution.
+* **values per token**: each token's channels are cut into groups of ``group``; each
+  (token, channel group) has a ``scale`` and a ``zero``, ``[B, H, S, ceil(D / group)]``.
+* ``code = clamp(round((x - zero) / scale), 0, 2^bits - 1)`` with ``zero = fp16(min)`` and
+  ``scale = fp16((max - zero) / (2^bits - 1))`` (0 for a constant group, whose codes are 0);
+  ``x̂ = code * scale + zero`` in float32. Scales and zeros are float16 (16 bits each, as KIVI
+  stores them); values beyond float16's range are clipped to it.
+* codes are ``uint8`` ``[B, H, S, code_bytes]``: one per byte at 8 bits, two per byte at 4
+  bits (channel ``2i`` in the low nibble, ``2i + 1`` in the high one; an odd head dim pads a
+  zero nibble).
+
+``round`` is round-half-to-even (torch's, numpy's, onnxruntime's ``Round``), so every backend
+rounds the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvcompile.memory import code_bytes, scale_groups
+
+__all__ = [
+    "SCALE_DTYPE",
+    "Quantized",
+    "dequantize_keys",
+    "dequantize_values",
+    "pack_codes",
+    "quantize_keys",
+    "quantize_values",
+    "unpack_codes",
+]
+
+SCALE_DTYPE = torch.float16
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+@dataclass
+class Quantized:
+    """Codes with their scales and zero points (see the module docstring for the shapes)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+
+
+def levels(bits: int) -> int:
+    """The largest code at ``bits``."""
+    if bits not in (8, 4):
+        raise ValueError(f"codes are 8 or 4 bits, got {bits}")
+    return (1 << bits) - 1
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """``[..., D]`` integer codes below ``2^bits`` -> ``uint8 [..., code_bytes(D, bits)]``."""
+    levels(bits)
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_codes(packed: Tensor, bits: int, head_dim: int) -> Tensor:
+    """The inverse of :func:`pack_codes`: ``uint8 [..., D]``."""
+    levels(bits)
+    if packed.shape[-1] != code_bytes(head_dim, bits):
+        raise ValueError(f"{bits}-bit codes of {head_dim} channels take {code_bytes(head_dim, bits)} "
+                         f"bytes, got {packed.shape[-1]}")
+    if bits == 8:
+        return packed
+    both = torch.stack((packed & 0xF, packed >> 4), dim=-1)
+    return both.flatten(-2)[..., :head_dim]
+
+
+def _affine(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes, fp16 scale and fp16 zero of ``x`` (float32) reduced over ``dim`` (kept)."""
+    top = levels(bits)
+    x = x.clamp(-_FP16_MAX, _FP16_MAX)
+    lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    zero = lo.to(SCALE_DTYPE)
+    scale = ((hi - zero.float()) / top).clamp(max=_FP16_MAX).to(SCALE_DTYPE)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    codes = torch.round((x - zero.float()) / safe).clamp_(0, top)
+    return codes, scale, zero
+
+
+def quantize_keys(k: Tensor, bits: int, group: int) -> Quantized:
+    """Keys ``[B, H, S, D]`` per channel over groups of ``group`` tokens."""
+    b, h, s, d = k.shape
+    n_groups = scale_groups(s, group)
+    padded = n_groups * group
+    x = k.float()
+    if padded != s:  # repeat the last token: the partial group's range is its own tokens'
+        x = torch.cat([x, x[:, :, -1:].expand(b, h, padded - s, d)], dim=2)
+    codes, scale, zero = _affine(x.view(b, h, n_groups, group, d), 3, bits)
+    codes = codes.view(b, h, padded, d)[:, :, :s]
+    return Quantized(pack_codes(codes, bits), scale.squeeze(3), zero.squeeze(3))
+
+
+def quantize_values(v: Tensor, bits: int, group: int) -> Quantized:
+    """Values ``[B, H, S, D]`` per token over groups of ``group`` channels."""
+    b, h, s, d = v.shape
+    n_groups = scale_groups(d, group)
+    padded = n_groups * group
+    x = v.float()
+    if padded != d:  # repeat the last channel: the partial group's range is its own channels'
+        x = torch.cat([x, x[..., -1:].expand(b, h, s, padded - d)], dim=3)
+    codes, scale, zero = _affine(x.view(b, h, s, n_groups, group), 4, bits)
+    codes = codes.view(b, h, s, padded)[..., :d]
+    return Quantized(pack_codes(codes, bits), scale.squeeze(4), zero.squeeze(4))
+
+
+def dequantize_keys(q: Quantized, bits: int, group: int, head_dim: int,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[B, H, S, D]`` in ``dtype`` (computed in float32) from :func:`quantize_keys`' output."""
+    codes = unpack_codes(q.codes, bits, head_dim).float()
+    s = codes.shape[2]
+    scale = q.scale.float().repeat_interleave(group, dim=2)[:, :, :s]
+    zero = q.zero.float().repeat_interleave(group, dim=2)[:, :, :s]
+    return (codes * scale + zero).to(dtype)
+
+
+def dequantize_values(q: Quantized, bits: int, group: int, head_dim: int,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[B, H, S, D]`` in ``dtype`` (computed in float32) from :func:`quantize_values`' output."""
+    codes = unpack_codes(q.codes, bits, head_dim).float()
+    scale = q.scale.float().repeat_interleave(group, dim=3)[..., :head_dim]
+    zero = q.zero.float().repeat_interleave(group, dim=3)[..., :head_dim]
+    return (codes * scale + zero).to(dtype)
