@@ -62,9 +62,9 @@ class Selection:
             raise ValueError(f"observation window must be >= 1, got {self.observation_window}")
 
 
-STORAGE_BITS = (16, 8, 4)
+STORAGE_BITS = (16, 8, 4, 2)
 """Bits per stored key or value: 16 is full precision (the cache's compute dtype, counted at
-2 bytes against bf16), 8 and 4 are codes with 16-bit scales and zero points."""
+2 bytes against bf16), 8, 4 and 2 are codes with 16-bit scales and zero points."""
 
 
 @dataclass(frozen=True)

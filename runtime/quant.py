@@ -12,9 +12,9 @@ Layout (docs/DESIGN.md, "Quantized storage"), for one head group ``[B, H, S, D]`
   ``scale = fp16((max - zero) / (2^bits - 1))`` (0 for a constant group, whose codes are 0);
   ``x̂ = code * scale + zero`` in float32. Scales and zeros are float16 (16 bits each, as KIVI
   stores them); values beyond float16's range are clipped to it.
-* codes are ``uint8`` ``[B, H, S, code_bytes]``: one per byte at 8 bits, two per byte at 4
-  bits (channel ``2i`` in the low nibble, ``2i + 1`` in the high one; an odd head dim pads a
-  zero nibble).
+* codes are ``uint8`` ``[B, H, S, code_bytes]``, ``8 / bits`` per byte: channel ``j`` sits
+  in byte ``j // (8 / bits)`` at bit ``bits * (j % (8 / bits))`` (low bits first); a head dim
+  that does not fill the last byte pads zero codes.
 
 ``round`` is round-half-to-even (torch's, numpy's, onnxruntime's ``Round``), so every backend
 rounds the same way.
@@ -52,10 +52,13 @@ class Quantized:
     zero: Tensor
 
 
+CODE_BITS = (8, 4, 2)
+
+
 def levels(bits: int) -> int:
     """The largest code at ``bits``."""
-    if bits not in (8, 4):
-        raise ValueError(f"codes are 8 or 4 bits, got {bits}")
+    if bits not in CODE_BITS:
+        raise ValueError(f"codes are {CODE_BITS} bits, got {bits}")
     return (1 << bits) - 1
 
 
@@ -63,23 +66,29 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """``[..., D]`` integer codes below ``2^bits`` -> ``uint8 [..., code_bytes(D, bits)]``."""
     levels(bits)
     codes = codes.to(torch.uint8)
-    if bits == 8:
+    per_byte = 8 // bits
+    if per_byte == 1:
         return codes
-    if codes.shape[-1] % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    pad = -codes.shape[-1] % per_byte
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    packed = codes[..., 0::per_byte].clone()
+    for i in range(1, per_byte):
+        packed |= codes[..., i::per_byte] << (bits * i)
+    return packed
 
 
 def unpack_codes(packed: Tensor, bits: int, head_dim: int) -> Tensor:
     """The inverse of :func:`pack_codes`: ``uint8 [..., D]``."""
-    levels(bits)
+    top = levels(bits)
     if packed.shape[-1] != code_bytes(head_dim, bits):
         raise ValueError(f"{bits}-bit codes of {head_dim} channels take {code_bytes(head_dim, bits)} "
                          f"bytes, got {packed.shape[-1]}")
-    if bits == 8:
+    per_byte = 8 // bits
+    if per_byte == 1:
         return packed
-    both = torch.stack((packed & 0xF, packed >> 4), dim=-1)
-    return both.flatten(-2)[..., :head_dim]
+    parts = [(packed >> (bits * i)) & top for i in range(per_byte)]
+    return torch.stack(parts, dim=-1).flatten(-2)[..., :head_dim]
 
 
 def _affine(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
