@@ -9,7 +9,8 @@ Layout (docs/DESIGN.md, "Quantized storage"), for one head group ``[B, H, S, D]`
 * **values per token**: each token's channels are cut into groups of ``group``; each
   (token, channel group) has a ``scale`` and a ``zero``, ``[B, H, S, ceil(D / group)]``.
 * ``code = clamp(round((x - zero) / scale), 0, 2^bits - 1)`` with ``zero = fp16(min)`` and
-  ``scale = fp16((max - zero) / (2^bits - 1))`` (0 for a constant group, whose codes are 0);
+  ``scale = fp16((max - zero) / (2^bits - 1))`` (0 for a constant group, whose codes are 0),
+  all in float32 arithmetic on float32 inputs, then rounded to float16 once;
   ``x̂ = code * scale + zero`` in float32. Scales and zeros are float16 (16 bits each, as KIVI
   stores them); values beyond float16's range are clipped to it.
 * codes are ``uint8`` ``[B, H, S, code_bytes]``, ``8 / bits`` per byte: channel ``j`` sits
