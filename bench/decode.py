@@ -15,8 +15,9 @@ processes on a shared machine hits them alike; the reported time is the median s
 ``--device cuda --dtype bfloat16`` runs all three on the GPU in that precision (each step is
 timed to its completion: ``torch.cuda.synchronize`` before the clock stops; the kvcompile
 systems replay their decode step as a CUDA graph, with the Triton kernels where they serve).
-KV bytes: keys + values only (transformers: the cache tensors' ``nbytes``; kvcompile:
-``StaticKVCache.nbytes``, allocated for ``L`` + warm-up + timed steps).
+KV bytes: transformers: the cache tensors' ``nbytes`` (keys + values); kvcompile: all KV state,
+``StaticKVCache.nbytes``, allocated for ``L`` + warm-up + timed steps. ``--storage k4v4`` also
+times the artifact's plan with its groups quantized (the same slots in fewer bytes).
 
     python bench/decode.py --artifact /tmp/bench/artifact --contexts 2048 8192 --markdown
     python bench/decode.py --artifact /tmp/bench/artifact --device cuda --dtype bfloat16
@@ -216,11 +217,20 @@ def time_interleaved(decoders: list[Decoder], steps: int, rounds: int,
     return times
 
 
+def with_storage(plan, storage):
+    """``plan`` with both head groups of every layer stored as ``storage`` (same slots)."""
+    from dataclasses import replace
+
+    return replace(plan, layers=tuple(replace(layer, full_storage=storage, budget_storage=storage)
+                                      for layer in plan.layers))
+
+
 def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: int,
                 plan=None, onnx_engine=None) -> list[Result]:
     """Prefill a seeded random prompt of ``length`` ids, then time decode steps of every system;
     ``plan`` (default: the artifact's) is the static-budget plan the artifact system serves,
-    ``onnx_engine`` adds the artifact's ONNX graphs in onnxruntime."""
+    ``onnx_engine`` adds the artifact's ONNX graphs in onnxruntime, ``args.storage`` the
+    artifact's plan with its groups quantized."""
     gen = torch.Generator().manual_seed(args.seed + length)
     ids = torch.randint(0, vocab, (1, length), generator=gen).to(engine.device)
     max_context = length + args.steps + warmup_steps(engine.device)
@@ -229,13 +239,16 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
         decoders.append(TransformersDecoder(hf_model))
     full = RuntimeDecoder("kvcompile, all heads full", engine, engine.uncompressed_plan(), max_context)
     art = RuntimeDecoder("kvcompile artifact", engine, plan or engine.plan, max_context)
-    decoders += [full, art]
+    stored = [RuntimeDecoder(f"kvcompile artifact, {storage.name}", engine,
+                             with_storage(plan or engine.plan, storage), max_context)
+              for storage in args.storage]
+    decoders += [full, art, *stored]
     t0 = time.perf_counter()
     if hf_model is not None:
         decoders[0].prefill(ids)
     # one exact prefill feeds both kvcompile caches (same keys and values, stored twice)
-    logits = engine.prefill(ids, [full.cache, art.cache])
-    for dec in (full, art):
+    logits = engine.prefill(ids, [full.cache, art.cache, *(dec.cache for dec in stored)])
+    for dec in (full, art, *stored):
         dec.prefill_logits = logits
         dec.set_logits(logits)
     print(f"[L={length}] prefill done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -303,7 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                         help="onnx: also time the artifact's ONNX graphs in onnxruntime (CPU)")
+    parser.add_argument("--storage", nargs="*", default=[],
+                        help="also time the artifact's plan with every group stored so "
+                             "(e.g. k8v8 k4v4): the same slots in fewer bytes")
     args = parser.parse_args(argv)
+    from kvcompile.plan import Storage
+
+    try:
+        args.storage = [Storage.parse(name) for name in args.storage]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
     args.rounds = min(args.rounds, args.steps)

@@ -22,7 +22,7 @@ FOLDERS = {"kvcompile": ROOT / "kvcompile", "kvcompile.runtime": ROOT / "runtime
 STAGES = ("profile", "fit", "build", "eval", "gate")
 LIBRARIES = ("runtime", "passes")  # core-level libraries the stages use
 # what the runtime may import besides itself: the package root (its version) and these
-RUNTIME_CORE = ("errors", "arch", "plan", "plan_io", "yamlio")
+RUNTIME_CORE = ("errors", "arch", "plan", "plan_io", "memory", "yamlio")
 RULE = ("a stage imports only from earlier stages (core < profile < fit < build < eval < gate), "
         "the core, kvcompile.runtime and kvcompile.passes")
 
