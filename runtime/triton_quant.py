@@ -39,7 +39,8 @@ Limits (the registered implementation hands anything else to the reference): hea
 is ``group x`` channels), ring tiles up to :data:`MAX_RING_ELEMENTS`; K/V dtypes fp32, fp16,
 bf16 (q, k_fp and v_fp of one dtype); codes ``uint8``, scales and zeros ``float16`` with equal
 strides; the ring exactly one group (``residual_tokens == group``, i.e. ``max_context >=
-group``). The append keeps the whole ring tile in registers: large rings (``group 128 x d
+group``); no empty part (no code slots, no full-precision slots, no body to flush into: an
+empty CUDA tensor has no pointer to pass). The append keeps the whole ring tile in registers: large rings (``group 128 x d
 128``) may spill, which costs time once per ``group`` steps, not correctness.
 """
 from __future__ import annotations
@@ -380,6 +381,8 @@ def unsupported_quantized_attention(q: Tensor, keys: Quantized, values: Quantize
             or values.codes.shape[2] != n_codes
             or values.scale.shape[2:] != (n_codes, -(-d // group))):
         return "scales of another shape"
+    if n_codes == 0 or k_fp.shape[2] == 0:
+        return "an empty part (no code slots or no full-precision slots)"
     if (fp_bias is None) == (fp_length is None):
         return "not exactly one of fp_bias, fp_length"
     if fp_bias is not None and (fp_bias.dtype not in BIAS_DTYPES
@@ -463,6 +466,8 @@ def unsupported_quantized_append(keys: Quantized, values: Quantized, k_res: Tens
     if not (_codes_ok(keys, b, h, d, key_bits) and _codes_ok(values, b, h, d, value_bits)):
         return "codes, scales or zeros of another layout"
     n_groups, tokens = keys.scale.shape[2], keys.codes.shape[2]
+    if n_groups == 0:
+        return "no body (max_context below one group): nothing to flush into"
     if (tokens != n_groups * group or values.codes.shape[2] != tokens
             or keys.scale.shape[3] != d or values.scale.shape[2:] != (tokens, -(-d // group))):
         return "body of another shape"

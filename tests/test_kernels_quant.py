@@ -336,8 +336,8 @@ def test_registered_ops_run_the_kernels(serving_triton) -> None:
 
 
 def test_registered_ops_fall_back_to_the_reference(serving_triton) -> None:
-    """float64, a group that is not a power of two (append), and bad arguments (the
-    reference's error, raised without any kernel)."""
+    """float64, no code slots, a group that is not a power of two (append), and bad arguments
+    (the reference's error, raised without any kernel)."""
     gen = torch.Generator().manual_seed(10)
     keys, values = _codes(gen, 1, 1, 32, [32], 8, 8)
     q = torch.randn(1, 1, 1, HEAD_DIM, dtype=torch.float64, generator=gen).to(DEVICE)
@@ -347,6 +347,11 @@ def test_registered_ops_fall_back_to_the_reference(serving_triton) -> None:
             8, 8, QGROUP, SCALE]
     assert torch.equal(kernels.quantized_attention_impl(*args),
                        quant_ops._quantized_attention_ref(*args))
+    empty = [t[:, :, :0] for t in args[1:7]]  # no code slots (max_context below a group)
+    args32 = [args[0].float(), *empty, torch.tensor([0], device=DEVICE), k_fp.float(),
+              k_fp.float(), *args[10:]]
+    assert torch.equal(kernels.quantized_attention_impl(*args32),
+                       quant_ops._quantized_attention_ref(*args32))
     args[0] = q.float().expand(1, 1, 2, HEAD_DIM)
     args[8] = args[9] = k_fp.float()
     with pytest.raises(ValueError, match="decode op"):
