@@ -32,6 +32,8 @@ def instruction_facts(ptx: str) -> dict[str, int]:
     facts = {op: len(re.findall(re.escape(op) + r"\b", ptx)) for op in INSTRUCTIONS}
     facts["mma"] = len(TENSOR_CORE.findall(ptx))
     facts["cp.async"] = len(re.findall(r"cp\.async\.", ptx))  # loads pipelined through shared
+    # the quantized append's round-half-to-even: y + 1.5 * 2^23 - 1.5 * 2^23, both adds kept
+    facts["round add"] = len(re.findall(r"add\.rn\.f32\s[^;]*0f[4C]B400000;", ptx))
     return facts
 
 
@@ -52,6 +54,8 @@ def problems(facts: dict[str, dict]) -> list[str]:
                 found.append(f"{name}: no IEEE division or no barrier")
             if fact["fma.rn.f32"] or fact["div.full.f32"] or fact["div.approx.f32"]:
                 found.append(f"{name}: FMA or approximate division in the fold")
+            if name.startswith("quantized") and fact["round add"] == 0:
+                found.append(f"{name}: the rounding's magic-number adds were folded away")
         elif name.startswith("quantized attention"):  # dequantized in registers: no cp.async
             if "fp32" not in name and fact["mma"] == 0:
                 found.append(f"{name}: half-precision products not on tensor cores")
