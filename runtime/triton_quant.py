@@ -70,6 +70,7 @@ from .triton_kernels import (
 
 __all__ = [
     "MAX_RING_ELEMENTS",
+    "quantized_attention_config",
     "quantized_append",
     "quantized_decode_attention",
     "unsupported_quantized_append",
@@ -399,6 +400,16 @@ def unsupported_quantized_attention(q: Tensor, keys: Quantized, values: Quantize
     return None
 
 
+def quantized_attention_config(dtype: torch.dtype, gqa: int, head_dim: int,
+                               block_n: int | None = None) -> dict:
+    """``triton_kernels.attention_config`` with half its slot tile by default (``4096 //
+    BLOCK_D`` slots, 16 to 64): the dequantized K/V tiles and their scales and zeros live in
+    registers next to the accumulator, and at head dim 128 the full tile of 64 slots takes all
+    255 registers of a thread (sm_90 compile), 32 slots about 160. Untuned on hardware."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return attention_config(dtype, gqa, head_dim, block_n or max(16, min(64, 4096 // block_d)))
+
+
 def quantized_decode_attention(q: Tensor, keys: Quantized, values: Quantized, q_length: Tensor,
                                k_fp: Tensor, v_fp: Tensor, fp_bias: Tensor | None,
                                fp_length: Tensor | None, key_bits: int, value_bits: int,
@@ -410,7 +421,7 @@ def quantized_decode_attention(q: Tensor, keys: Quantized, values: Quantized, q_
     b, hq, _, d = q.shape
     hkv, n_codes, n_fp = k_fp.shape[1], keys.codes.shape[2], k_fp.shape[2]
     gqa = hq // hkv
-    config = attention_config(q.dtype, gqa, d, block_n)
+    config = quantized_attention_config(q.dtype, gqa, d, block_n)
     block_n = config["BLOCK_N"]
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)

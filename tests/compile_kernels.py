@@ -184,7 +184,7 @@ def quantized_variants() -> dict[str, dict]:
         tag = f"{name} d{head_dim} k{key_bits}v{value_bits} g{group}"
         io = {arg: f"*{name}" for arg in ("q_ptr", "kf_ptr", "vf_ptr", "out_ptr")}
         bits = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, QUANT_GROUP=group)
-        attention = tq.attention_config(dtype, 4, head_dim)
+        attention = tq.quantized_attention_config(dtype, 4, head_dim)
         out[f"quantized attention one program {tag}"] = _compile(
             tq._quantized_decode_kernel, {**io, **codes, **scales, "q_length_ptr": "*i64",
                                           "fp_bias_ptr": "*fp32", "part_m_ptr": f"*{name}",
