@@ -86,23 +86,31 @@ _ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: y + M - M rounds |y| < 2^22 half to eve
 # -- attention ----------------------------------------------------------------------------------
 
 @triton.jit
-def _dequantize(codes_row, scale_row, zero_row, fp_ptr, offs_n, offs_d, mask,
+def _dequantize(codes_row, scale_row, zero_row, fp_ptr, start, offs_n, offs_d, mask, d_mask,
                 stride_cs, stride_cc, stride_ss, stride_sc,
-                BITS: tl.constexpr, QUANT_GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """A ``[BLOCK_N, BLOCK_D]`` tile of codes as fp32 values rounded to ``fp_ptr``'s dtype.
+                BITS: tl.constexpr, QUANT_GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_D]`` tile of codes (slots from ``start``, a multiple of
+    ``BLOCK_N``) as fp32 values rounded to ``fp_ptr``'s dtype.
 
-    ``PER_CHANNEL`` (keys): scale ``[slot // group, channel]``; else (values) ``[slot,
-    channel // group]``. Masked lanes are 0."""
+    ``PER_CHANNEL`` (keys): scale ``[slot // group, channel]``, one row per tile when the tile
+    lies in one token group; else (values) ``[slot, channel // group]``. Masked code lanes
+    are 0 (their slots' scores and values are masked by the caller)."""
     PER_BYTE: tl.constexpr = 8 // BITS
     byte = tl.load(codes_row + offs_n[:, None] * stride_cs
                    + (offs_d // PER_BYTE)[None, :] * stride_cc, mask=mask, other=0).to(tl.int32)
     code = (byte >> (BITS * (offs_d % PER_BYTE))[None, :]) & ((1 << BITS) - 1)
-    if PER_CHANNEL:
-        at = (offs_n // QUANT_GROUP)[:, None] * stride_ss + offs_d[None, :] * stride_sc
+    if PER_CHANNEL and QUANT_GROUP % BLOCK_N == 0:  # start < length: its group holds keys
+        at = (start // QUANT_GROUP) * stride_ss + offs_d * stride_sc
+        scale = tl.load(scale_row + at, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        zero = tl.load(zero_row + at, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     else:
-        at = offs_n[:, None] * stride_ss + (offs_d // QUANT_GROUP)[None, :] * stride_sc
-    scale = tl.load(scale_row + at, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(zero_row + at, mask=mask, other=0.0).to(tl.float32)
+        if PER_CHANNEL:
+            at = (offs_n // QUANT_GROUP)[:, None] * stride_ss + offs_d[None, :] * stride_sc
+        else:
+            at = offs_n[:, None] * stride_ss + (offs_d // QUANT_GROUP)[None, :] * stride_sc
+        scale = tl.load(scale_row + at, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(zero_row + at, mask=mask, other=0.0).to(tl.float32)
     return (code.to(tl.float32) * scale + zero).to(fp_ptr.dtype.element_ty).to(tl.float32)
 
 
@@ -123,16 +131,18 @@ def _attend_codes(q, scale, kc_row, ks_row, kz_row, vc_row, vs_row, vz_row, fp_p
         offs_n = start + offs_n0
         n_mask = offs_n < hi
         tile_mask = n_mask[:, None] & d_mask[None, :]
-        k = _dequantize(kc_row, ks_row, kz_row, fp_ptr, offs_n, offs_d, tile_mask, stride_kcs,
-                        stride_kcc, stride_kss, stride_ksd, KEY_BITS, QUANT_GROUP, True)
+        k = _dequantize(kc_row, ks_row, kz_row, fp_ptr, start, offs_n, offs_d, tile_mask,
+                        d_mask, stride_kcs, stride_kcc, stride_kss, stride_ksd, KEY_BITS,
+                        QUANT_GROUP, True, BLOCK_N)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(scores - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
-        v = _dequantize(vc_row, vs_row, vz_row, fp_ptr, offs_n, offs_d, tile_mask, stride_vcs,
-                        stride_vcc, stride_vss, stride_vsg, VALUE_BITS, QUANT_GROUP, False)
+        v = _dequantize(vc_row, vs_row, vz_row, fp_ptr, start, offs_n, offs_d, tile_mask,
+                        d_mask, stride_vcs, stride_vcc, stride_vss, stride_vsg, VALUE_BITS,
+                        QUANT_GROUP, False, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new

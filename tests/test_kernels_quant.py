@@ -188,7 +188,8 @@ def test_budgeted_decode_with_fp_bias_matches_the_oracle(dtype: torch.dtype,
                                                          bits: tuple[int, int]) -> None:
     """37 selected slots (the last key group partial) filled to 37, 21 and 0; the
     full-precision part's bias holds 0, ``ln n`` (one large count) and ``-inf``; the last row
-    sees nothing at all."""
+    sees nothing at all. Tiles of 32 slots span two key groups: each slot's key scale is
+    gathered (the full-head tests' tiles of 16 lie in one group and load one scale row)."""
     key_bits, value_bits = bits
     gen = torch.Generator().manual_seed(key_bits + value_bits + len(str(dtype)))
     batch, kv_heads, group, n_fp = 3, 2, 4, 11
@@ -201,7 +202,7 @@ def test_budgeted_decode_with_fp_bias_matches_the_oracle(dtype: torch.dtype,
     fp_bias = fp_bias.to(DEVICE)
     q_length = torch.tensor([37, 21, 0], device=DEVICE)
     out = tq.quantized_decode_attention(q, keys, values, q_length, k_fp, v_fp, fp_bias, None,
-                                        key_bits, value_bits, QGROUP, SCALE, block_n=16)
+                                        key_bits, value_bits, QGROUP, SCALE, block_n=32)
     want = _oracle(q, keys, values, q_length, k_fp, v_fp, fp_bias, None, key_bits, value_bits)
     _assert_close(out, want, dtype)
     assert torch.equal(out[2].float().cpu(), torch.zeros(kv_heads * group, 1, HEAD_DIM))
