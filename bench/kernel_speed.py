@@ -17,6 +17,14 @@ Three tables, on one device:
      all filled (``kv_length`` = context); flash-decoding split + combine.
    - ``cache update``: ``budgeted_cache_update`` of one token (all heads of a layer, a fold
      step): a few rows, so its time is launch latency, not bandwidth.
+   - ``quantized decode kXvY``: ``quantized_attention`` of one token over a full head group at
+     ``--quant-context`` (4096) stored as KIVI codes (group 32): a body of whole token groups
+     plus a residual ring half full; next to it, ``full-precision decode``, the split-K kernel
+     over the same context in the K/V dtype, the baseline the codes compete with.
+   - ``quantized append kXvY``: ``quantized_append`` of one token (all heads of a layer), once
+     into the ring (``no flush``) and once filling it (``flush``: the ring quantized into the
+     body); each timed run first resets the row's length (one small copy), so both stay in
+     their state.
 
    Bytes moved: what the operation must read and write (keys and values of the filled slots,
    bias, queries, output; the update's rows and counters), not the split workspace. Times: on
@@ -71,6 +79,9 @@ GPU_CONTEXTS = (8192, 32768, 131072)
 CPU_CONTEXTS = (2048, 8192)
 CPU_E2E_CONTEXTS = (1024,)
 INTERPRETER_CONTEXT = 1024  # split-K splits it in 2 there
+QUANT_CONTEXT = 4096  # the quantized kernels' rows (full heads at 4K)
+QUANT_GROUP = 32
+QUANT_STORAGES = ((4, 4), (8, 8))  # (key bits, value bits)
 GOAL_CONTEXT = 32768
 GOAL_BANDWIDTH = 0.70  # of the copy bandwidth, budgeted decode and split-K at GOAL_CONTEXT
 GOAL_SPEEDUP = 2.0  # end-to-end tokens/s of the artifact over transformers at GOAL_CONTEXT
@@ -242,6 +253,152 @@ def update_rows(shape: ModelShape, context: int, budget: float, dtype: torch.dty
     return rows
 
 
+def _quantized_inputs(shape: ModelShape, context: int, bits: tuple[int, int],
+                      dtype: torch.dtype, device: torch.device, seed: int):
+    """A full head group at ``context`` tokens as the quantized buffer holds it: codes of the
+    whole groups (minus one, so the ring is half full), the query, the lengths."""
+    from kvcompile.runtime.quant import Quantized, quantize_keys, quantize_values
+
+    gen = torch.Generator().manual_seed(seed)
+    hkv, d = shape.kv_heads, shape.head_dim
+    in_ring = QUANT_GROUP // 2
+    body = max(0, (context - in_ring) // QUANT_GROUP * QUANT_GROUP)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen)
+
+    keys, values = quantize_keys(randn(1, hkv, body, d), bits[0], QUANT_GROUP), \
+        quantize_values(randn(1, hkv, body, d), bits[1], QUANT_GROUP)
+    keys, values = (Quantized(*(t.to(device) for t in (x.codes, x.scale, x.zero)))
+                    for x in (keys, values))
+    q = randn(1, hkv * shape.group, 1, d).to(dtype=dtype, device=device)
+    k_res, v_res = (randn(1, hkv, QUANT_GROUP, d).to(dtype=dtype, device=device)
+                    for _ in range(2))
+    lengths = (torch.tensor([body], device=device), torch.tensor([in_ring], device=device))
+    return q, keys, values, k_res, v_res, lengths
+
+
+def _quantized_nbytes(keys, values, k_res: torch.Tensor, q: torch.Tensor, in_ring: int) -> int:
+    """Codes, scales and zeros of the body, the ring's filled slots, the query and output."""
+    body = sum(t.numel() * t.element_size() for x in (keys, values)
+               for t in (x.codes, x.scale, x.zero))
+    return body + 2 * k_res[:, :, :in_ring].numel() * k_res.element_size() \
+        + 2 * q.numel() * q.element_size()
+
+
+def quantized_attention_rows(shape: ModelShape, context: int, dtype: torch.dtype,
+                             device: torch.device, implementations: list[str],
+                             runs: int) -> list[KernelRow]:
+    """``quantized_attention`` over a full head group per storage, and the full-precision
+    split-K decode over the same context (the baseline)."""
+    from kvcompile.runtime import ops
+    from kvcompile.runtime.quant_ops import _quantized_attention_ref
+
+    rows = []
+    scale = shape.head_dim ** -0.5
+    for bits in QUANT_STORAGES:
+        q, keys, values, k_res, v_res, (body, in_ring) = _quantized_inputs(
+            shape, context, bits, dtype, device, seed=context + bits[0])
+        args = (q, keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero,
+                body, k_res, v_res, None, in_ring, *bits, QUANT_GROUP, scale)
+        exact = _quantized_attention_ref(q.float(), *args[1:8], k_res.float(), v_res.float(),
+                                         *args[10:])
+        nbytes = _quantized_nbytes(keys, values, k_res, q, int(in_ring[0]))
+        variants: list[tuple[str, Callable[[], torch.Tensor]]] = []
+        for impl in implementations:
+            if impl == "reference":
+                variants.append(("reference", partial(_quantized_attention_ref, *args)))
+                continue
+            from kvcompile.runtime import triton_kernels as tk
+            from kvcompile.runtime import triton_quant as tq
+
+            splits = tk.plan_splits(shape.kv_heads, keys.codes.shape[2], tk.sm_count(device))
+            variants.append((f"{impl}, {splits} split{'s' * (splits > 1)} (auto)",
+                             partial(tq.quantized_decode_attention, q, keys, values, body,
+                                     k_res, v_res, None, in_ring, *bits, QUANT_GROUP, scale)))
+        kernel = f"quantized decode k{bits[0]}v{bits[1]}"
+        for name, fn in variants:
+            err = float((fn().float() - exact).abs().max())
+            ms = median_ms(fn, device, runs)
+            rows.append(KernelRow(kernel, shape.name, context, keys.codes.shape[2], name, ms,
+                                  nbytes, err))
+    q, k, v, _, kv_length = _attention_inputs(shape, context, False, dtype, device, seed=context)
+    exact = ops._budgeted_attention_ref(q.float(), k.float(), v.float(), None, kv_length, True,
+                                        0, scale)
+    nbytes = 2 * k.numel() * k.element_size() + 2 * q.numel() * q.element_size()
+    for impl in implementations:
+        if impl == "reference":
+            fn = partial(ops._budgeted_attention_ref, q, k, v, None, kv_length, True, 0, scale)
+        else:
+            from kvcompile.runtime import triton_kernels as tk
+
+            fn = partial(tk.decode_attention, q, k, v, None, kv_length, scale)
+        err = float((fn().float() - exact).abs().max())
+        rows.append(KernelRow(f"full-precision decode {str(dtype).removeprefix('torch.')}",
+                              shape.name, context, context, impl, median_ms(fn, device, runs),
+                              nbytes, err))
+    return rows
+
+
+def quantized_append_rows(shape: ModelShape, dtype: torch.dtype, device: torch.device,
+                          implementations: list[str], runs: int) -> list[KernelRow]:
+    """``quantized_append`` of one token to every head of a layer, into the ring and with a
+    flush, per storage; the error is against one reference step from the same state."""
+    from kvcompile.plan import Storage
+    from kvcompile.runtime.quant import Quantized
+    from kvcompile.runtime.quant_cache import QuantizedFullBuffer
+    from kvcompile.runtime.quant_ops import _quantized_append_ref
+
+    rows = []
+    gen = torch.Generator().manual_seed(shape.head_dim)
+    heads, d = shape.kv_heads, shape.head_dim
+    for bits in QUANT_STORAGES:
+        buf = QuantizedFullBuffer.empty(1, heads, QUANT_CONTEXT, d, Storage(*bits, QUANT_GROUP),
+                                        dtype, device)
+        buf.k_res.copy_(torch.randn(buf.k_res.shape, generator=gen))
+        buf.v_res.copy_(torch.randn(buf.v_res.shape, generator=gen))
+        k_new, v_new = (torch.randn(1, heads, 1, d, generator=gen).to(dtype=dtype, device=device)
+                        for _ in range(2))
+        itemsize = buf.k_res.element_size()
+        token = 2 * 2 * heads * d * itemsize + 16  # read the token, write its slot; the length
+        flushed = 2 * heads * QUANT_GROUP * d * itemsize + sum(  # read the ring, write a group
+            t[:, :, :QUANT_GROUP].numel() * t.element_size()
+            for x in (buf.keys, buf.values) for t in (x.codes, x.scale, x.zero))
+        for case, start, nbytes in (("no flush", 5 * QUANT_GROUP, token),
+                                    ("flush", 6 * QUANT_GROUP - 1, token + flushed)):
+            start_length = torch.tensor([start], device=device)
+            original = [buf.keys.codes, buf.keys.scale, buf.keys.zero, buf.values.codes,
+                        buf.values.scale, buf.values.zero, buf.k_res, buf.v_res, buf.length]
+            baseline = [t.clone() for t in original]
+            baseline[8].copy_(start_length)
+            _quantized_append_ref(*baseline, k_new, v_new, *bits, QUANT_GROUP)
+            for impl in implementations:
+                state = [t.clone() for t in original]
+                if impl == "reference":
+                    step: Callable[..., None] = _quantized_append_ref
+                    name = "reference"
+                else:
+                    from kvcompile.runtime import triton_quant as tq
+
+                    def step(*args, tq=tq):
+                        tq.quantized_append(Quantized(*args[:3]), Quantized(*args[3:6]),
+                                            *args[6:])
+                    name = impl
+
+                def fn(state=state, step=step, start=start_length,
+                       tail=(k_new, v_new, *bits, QUANT_GROUP)):
+                    state[8].copy_(start)
+                    step(*state, *tail)
+
+                fn()
+                err = max(float((a.float() - b.float()).abs().max())
+                          for a, b in zip(state, baseline, strict=True))
+                rows.append(KernelRow(f"quantized append k{bits[0]}v{bits[1]}", shape.name,
+                                      QUANT_CONTEXT, QUANT_GROUP, f"{name}, {case}",
+                                      median_ms(fn, device, runs), nbytes, err))
+    return rows
+
+
 def kernel_table(rows: list[KernelRow], copy_bw: float, markdown: bool) -> str:
     header = ["kernel", "model shape", "context", "slots", "implementation", "median µs",
               "MiB moved", "GB/s", "of copy", "max abs err"]
@@ -361,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=None,
                         help=f"contexts in tokens (default: {' '.join(map(str, GPU_CONTEXTS))} "
                              f"on CUDA, {' '.join(map(str, CPU_CONTEXTS))} on CPU)")
+    parser.add_argument("--quant-context", type=int, default=QUANT_CONTEXT,
+                        help="context of the quantized decode rows (full heads as codes)")
     parser.add_argument("--budget", type=float, default=0.125,
                         help="KV budget: budgeted capacity = context x budget; refit budget")
     parser.add_argument("--runs", type=int, default=20,
@@ -421,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
                                    args.runs)
             rows += update_rows(shape, context, args.budget, dtype, device, implementations,
                                 args.runs)
+        rows += quantized_attention_rows(shape, args.quant_context, dtype, device,
+                                         implementations, args.runs)
+        rows += quantized_append_rows(shape, dtype, device, implementations, args.runs)
     if args.interpret:
         for shape in SHAPES[:1]:
             label = ["triton (interpreter)", "reference"]
@@ -428,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
                                    runs=3)
             rows += update_rows(shape, INTERPRETER_CONTEXT, args.budget, dtype, device, label,
                                 runs=3)
+            rows += quantized_attention_rows(shape, INTERPRETER_CONTEXT, dtype, device, label,
+                                             runs=3)
+            rows += quantized_append_rows(shape, dtype, device, label, runs=3)
     print(f"## Kernels\n\n{kernel_table(rows, copy_bw, args.markdown)}\n")
 
     speedups: dict[int, float] = {}

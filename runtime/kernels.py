@@ -1,8 +1,10 @@
 """Which implementation serves the ``kvcompile`` ops on CUDA: the Triton kernels or the reference.
 
 :func:`enable` registers the Triton kernels (:mod:`kvcompile.runtime.triton_kernels`) as the
-CUDA implementations of ``kvcompile::budgeted_attention`` and
-``kvcompile::budgeted_cache_update``, once per process, and says which implementation serves.
+CUDA implementations of ``kvcompile::budgeted_attention``,
+``kvcompile::budgeted_cache_update`` and the quantized cache's ``kvcompile::quantized_attention``
+and ``kvcompile::quantized_append`` (:mod:`kvcompile.runtime.triton_quant`), once per process,
+and says which implementation serves.
 The registered functions hand every call the kernels do not cover (prefill with ``T > 1``, a
 sliding window, float64, ...) to the plain-torch reference, so registering never changes what
 the ops compute, only how. ``KVCOMPILE_KERNELS=reference`` keeps (or puts back) the reference,
@@ -18,7 +20,8 @@ import torch
 from torch import Tensor
 
 from kvcompile.errors import KVCompileError
-from kvcompile.runtime import ops
+from kvcompile.runtime import ops, quant_ops
+from kvcompile.runtime.quant import Quantized
 
 __all__ = ["KERNELS_ENV", "KernelsError", "enable", "serving"]
 
@@ -27,6 +30,7 @@ CHOICES = ("auto", "triton", "reference")
 MIN_CAPABILITY = (8, 0)  # tf32 tl.dot (the fp16/bf16 products) needs Ampere or newer
 
 _triton: ModuleType | None = None  # the kernels module, once imported on a CUDA machine
+_triton_quant: ModuleType | None = None  # the quantized cache's kernels, imported with it
 _registered = False
 _status = "reference: enable() has not run"
 
@@ -65,7 +69,7 @@ def enable() -> str:
 
 def _unavailable() -> str | None:
     """Why the Triton kernels cannot serve on this machine, or None."""
-    global _triton
+    global _triton, _triton_quant
     if not torch.cuda.is_available():
         return "no CUDA device"
     capability = torch.cuda.get_device_capability()
@@ -74,10 +78,10 @@ def _unavailable() -> str | None:
                 f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}")
     if _triton is None:
         try:
-            from kvcompile.runtime import triton_kernels
+            from kvcompile.runtime import triton_kernels, triton_quant
         except ImportError as exc:
             return f"Triton is not importable ({exc})"
-        _triton = triton_kernels
+        _triton, _triton_quant = triton_kernels, triton_quant
     return None
 
 
@@ -87,6 +91,9 @@ def _register() -> None:
         return
     torch.library.register_kernel("kvcompile::budgeted_attention", "cuda", attention_impl)
     torch.library.register_kernel("kvcompile::budgeted_cache_update", "cuda", cache_update_impl)
+    torch.library.register_kernel("kvcompile::quantized_attention", "cuda",
+                                  quantized_attention_impl)
+    torch.library.register_kernel("kvcompile::quantized_append", "cuda", quantized_append_impl)
     _registered = True
 
 
@@ -114,3 +121,39 @@ def cache_update_impl(k_buf: Tensor, v_buf: Tensor, bias: Tensor, counters: Tens
         return
     _triton.cache_update(k_buf, v_buf, bias, counters, k_new, v_new,
                          sinks, compensation, selected, window)
+
+
+def quantized_attention_impl(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
+                             v_codes: Tensor, v_scale: Tensor, v_zero: Tensor,
+                             q_length: Tensor, k_fp: Tensor, v_fp: Tensor,
+                             fp_bias: Tensor | None, fp_length: Tensor | None, key_bits: int,
+                             value_bits: int, group: int, scale: float) -> Tensor:
+    """``quantized_attention``'s CUDA implementation: the kernel, or the reference for what it
+    does not cover (which also raises the reference's errors on bad arguments)."""
+    keys, values = Quantized(k_codes, k_scale, k_zero), Quantized(v_codes, v_scale, v_zero)
+    if (_status == "triton" and _triton_quant is not None
+            and not _triton_quant.unsupported_quantized_attention(
+                q, keys, values, q_length, k_fp, v_fp, fp_bias, fp_length, key_bits,
+                value_bits, group)):
+        return _triton_quant.quantized_decode_attention(
+            q, keys, values, q_length, k_fp, v_fp, fp_bias, fp_length, key_bits, value_bits,
+            group, scale)
+    return quant_ops._quantized_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale,
+                                              v_zero, q_length, k_fp, v_fp, fp_bias, fp_length,
+                                              key_bits, value_bits, group, scale)
+
+
+def quantized_append_impl(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor,
+                          v_scale: Tensor, v_zero: Tensor, k_res: Tensor, v_res: Tensor,
+                          length: Tensor, k_new: Tensor, v_new: Tensor, key_bits: int,
+                          value_bits: int, group: int) -> None:
+    """``quantized_append``'s CUDA implementation: one kernel launch, or the reference."""
+    keys, values = Quantized(k_codes, k_scale, k_zero), Quantized(v_codes, v_scale, v_zero)
+    if (_status == "triton" and _triton_quant is not None
+            and not _triton_quant.unsupported_quantized_append(
+                keys, values, k_res, v_res, length, k_new, v_new, key_bits, value_bits, group)):
+        _triton_quant.quantized_append(keys, values, k_res, v_res, length, k_new, v_new,
+                                       key_bits, value_bits, group)
+        return
+    quant_ops._quantized_append_ref(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res,
+                                    v_res, length, k_new, v_new, key_bits, value_bits, group)

@@ -9,7 +9,8 @@ as Triton's JIT specialises the runtime's calls (unit strides, 16-aligned pointe
 :func:`problems` states what those facts must show; importing this module compiles nothing and
 leaves ``TRITON_INTERPRET`` alone, so the test can check that rule on synthetic PTX too.
 
-    python -m tests.compile_kernels
+    python -m tests.compile_kernels               # the budgeted kernels
+    python -m tests.compile_kernels --quantized   # the quantized cache's kernels
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def instruction_facts(ptx: str) -> dict[str, int]:
     facts = {op: len(re.findall(re.escape(op) + r"\b", ptx)) for op in INSTRUCTIONS}
     facts["mma"] = len(TENSOR_CORE.findall(ptx))
     facts["cp.async"] = len(re.findall(r"cp\.async\.", ptx))  # loads pipelined through shared
+    # the quantized append's round-half-to-even: y + 1.5 * 2^23 - 1.5 * 2^23, both adds kept
+    facts["round add"] = len(re.findall(r"add\.rn\.f32\s[^;]*0f[4C]B400000;", ptx))
     return facts
 
 
@@ -46,11 +49,16 @@ def problems(facts: dict[str, dict]) -> list[str]:
             found.append(f"{name}: {fact['local_bytes']} B of spilled registers")
         if "fp32" in name and fact["mma"] != 0:
             found.append(f"{name}: {fact['mma']} tensor-core products (tf32) in an fp32 variant")
-        if name.startswith("cache update"):
-            if fact["div.rn.f32"] == 0 or fact["bar.sync"] == 0:
+        if name.startswith(("cache update", "quantized append")):
+            if fact["div.rn.f32"] == 0 or (name.startswith("cache") and fact["bar.sync"] == 0):
                 found.append(f"{name}: no IEEE division or no barrier")
             if fact["fma.rn.f32"] or fact["div.full.f32"] or fact["div.approx.f32"]:
                 found.append(f"{name}: FMA or approximate division in the fold")
+            if name.startswith("quantized") and fact["round add"] == 0:
+                found.append(f"{name}: the rounding's magic-number adds were folded away")
+        elif name.startswith("quantized attention"):  # dequantized in registers: no cp.async
+            if "fp32" not in name and fact["mma"] == 0:
+                found.append(f"{name}: half-precision products not on tensor cores")
         elif "decode" in name:
             if fact["cp.async"] == 0:
                 found.append(f"{name}: K/V loads not pipelined (no cp.async)")
@@ -60,9 +68,12 @@ def problems(facts: dict[str, dict]) -> list[str]:
 
 
 OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-UNIT_STRIDES = re.compile(r"stride_(q|k|v|o|kn|vn)d|stride_bias_s|stride_cc")
+UNIT_STRIDES = re.compile(r"stride_(q|k|v|o|kn|vn|kf|vf|kr|vr|ks)d|stride_bias_s|stride_cc|"
+                          r"stride_(kc|vc)c|stride_vsg")
+# value scales per token hold ceil(d / group) entries (4 at d 128, group 32): unaligned strides
 UNALIGNED_INTS = re.compile(r"stride_bias_[bh]|stride_cb|n_slots|n_kv_heads|n_heads|n_splits|"
-                            r"sinks|compensation|selected|window")
+                            r"sinks|compensation|selected|window|stride_vs[bhs]|n_codes|n_fp|"
+                            r"n_groups")
 
 
 def _specialize(kernel, constexprs: dict) -> tuple[dict, dict]:
@@ -156,6 +167,41 @@ def variants() -> dict[str, dict]:
     return out
 
 
+def quantized_variants() -> dict[str, dict]:
+    """The quantized cache's variants: decode attention (one program and split-K) and the
+    append, for k4v4 / k2v2 bf16 at head dim 128 and k8v8 fp32 at 64 (query group 4)."""
+    import torch
+
+    from kvcompile.runtime import triton_quant as tq  # compiled: the interpreter must be off
+
+    codes = {arg: "*u8" for arg in ("kc_ptr", "vc_ptr")}
+    scales = {arg: "*fp16" for arg in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
+    partials = {arg: "*fp32" for arg in ("part_m_ptr", "part_l_ptr", "part_acc_ptr")}
+    out = {}
+    for dtype, name, head_dim, key_bits, value_bits, group in (
+            (torch.bfloat16, "bf16", 128, 4, 4, 32), (torch.bfloat16, "bf16", 128, 2, 2, 128),
+            (torch.float32, "fp32", 64, 8, 8, 32)):
+        tag = f"{name} d{head_dim} k{key_bits}v{value_bits} g{group}"
+        io = {arg: f"*{name}" for arg in ("q_ptr", "kf_ptr", "vf_ptr", "out_ptr")}
+        bits = dict(KEY_BITS=key_bits, VALUE_BITS=value_bits, QUANT_GROUP=group)
+        attention = tq.quantized_attention_config(dtype, 4, head_dim)
+        out[f"quantized attention one program {tag}"] = _compile(
+            tq._quantized_decode_kernel, {**io, **codes, **scales, "q_length_ptr": "*i64",
+                                          "fp_bias_ptr": "*fp32", "part_m_ptr": f"*{name}",
+                                          "part_l_ptr": f"*{name}", "part_acc_ptr": f"*{name}"},
+            attention, **bits, HAS_BIAS=True, HAS_FP_LENGTH=False, SPLIT=False,
+            fp_length_ptr=None)
+        out[f"quantized attention split-K {tag}"] = _compile(
+            tq._quantized_decode_kernel, {**io, **codes, **scales, **partials,
+                                          "q_length_ptr": "*i64", "fp_length_ptr": "*i64"},
+            attention, **bits, HAS_BIAS=False, HAS_FP_LENGTH=True, SPLIT=True, fp_bias_ptr=None)
+        ring = {arg: f"*{name}" for arg in ("kr_ptr", "vr_ptr", "kn_ptr", "vn_ptr")}
+        out[f"quantized append {tag}"] = _compile(
+            tq._quantized_append_kernel, {**codes, **scales, **ring, "length_ptr": "*i64"},
+            tq.append_config(group, head_dim), KEY_BITS=key_bits, VALUE_BITS=value_bits)
+    return out
+
+
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)  # read when the kernels module is imported
-    json.dump(variants(), sys.stdout)
+    json.dump(quantized_variants() if "--quantized" in sys.argv[1:] else variants(), sys.stdout)

@@ -41,20 +41,19 @@ def serving_triton(monkeypatch) -> dict[str, int]:
     import ``tests.triton_mode`` first (the interpreter without a GPU)."""
     from kvcompile.runtime import kernels
     from kvcompile.runtime import triton_kernels as tk
+    from kvcompile.runtime import triton_quant as tq
 
     monkeypatch.setattr(kernels, "_status", "triton")
     monkeypatch.setattr(kernels, "_triton", tk)
-    calls = {"attention": 0, "update": 0}
-    attention, update = tk.decode_attention, tk.cache_update
+    monkeypatch.setattr(kernels, "_triton_quant", tq)
+    calls = {"attention": 0, "update": 0, "quantized attention": 0, "quantized append": 0}
+    for module, name, key in ((tk, "decode_attention", "attention"),
+                              (tk, "cache_update", "update"),
+                              (tq, "quantized_decode_attention", "quantized attention"),
+                              (tq, "quantized_append", "quantized append")):
+        def counted(*args, _run=getattr(module, name), _key=key, **kwargs):
+            calls[_key] += 1
+            return _run(*args, **kwargs)
 
-    def count_attention(*args, **kwargs):
-        calls["attention"] += 1
-        return attention(*args, **kwargs)
-
-    def count_update(*args, **kwargs):
-        calls["update"] += 1
-        return update(*args, **kwargs)
-
-    monkeypatch.setattr(tk, "decode_attention", count_attention)
-    monkeypatch.setattr(tk, "cache_update", count_update)
+        monkeypatch.setattr(module, name, counted)
     return calls

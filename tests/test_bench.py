@@ -170,16 +170,23 @@ def smoke_decode(tiny: TinyBench, request) -> None:
 def smoke_kernel_speed(tiny: TinyBench, request) -> None:
     interpret = importlib.util.find_spec("triton") is not None
     out = run("kernel_speed", "--device", "cpu", "--contexts", CONTEXT, "--runs", 2,
-              "--artifact", tiny.artifact, "--e2e-contexts", CONTEXT, "--e2e-steps", 2,
+              "--quant-context", CONTEXT, "--artifact", tiny.artifact, "--e2e-contexts", CONTEXT, "--e2e-steps", 2,
               "--rounds", 1, "--threads", 1, "--markdown", *(["--interpret"] if interpret else []))
     kernels, e2e = tables(out)
     timed = {(row["kernel"], row["model shape"]) for row in kernels
-             if row["context"] == str(CONTEXT) and row["implementation"] == "reference"}
+             if row["context"] == str(CONTEXT) and row["implementation"] == "reference"
+             and not row["kernel"].startswith(("quantized", "full-precision"))}
     assert timed == {(kernel, shape) for kernel in ("budgeted decode", "split-K decode", "cache update")
                      for shape in ("SmolLM2-135M", "Llama-3-8B")}
     assert all(float(row["max abs err"]) < 1e-4 and number(row["median µs"]) > 0 for row in kernels)
-    if interpret:  # the Triton kernels themselves, interpreted, against the reference
-        assert sum(row["implementation"].startswith("triton (interpreter)") for row in kernels) == 4
+    quantized = {(row["kernel"], row["model shape"], row["implementation"]) for row in kernels
+                 if row["kernel"].startswith("quantized")}
+    assert {(kernel, "Llama-3-8B", "reference") for kernel in
+            ("quantized decode k4v4", "quantized decode k8v8")} <= quantized
+    assert ("quantized append k4v4", "SmolLM2-135M", "reference, flush") in quantized
+    if interpret:  # the Triton kernels themselves, interpreted, against the reference: 4 budgeted
+        # rows, 2 quantized decode + 1 full-precision baseline, 4 quantized append
+        assert sum(row["implementation"].startswith("triton (interpreter)") for row in kernels) == 11
     systems = {row["system"]: row for row in e2e}
     assert set(systems) == {"transformers (DynamicCache)", "kvcompile, all heads full",
                             "kvcompile artifact"}

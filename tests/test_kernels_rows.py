@@ -279,4 +279,5 @@ def test_mixed_length_decode_with_slot_reuse_equals_each_row_alone(serving_trito
     assert {(row, 4) for row in range(batch)} <= seen_states  # every row folded in the end
     assert {(2, state) for state in range(5)} <= seen_states  # the row refilled from nothing
     assert {(1, state) for state in range(1, 5)} <= seen_states
-    assert serving_triton == {"attention": 32, "update": 16}  # the kernels served every call
+    assert serving_triton == {"attention": 32, "update": 16, "quantized attention": 0,
+                              "quantized append": 0}  # the kernels served every call
