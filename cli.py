@@ -99,6 +99,30 @@ backend_option = click.option(
     help="torch: the kvcompile runtime; onnx: the artifact's ONNX graphs in onnxruntime.")
 
 
+def storage_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--baseline-dtype`` and the two head groups' storages (default: the profile's, or the fit's)."""
+    from kvcompile.memory import BASELINE_DTYPES
+
+    for option in reversed((
+        click.option("--baseline-dtype", type=click.Choice(tuple(BASELINE_DTYPES)), default=None,
+                     help="The cache --kv-budget counts against: the source model's KV cache in this dtype "
+                     f"(default {FIT.baseline_dtype})."),
+        click.option("--full-storage", default=None,
+                     help="How full heads store keys and values: full, or codes like k8v4g32 (key bits, value "
+                     f"bits, group; default {FIT.full_storage.name})."),
+        click.option("--budget-storage", default=None,
+                     help="How budgeted heads store their selected tokens: full, or codes like k4v2g32 (sinks "
+                     f"and window stay full precision; default {FIT.budget_storage.name})."),
+    )):
+        command = option(command)
+    return command
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user passed (``None`` is an option left out)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def dtype_option(what: str, default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=default,
                         show_default=default is not None, help=f"Precision of {what}.")
@@ -132,6 +156,7 @@ def dtype_option(what: str, default: str | None) -> Callable[[Callable[..., Any]
 @click.option("--observation-window", type=int, default=None,
               help="Last prompt positions whose attention picks a budgeted head's selected tokens "
               f"(default {FIT.selection.observation_window}).")
+@storage_options
 @click.option("--calib", "calib_files", type=click.Path(path_type=Path), multiple=True,
               help="Extra calibration prompts: .txt (blank-line-separated blocks) or .jsonl with a "
               "`text` field. Repeatable.")
@@ -147,7 +172,7 @@ def dtype_option(what: str, default: str | None) -> Callable[[Callable[..., Any]
 def profile(model: str, output: Path, kv_budget: float, at_context: int, policy: str,
             full_heads: int | None, threshold: float | None, selected_fraction: float | None,
             equal_weight: float | None, answer_weight: float | None, observation_window: int | None,
-            calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
+            baseline_dtype: str | None, full_storage: str | None, budget_storage: str | None, calib_files: tuple[Path, ...], calib_length: int | None, calib_prompts: int | None,
             seed: int, plot: bool, device: str, dtype: str) -> None:
     """Learn which KV heads need the whole context and fit per-layer KV budgets.
 
@@ -164,9 +189,10 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
 
     given = {"retrieval_threshold": threshold, "selected_fraction": selected_fraction,
              "equal_weight": equal_weight, "answer_weight": answer_weight,
-             "observation_window": observation_window}
+             "observation_window": observation_window, "baseline_dtype": baseline_dtype,
+             "full_storage": full_storage, "budget_storage": budget_storage}
     request = FIT.with_values(kv_budget=kv_budget, at_context=at_context, policy=policy, full_heads=full_heads,
-                              **{name: value for name, value in given.items() if value is not None})
+                              **_given(**given))
     calib = CalibConfig(seed=seed)
     if calib_length is not None:
         calib = replace(calib, text_length=calib_length, probe_length=calib_length)
@@ -205,12 +231,14 @@ def profile(model: str, output: Path, kv_budget: float, at_context: int, policy:
 @click.option("--model", "model_source", default=None,
               help="The profile's model: also re-run the measured choice among candidate plans and the "
               "held-out validation at the new budget (minutes instead of seconds).")
+@storage_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the refitted profile (written atomically).")
 @device_option("the model (with --model)")
 @dtype_option("the model (with --model)", "float32")
 @friendly_errors
 def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, model_source: str | None,
+                baseline_dtype: str | None, full_storage: str | None, budget_storage: str | None,
                 output: Path, device: str, dtype: str) -> None:
     """Refit a profile at another memory target from its stored statistics.
 
@@ -223,7 +251,8 @@ def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, mo
 
     started = time.perf_counter()
     profile = load_profile(profile_path)
-    request = request_from_profile(profile, kv_budget, at_context or profile.settings.at_context)
+    request = request_from_profile(profile, kv_budget, at_context or profile.settings.at_context).with_values(
+        **_given(baseline_dtype=baseline_dtype, full_storage=full_storage, budget_storage=budget_storage))
     console = _console()
     if model_source is None:
         result = refit_profile(profile, request)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from kvcompile.errors import BudgetError
-from kvcompile.plan import BudgetLayout, Selection
+from kvcompile.memory import BASELINE_DTYPES
+from kvcompile.plan import FULL_STORAGE, BudgetLayout, Selection, Storage
 from kvcompile.plan_io import Reader
 
 POLICIES = ("profiled", "uniform", "pyramid")
@@ -25,7 +26,9 @@ FULL_RANKS = ("retrieval", "needle")  # the head statistic that orders candidate
 # the memory target: what a refit changes; the profile records it beside the settings
 TARGET = ("kv_budget", "at_context")
 SELECTION_KEYS = {"selection": "rule", "observation_window": "observation_window"}  # flat key: field
-_KINDS: dict[str, Any] = {"float": (int, float), "int": int, "str": str, "int | None": (int, type(None))}
+STORAGE_KEYS = ("full_storage", "budget_storage")  # recorded by name (``Storage.name``)
+_KINDS: dict[str, Any] = {"float": (int, float), "int": int, "str": str, "int | None": (int, type(None)),
+                          "Storage": str}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class FitSettings:
     equal_weight: float = 0.5  # budgeted capacities: (1 - w) x greedy on the error curves + w x equal split
     answer_weight: float = 0.5  # share of the end-to-end answer-loss curves in the greedy's objective
     selection: Selection = Selection()  # the profiled plan's; the baselines keep the default
+    # what --kv-budget counts against: the source model's cache in this dtype (``kvcompile.memory``)
+    baseline_dtype: str = "bfloat16"
+    full_storage: Storage = FULL_STORAGE  # the full heads' body (``LayerPlan.full_storage``)
+    budget_storage: Storage = FULL_STORAGE  # the budgeted heads' selected slots
 
     def __post_init__(self) -> None:
         if not 0 < self.kv_budget <= 1:
@@ -69,6 +76,18 @@ class FitSettings:
         if not isinstance(self.selection, Selection):
             raise BudgetError(f"selection must be a Selection, got {self.selection!r} "
                               f"(with_values(selection=...) takes the rule by name)")
+        if self.baseline_dtype not in BASELINE_DTYPES:
+            raise BudgetError(f"--baseline-dtype must be one of {', '.join(BASELINE_DTYPES)}, "
+                              f"got {self.baseline_dtype!r}")
+        for key in STORAGE_KEYS:
+            if not isinstance(getattr(self, key), Storage):
+                raise BudgetError(f"{key} must be a Storage, got {getattr(self, key)!r} "
+                                  f"(with_values({key}=...) takes its name, e.g. 'k8v4g32')")
+
+    @property
+    def bytes_per_value(self) -> int:
+        """Bytes of one full-precision value in the baseline the budget counts against."""
+        return BASELINE_DTYPES[self.baseline_dtype]
 
     def layout(self, capacity: int) -> BudgetLayout:
         """A budgeted head's layout of ``capacity`` slots under these settings."""
@@ -84,6 +103,12 @@ class FitSettings:
                     selection = replace(selection, **{attr: values.pop(key)})
                 except ValueError as err:
                     raise BudgetError(f"--{key.replace('_', '-')}: {err}") from None
+        for key in STORAGE_KEYS:
+            if isinstance(values.get(key), str):
+                try:
+                    values[key] = Storage.parse(values[key])
+                except ValueError as err:
+                    raise BudgetError(f"--{key.replace('_', '-')}: {err}") from None
         unknown = sorted(set(values) - {f.name for f in fields(self)})
         if unknown:
             raise BudgetError(f"unknown fit setting {unknown[0]!r}; one of {', '.join(setting_kinds())}")
@@ -95,6 +120,8 @@ class FitSettings:
         for f in fields(self):
             if f.name == "selection":
                 out.update({key: getattr(self.selection, attr) for key, attr in SELECTION_KEYS.items()})
+            elif f.name in STORAGE_KEYS:
+                out[f.name] = getattr(self, f.name).name
             elif f.name not in TARGET:
                 out[f.name] = getattr(self, f.name)
         return out

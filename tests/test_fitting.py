@@ -1,7 +1,9 @@
 """Fitting a plan to a memory target from (synthetic) head statistics.
 
-Budgets are counted in KV slots (one token of one KV head) at the reference context, so every
-check below recomputes the slot count from the plan by hand rather than trusting ``used_slots``.
+Budgets are counted in bytes at the reference context against the source model's bf16 cache;
+the checks count a plan's bytes by ``kvcompile.memory.plan_bytes`` (itself checked against the
+runtime's allocation in tests/test_memory.py) and its slots by hand, never trusting the fit's
+own ``used_slots``/``used_bytes``.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from kvcompile.arch import ArchSpec, arch_from_config
 from kvcompile.errors import BudgetError
 from kvcompile.fit.greedy import fit
-from kvcompile.memory import plan_memory_ratio
-from kvcompile.plan import BudgetLayout, Plan, Selection
+from kvcompile.memory import plan_bytes, plan_memory_ratio
+from kvcompile.plan import BudgetLayout, Plan, Selection, Storage
 from kvcompile.profile.statistics import DEFAULT_GRID, HeadStatistics
 from kvcompile.settings import POLICIES, FitSettings
 from tests.tiny import tiny_config
@@ -62,8 +67,21 @@ def slots_by_hand(plan: Plan, context: int) -> int:
     return total
 
 
-def budget_slots(arch: ArchSpec, kv_budget: float, context: int) -> int:
-    return math.floor(kv_budget * arch.n_layers * arch.n_kv_heads * context)
+def budget_bytes(arch: ArchSpec, kv_budget: float, context: int) -> int:
+    """By hand: the bf16 cache is 2 bytes x (key + value) x head_dim per token of each KV head."""
+    return math.floor(kv_budget * arch.n_layers * arch.n_kv_heads * context * 2 * arch.head_dim * 2)
+
+
+def fp_slot_bytes(arch: ArchSpec) -> int:
+    """A full-precision budgeted slot in bf16: key + value, and its float32 logit bias."""
+    return 2 * arch.head_dim * 2 + 4
+
+
+def kv_for_slots(arch: ArchSpec, slots: int, context: int) -> float:
+    """The ``--kv-budget`` whose bytes hold ``slots`` full-precision budgeted slots (every layer
+    budgeted: 4 int64 counters each) and not one more."""
+    needed = slots * fp_slot_bytes(arch) + arch.n_layers * 4 * 8 + fp_slot_bytes(arch) // 2
+    return needed / (arch.n_layers * arch.n_kv_heads * context * 2 * arch.head_dim * 2)
 
 
 def full_set(plan: Plan) -> set[tuple[int, int]]:
@@ -83,7 +101,8 @@ def check_plan_shape(plan: Plan, arch: ArchSpec) -> None:
 @pytest.mark.parametrize("kv_budget", [0.05, 0.125, 0.25, 0.5])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fit_meets_the_budget(policy: str, kv_budget: float, seed: int) -> None:
-    """Never above the budget; below it only by the policy's granularity:
+    """Never above the budget in bytes; below it only by the policy's granularity, in
+    full-precision budgeted slots:
 
     * profiled: capacities move one slot per budgeted head of a layer, so less than
       ``n_kv_heads`` slots stay unused;
@@ -95,14 +114,14 @@ def test_fit_meets_the_budget(policy: str, kv_budget: float, seed: int) -> None:
     arch = llama_arch()
     result = fit(make_stats(random_scores(arch, seed), seed=seed), arch,
                  FitSettings(kv_budget=kv_budget, at_context=CTX, policy=policy))
-    budget = budget_slots(arch, kv_budget, CTX)
-    used = slots_by_hand(result.plan, CTX)
+    budget = budget_bytes(arch, kv_budget, CTX)
+    used = plan_bytes(result.plan, arch, CTX)
     check_plan_shape(result.plan, arch)
-    assert result.budget_slots == budget
-    assert result.used_slots == used == result.plan.kv_slots(CTX)
+    assert result.budget_bytes == budget and result.used_bytes == used
+    assert result.used_slots == slots_by_hand(result.plan, CTX) == result.plan.kv_slots(CTX)
     assert used <= budget
     slack = {"profiled": arch.n_kv_heads, "uniform": arch.n_kv_total, "pyramid": 2 * arch.n_kv_total}
-    assert budget - used < slack[policy]
+    assert budget - used < slack[policy] * fp_slot_bytes(arch)
     assert plan_memory_ratio(result.plan, arch, CTX) <= kv_budget
     assert result.plan.policy == policy
     for layer in result.plan.layers:
@@ -173,11 +192,15 @@ def test_full_heads_that_do_not_fit_are_demoted_and_reported() -> None:
     scores = 0.9 + 0.1 * random_scores(arch, 7)  # every head above the threshold
     request = FitSettings(kv_budget=0.25, at_context=CTX)
     result = fit(make_stats(scores), arch, request)
-    budget = budget_slots(arch, 0.25, CTX)
+    budget = result.budget_slots  # in budgeted bf16 slots (key, value, bias)
     floor = min(max(request.sinks + request.compensation + request.min_window,
                     request.min_budgeted_capacity), CTX)
-    # each full head costs CTX - floor more than the floor capacity every budgeted head keeps
-    affordable = (budget - arch.n_kv_total * floor) // (CTX - floor)
+    # a full head holds CTX keys and values (and a length): that many budgeted slots, rounded up
+    full_cost = math.ceil((CTX * 2 * arch.head_dim * 2 + 8) / fp_slot_bytes(arch))
+    # each full head costs full_cost - floor more than the floor capacity every budgeted head keeps
+    affordable = (budget - arch.n_kv_total * floor) // (full_cost - floor)
+    assert 0 < affordable < arch.n_kv_total
+    assert plan_bytes(result.plan, arch, CTX) <= budget_bytes(arch, 0.25, CTX)
     ranked = sorted(((i, h) for i in range(arch.n_layers) for h in range(arch.n_kv_heads)),
                     key=lambda lh: -float(scores[lh]))
     assert full_set(result.plan) == set(ranked[:affordable])
@@ -186,7 +209,7 @@ def test_full_heads_that_do_not_fit_are_demoted_and_reported() -> None:
     note = result.notes[0]
     assert f"{len(ranked) - affordable} heads" in note
     assert all(f"L{i}H{h}" in note for i, h in result.demoted)
-    assert result.used_slots <= budget
+    assert result.used_bytes == plan_bytes(result.plan, arch, CTX)
 
 
 # ------------------------------------------------------------------- errors
@@ -201,17 +224,17 @@ def test_impossible_target_raises_one_line_budget_error(policy: str) -> None:
 
 
 def test_minimum_layout_boundary() -> None:
-    """Exactly the minimum layout fits; one slot less does not."""
+    """Exactly the minimum layout's bytes fit; one byte less does not."""
     arch = llama_arch(n_layers=2, n_kv=2)
     cmin = 4 + 1 + 16
-    context = 1024  # fractions below are exact in binary
+    context = 1024
     stats = make_stats(torch.zeros(2, 2))
-    exact = cmin * 4 / (4 * context)
-    result = fit(stats, arch, FitSettings(kv_budget=exact, at_context=context))
-    assert result.used_slots == 4 * cmin == result.budget_slots
-    below = (cmin * 4 - 1) / (4 * context)
-    with pytest.raises(BudgetError):
-        fit(stats, arch, FitSettings(kv_budget=below, at_context=context))
+    minimum = 4 * cmin * fp_slot_bytes(arch) + 2 * 4 * 8  # 4 heads at cmin, 4 counters per layer
+    total = 4 * context * 2 * arch.head_dim * 2
+    result = fit(stats, arch, FitSettings(kv_budget=minimum / total, at_context=context))
+    assert result.used_slots == 4 * cmin and result.used_bytes == minimum == result.budget_bytes
+    with pytest.raises(BudgetError, match="smallest feasible budget"):
+        fit(stats, arch, FitSettings(kv_budget=(minimum - 1) / total, at_context=context))
 
 
 @pytest.mark.parametrize("kv_budget", [0.0, -0.25, 1.5])
@@ -223,7 +246,8 @@ def test_budget_outside_unit_interval_is_rejected(kv_budget: float) -> None:
 def test_whole_budget_is_accepted() -> None:
     arch = llama_arch(n_layers=2)
     result = fit(make_stats(random_scores(arch, 0)), arch, FitSettings(kv_budget=1.0, at_context=CTX))
-    assert result.used_slots <= result.budget_slots == arch.n_kv_total * CTX
+    assert plan_bytes(result.plan, arch, CTX) <= result.budget_bytes == budget_bytes(arch, 1.0, CTX)
+    assert result.used_slots <= arch.n_kv_total * CTX
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -241,7 +265,8 @@ def test_tiny_reference_context_gives_a_plan_or_budget_error(context: int) -> No
         result = fit(make_stats(random_scores(arch, 0)), arch, FitSettings(kv_budget=1.0, at_context=context))
     except BudgetError:
         return
-    assert result.used_slots == slots_by_hand(result.plan, context) <= result.budget_slots
+    assert result.used_slots == slots_by_hand(result.plan, context)
+    assert plan_bytes(result.plan, arch, context) <= budget_bytes(arch, 1.0, context)
 
 
 def test_profiled_policy_needs_statistics() -> None:
@@ -267,7 +292,8 @@ def test_sliding_layers_keep_the_model_window_and_no_full_heads(policy: str) -> 
         assert layer.layout == BudgetLayout(0, 0, 0, 128)
     for i in (1, 3):
         assert not result.plan.layers[i].sliding
-    assert result.used_slots == slots_by_hand(result.plan, CTX) <= result.budget_slots
+    assert result.used_slots == slots_by_hand(result.plan, CTX)
+    assert plan_bytes(result.plan, arch, CTX) <= budget_bytes(arch, 0.25, CTX)
 
 
 def test_sliding_layers_never_full_even_when_forced() -> None:
@@ -389,9 +415,9 @@ def test_greedy_buys_a_drop_behind_a_flat_stretch() -> None:
     error = torch.zeros(2, 2, len(grid))
     error[0] = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
     error[1] = torch.tensor([0.3, 0.2, 0.1, 0.05, 0.02])
-    request = FitSettings(kv_budget=0.3, at_context=ctx, equal_weight=0.0)
+    request = FitSettings(kv_budget=kv_for_slots(arch, 614, ctx), at_context=ctx, equal_weight=0.0)
     result = fit(make_stats(torch.zeros(2, 2), error, grid), arch, request)
-    assert result.budget_slots == 614
+    assert result.used_slots == 614
     assert [layer.layout.capacity for layer in result.plan.layers] == [256, 51]
 
 
@@ -429,7 +455,8 @@ def test_answer_weight_moves_slots_to_the_layer_the_answers_need() -> None:
     arch = llama_arch(n_layers=2, n_kv=2)
 
     def capacities(stats: HeadStatistics, weight: float) -> list[int]:
-        request = FitSettings(kv_budget=0.3, at_context=512, equal_weight=0.0, answer_weight=weight)
+        request = FitSettings(kv_budget=kv_for_slots(arch, 614, 512), at_context=512, equal_weight=0.0,
+                              answer_weight=weight)
         return [layer.layout.capacity for layer in fit(stats, arch, request).plan.layers]
 
     local_only = capacities(answer_stats(ANSWER_LOSS), 0.0)
@@ -485,3 +512,106 @@ def test_profiled_plan_selects_with_the_requested_observation_window() -> None:
             assert baseline.selection == Plan(()).selection == Selection()
     with pytest.raises(BudgetError, match="--observation-window"):
         FitSettings().with_values(observation_window=0)
+
+
+# ------------------------------------------------------------------- bytes and storages
+
+STORAGES = ("full", "k8v8", "k8v4", "k4v4", "k4v2", "k2v2", "k8v4g16")
+
+
+@hyp_settings(max_examples=60, deadline=None)
+@given(kv_budget=st.floats(0.02, 1.0), policy=st.sampled_from(POLICIES),
+       full=st.sampled_from(STORAGES), budgeted=st.sampled_from(STORAGES),
+       dtype=st.sampled_from(["bfloat16", "float32"]), context=st.sampled_from([256, 1000, 2048]),
+       seed=st.integers(0, 3), gemma=st.booleans())
+def test_plan_bytes_never_exceed_the_byte_budget(kv_budget: float, policy: str, full: str, budgeted: str,
+                                                  dtype: str, context: int, seed: int, gemma: bool) -> None:
+    """Whatever the budget, storages, baseline dtype and model: a plan within the bytes (counted
+    by hand for the target) with the requested storages, or a one-line refusal."""
+    arch = gemma_arch() if gemma else llama_arch()
+    request = FitSettings(kv_budget=kv_budget, at_context=context, policy=policy, baseline_dtype=dtype,
+                          full_storage=Storage.parse(full), budget_storage=Storage.parse(budgeted))
+    try:
+        result = fit(make_stats(random_scores(arch, seed), seed=seed), arch, request)
+    except BudgetError as err:
+        assert "\n" not in str(err) and "smallest feasible budget" in str(err)
+        return
+    bpv = {"bfloat16": 2, "float32": 4}[dtype]
+    target = math.floor(kv_budget * sum(arch.n_kv_heads * (min(w, context) if w else context)
+                                        for w in arch.sliding_windows) * 2 * arch.head_dim * bpv)
+    assert plan_bytes(result.plan, arch, context, bpv) <= target == result.budget_bytes
+    check_plan_shape(result.plan, arch)
+    for layer in result.plan.layers:
+        if layer.sliding:
+            assert not layer.full_storage.quantized and not layer.budget_storage.quantized
+            continue
+        if layer.full_heads:
+            assert layer.full_storage == request.full_storage
+        if policy != "uniform" and layer.budgeted_heads:  # uniform selects nothing to quantize
+            assert layer.budget_storage == request.budget_storage
+        if layer.layout is not None:
+            assert layer.layout.capacity <= context
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("storage", ["k8v8", "k4v4", "k4v2"])
+def test_quantized_storage_buys_more_slots_at_the_same_bytes(policy: str, storage: str) -> None:
+    """Codes are cheaper than bf16 values: at the same byte budget the quantized plan holds more
+    tokens, and its bytes still fit. (``uniform`` selects no token, so it quantizes nothing.)"""
+    arch = llama_arch()
+    stats = make_stats(random_scores(arch, 0))
+    base = FitSettings(kv_budget=0.125, at_context=CTX, policy=policy)
+    plain = fit(stats, arch, base)
+    quantized = fit(stats, arch, base.with_values(full_storage=storage, budget_storage=storage))
+    budget = budget_bytes(arch, 0.125, CTX)
+    assert plan_bytes(quantized.plan, arch, CTX) <= budget and plan_bytes(plain.plan, arch, CTX) <= budget
+    if policy == "uniform":
+        assert quantized.plan == plain.plan
+    else:
+        assert quantized.plan.kv_slots(CTX) > 1.3 * plain.plan.kv_slots(CTX)
+
+
+def test_quantized_full_heads_are_cheaper_to_keep() -> None:
+    """A full head in 4-bit codes costs about a quarter of a bf16 one, so a budget that
+    demotes most wanted heads in bf16 keeps more of them full when they are quantized."""
+    arch = llama_arch()
+    stats = make_stats(0.9 + 0.1 * random_scores(arch, 7))  # every head above the threshold
+    base = FitSettings(kv_budget=0.25, at_context=CTX)
+    plain = fit(stats, arch, base)
+    quantized = fit(stats, arch, base.with_values(full_storage="k4v4"))
+    assert quantized.plan.n_full > plain.plan.n_full > 0
+    assert plan_bytes(quantized.plan, arch, CTX) <= budget_bytes(arch, 0.25, CTX)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("storage", ["full", "k4v2"])
+def test_smallest_feasible_budget_is_the_boundary_in_bytes(policy: str, storage: str) -> None:
+    """The refusal names a budget that fits; 2e-4 less is refused again, in one line."""
+    import re
+
+    arch = gemma_arch()
+    stats = make_stats(random_scores(arch, 0))
+    request = FitSettings(kv_budget=0.001, at_context=CTX, policy=policy).with_values(budget_storage=storage)
+    with pytest.raises(BudgetError) as caught:
+        fit(stats, arch, request)
+    message = str(caught.value)
+    assert "\n" not in message and "bfloat16" in message
+    smallest = float(re.search(r"smallest feasible budget at 2048 tokens is ([0-9.]+)$", message).group(1))
+    result = fit(stats, arch, replace(request, kv_budget=smallest))
+    assert plan_bytes(result.plan, arch, CTX) <= budget_bytes(arch, smallest, CTX)
+    with pytest.raises(BudgetError, match="smallest feasible budget"):
+        fit(stats, arch, replace(request, kv_budget=smallest - 2e-4))
+
+
+def test_float32_baseline_counts_the_same_ratio_in_twice_the_bytes() -> None:
+    """``--baseline-dtype float32`` doubles both sides (the biases and counters do not double,
+    so the plan is a little larger, never a little over)."""
+    arch = llama_arch()
+    stats = make_stats(random_scores(arch, 0))
+    bf16 = fit(stats, arch, FitSettings(kv_budget=0.125, at_context=CTX))
+    fp32 = fit(stats, arch, FitSettings(kv_budget=0.125, at_context=CTX, baseline_dtype="float32"))
+    assert fp32.budget_bytes == 2 * bf16.budget_bytes
+    assert plan_bytes(fp32.plan, arch, CTX, 4) <= fp32.budget_bytes
+    assert fp32.plan.kv_slots(CTX) >= bf16.plan.kv_slots(CTX)
+    with pytest.raises(BudgetError, match="--baseline-dtype must be one of"):
+        FitSettings(baseline_dtype="int8")

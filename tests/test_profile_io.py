@@ -19,8 +19,9 @@ from kvcompile.fit.pipeline import (
     run_profile,
     stats_from_profile,
 )
+from kvcompile.memory import plan_bytes
 from kvcompile.models import LoadedModel, load_model
-from kvcompile.plan import Selection
+from kvcompile.plan import Selection, Storage
 from kvcompile.profile.calibration import CalibConfig, CalibPrompt
 from kvcompile.profile.record import (
     PROFILE_FORMAT,
@@ -245,7 +246,8 @@ def test_tampered_candidate_split_is_refused(value: Any, tmp_path: Path) -> None
 
 CUSTOM = FitSettings(kv_budget=0.3, at_context=128, full_heads=1, full_rank="needle", retrieval_threshold=0.4,
                      sinks=2, compensation=0, selected_fraction=0.25, min_window=4, min_budgeted_capacity=8,
-                     equal_weight=0.2, answer_weight=0.7, selection=Selection("key_norm", 32))
+                     equal_weight=0.2, answer_weight=0.7, selection=Selection("key_norm", 32),
+                     budget_storage=Storage(4, 2, 16))
 
 
 def test_fit_settings_round_trip_in_their_file_form(profile_and_stats: tuple[Profile, HeadStatistics],
@@ -259,7 +261,8 @@ def test_fit_settings_round_trip_in_their_file_form(profile_and_stats: tuple[Pro
     assert fit_data["settings"] == {
         "policy": "profiled", "full_heads": 1, "full_rank": "needle", "retrieval_threshold": 0.4, "sinks": 2,
         "compensation": 0, "selected_fraction": 0.25, "min_window": 4, "min_budgeted_capacity": 8,
-        "equal_weight": 0.2, "answer_weight": 0.7, "selection": "key_norm", "observation_window": 32}
+        "equal_weight": 0.2, "answer_weight": 0.7, "selection": "key_norm", "observation_window": 32,
+        "baseline_dtype": "bfloat16", "full_storage": "full", "budget_storage": "k4v2g16"}
     assert not set(fit_data) & {"policy", "retrieval_threshold", "min_budgeted_capacity", "equal_weight",
                                 "answer_weight"}  # once, in ``settings``
 
@@ -281,7 +284,7 @@ def test_profiles_before_fit_settings_keep_what_they_recorded(saved: Path, tmp_p
     assert load_profile(both).settings == REQUEST
 
 
-def test_refit_command_uses_the_recorded_settings(profile_and_stats: tuple[Profile, HeadStatistics],
+def test_refit_command_uses_the_recorded_settings(profile_and_stats: tuple[Profile, HeadStatistics], loaded: LoadedModel,
                                                   tmp_path: Path) -> None:
     """``kvcompile fit`` changes the budget and keeps every other recorded setting: the
     refitted layouts have the recorded sinks, compensation and selection."""
@@ -298,8 +301,10 @@ def test_refit_command_uses_the_recorded_settings(profile_and_stats: tuple[Profi
     assert refit.plan.selection == Selection("key_norm", 32) and refit.plan.n_full == 1
     layouts = [layer.layout for layer in refit.plan.layers if layer.budgeted_heads]
     assert layouts and all((lay.sinks, lay.compensation) == (2, 0) for lay in layouts)
-    budget = 0.5 * 2 * 4 * 128  # of the 2 layers x 4 KV heads x 128 tokens
-    assert refit.fit["budget_slots"] == budget and budget - 8 < refit.plan.kv_slots(128) <= budget
+    assert all(layer.budget_storage == Storage(4, 2, 16) for layer in refit.plan.layers)
+    budget = 0.5 * 2 * 4 * 128 * 2 * loaded.arch.head_dim * 2  # of the bf16 cache: 2 layers x 4 KV heads x 128 tokens
+    assert refit.fit["budget_bytes"] == budget
+    assert budget - 8 * 2 * loaded.arch.head_dim * 2 < plan_bytes(refit.plan, loaded.arch, 128) <= budget
 
 
 def test_plan_layer_count_must_match_model(saved: Path, tmp_path: Path) -> None:
@@ -429,3 +434,30 @@ def test_summary_names_the_layers_whose_answers_suffer_most(
     print_profile_summary(console, profile)
     line = next(x for x in console.export_text().splitlines() if x.startswith("answer loss"))
     assert "cut to 16 slots (3 probes" in line and line.endswith("L1 0.300, L0 0.200")
+
+
+def test_refit_command_sets_the_storages_and_the_baseline(profile_and_stats: tuple[Profile, HeadStatistics],
+                                                          loaded: LoadedModel, tmp_path: Path) -> None:
+    """``kvcompile fit --full-storage/--budget-storage/--baseline-dtype`` refit in those
+    storages within the bytes of that baseline; a bad storage is one line, exit 2."""
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+
+    path, out = tmp_path / "profile.yaml", tmp_path / "refit.yaml"
+    save_profile(profile_and_stats[0], path)
+    args = ["fit", str(path), "--kv-budget", "0.5", "-o", str(out), "--full-storage", "k8v4",
+            "--budget-storage", "k4v4g16", "--baseline-dtype", "float32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    refit = load_profile(out)
+    assert (refit.settings.full_storage, refit.settings.budget_storage) == (Storage(8, 4), Storage(4, 4, 16))
+    assert refit.settings.baseline_dtype == "float32"
+    assert any(layer.quantized_selected for layer in refit.plan.layers)
+    assert all(layer.full_storage == Storage(8, 4) for layer in refit.plan.layers if layer.full_heads)
+    budget = 0.5 * 2 * 4 * 128 * 2 * loaded.arch.head_dim * 4  # float32 values this time
+    assert plan_bytes(refit.plan, loaded.arch, 128, 4) <= budget == refit.fit["budget_bytes"]
+    bad = CliRunner().invoke(main, ["fit", str(path), "--kv-budget", "0.5", "-o", str(out),
+                                    "--budget-storage", "k2v4"])
+    assert bad.exit_code == 2
+    assert bad.output.count("\n") == 1 and "--budget-storage: keys need at least as many bits" in bad.output

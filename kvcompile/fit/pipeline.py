@@ -89,6 +89,8 @@ def fit_summary(result: FitResult) -> dict[str, Any]:
     return {
         "full_heads": result.plan.n_full,
         "full_heads_rule": result.full_rule,
+        "budget_bytes": result.budget_bytes,
+        "used_bytes": result.used_bytes,
         "budget_slots": result.budget_slots,
         "used_slots": result.used_slots,
         "notes": list(result.notes),
@@ -130,7 +132,6 @@ def run_profile(
     user_files: Sequence[Path] = (),
     settings: ProfileSettings = ProfileSettings(),
     progress: Callable[[int, int, CalibPrompt], None] | None = None,
-    bytes_per_value: int = 4,
     validate: bool = True,
     choice: ChoiceConfig | None = ChoiceConfig(),
     device: torch.device | str | None = None,
@@ -171,7 +172,7 @@ def run_profile(
     else:
         result = fit(stats, arch, request)
     profile = make_profile(loaded, stats, result, request, calibration_summary(prompts, calib, user_files),
-                           settings, bytes_per_value)
+                           settings)
     profile.profiling["dtype"] = dtype_name(dtype)
     profile.sensitivity = sensitivity
     profile.choice = measured
@@ -217,7 +218,6 @@ def make_profile(
     request: FitSettings,
     calibration: dict[str, Any],
     settings: ProfileSettings,
-    bytes_per_value: int = 4,
 ) -> Profile:
     arch = loaded.arch
     return Profile(
@@ -231,7 +231,7 @@ def make_profile(
         settings=request,
         fit=fit_summary(result),
         plan=result.plan,
-        memory=memory_table(result.plan, arch, bytes_per_value, extra=(request.at_context,)),
+        memory=memory_table(result.plan, arch, request.bytes_per_value, extra=(request.at_context,)),
     )
 
 
@@ -273,6 +273,6 @@ def refit_profile(profile: Profile, request: FitSettings, loaded: LoadedModel | 
     return Profile(
         model=profile.model, calibration=profile.calibration, profiling=profile.profiling,
         heads=head_records(stats, result.plan), settings=request, fit=fit_record, plan=result.plan,
-        memory=memory_table(result.plan, arch, 4, extra=(request.at_context,)),
+        memory=memory_table(result.plan, arch, request.bytes_per_value, extra=(request.at_context,)),
         sensitivity=profile.sensitivity, choice=measured, extra=dict(profile.extra),
     )

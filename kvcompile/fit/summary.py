@@ -64,7 +64,10 @@ def print_profile_summary(console: Any, profile: Profile) -> None:
     target = next(r for r in profile.memory if r["context"] == settings.at_context)
     console.print(
         f"memory at {settings.at_context} tokens: {target['ratio']:.4f} of uncompressed "
-        f"(target {settings.kv_budget:g}; {fit['used_slots']} of {fit['budget_slots']} slots)"
+        f"(target {settings.kv_budget:g} of the {settings.baseline_dtype} cache; "
+        + (f"{fit['used_bytes']} of {fit['budget_bytes']} B, " if "budget_bytes" in fit else "")
+        + f"{fit['used_slots']} slots; storage full {settings.full_storage.name}, "
+        f"budgeted {settings.budget_storage.name})"
     )
     sensitivity = profile.sensitivity
     if sensitivity is not None:
