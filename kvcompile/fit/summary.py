@@ -5,28 +5,49 @@ from typing import Any
 
 from rich.table import Table
 
+from kvcompile.arch import arch_from_description
+from kvcompile.memory import (
+    baseline_bytes_per_value,
+    baseline_note,
+    group_bits_per_value,
+    memory_table,
+)
 from kvcompile.metrics import nll_increase
 from kvcompile.plan import Plan
 from kvcompile.profile.record import Profile
 from kvcompile.runtime.slots import format_bytes
 
 
-def plan_table(plan: Plan) -> Table:
+def plan_table(plan: Plan, bits_at: tuple[int, int, int] | None = None) -> Table:
+    """The per-layer plan; with ``bits_at = (context, head_dim, bytes_per_value)`` also each
+    group's storage and stored bits per value at that context (``memory.group_bits_per_value``:
+    codes, scales, full-precision parts at the baseline's bytes, bias and counters)."""
     table = Table(title="per-layer plan", show_lines=False)
-    for column in ("layer", "full heads", "budgeted heads", "sinks", "comp", "selected", "window", "C"):
+    columns = ["layer", "full heads", "budgeted heads", "sinks", "comp", "selected", "window", "C"]
+    if bits_at is not None:
+        columns += ["full storage", "full bits/value", "budget storage", "budget bits/value"]
+    for column in columns:
         table.add_column(column, justify="right")
     for i, layer in enumerate(plan.layers):
         layout = layer.layout
         cells = [layout.sinks, layout.compensation, layout.selected, layout.window, layout.capacity] if layout else ["-"] * 5
         name = f"{i}" + (" (sliding)" if layer.sliding else "")
-        table.add_row(name, ",".join(map(str, layer.full_heads)) or "-",
-                      ",".join(map(str, layer.budgeted_heads)) or "-", *map(str, cells))
+        row = [name, ",".join(map(str, layer.full_heads)) or "-",
+               ",".join(map(str, layer.budgeted_heads)) or "-", *map(str, cells)]
+        if bits_at is not None:
+            for group, storage, heads in (("full", layer.full_storage, layer.full_heads),
+                                          ("budgeted", layer.budget_storage, layer.budgeted_heads)):
+                bits = group_bits_per_value(layer, group, *bits_at)
+                row += [storage.name if heads else "-", "-" if bits is None else f"{bits:.2f}"]
+        table.add_row(*row)
     return table
 
 
-def memory_rows_table(rows: list[dict[str, Any]], title: str = "KV memory (plan vs uncompressed)") -> Table:
-    table = Table(title=title)
-    for column in ("context", "kvcompile", "uncompressed", "ratio"):
+def memory_rows_table(rows: list[dict[str, Any]], title: str = "KV memory (plan vs uncompressed)",
+                      baseline_dtype: str = "bfloat16") -> Table:
+    """``memory.memory_table`` rows; the title names the baseline dtype the bytes count at."""
+    table = Table(title=f"{title}, values in {baseline_dtype}")
+    for column in ("context", "kvcompile", "uncompressed", "ratio" + baseline_note(baseline_dtype)):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(str(row["context"]), format_bytes(row["kv_bytes"]),
@@ -50,20 +71,34 @@ def choice_table(choice: dict[str, Any]) -> Table:
     return table
 
 
+def profile_baseline_dtype(profile: Profile) -> str:
+    """The baseline dtype the profile's fit counted against (``FitSettings.baseline_dtype``
+    where the settings have it; bfloat16, the definition's default, otherwise)."""
+    return getattr(profile.settings, "baseline_dtype", "bfloat16")
+
+
 def print_profile_summary(console: Any, profile: Profile) -> None:
     labels: dict[str, int] = {}
     for head in profile.heads:
         labels[head["label"]] = labels.get(head["label"], 0) + 1
     fit, settings = profile.fit, profile.settings
-    console.print(plan_table(profile.plan))
-    console.print(memory_rows_table(profile.memory))
+    # counted now, from the plan, by the one definition (kvcompile.memory) at the profile's
+    # baseline dtype: a profile's stored rows may predate it
+    dtype = profile_baseline_dtype(profile)
+    arch = arch_from_description(profile.model["architecture"])
+    rows = memory_table(profile.plan, arch, baseline_bytes_per_value(dtype),
+                        extra=(settings.at_context,))
+    console.print(plan_table(profile.plan, (settings.at_context, arch.head_dim,
+                                            baseline_bytes_per_value(dtype))))
+    console.print(memory_rows_table(rows, baseline_dtype=dtype))
     console.print(
         "heads: " + ", ".join(f"{n} {label}" for label, n in sorted(labels.items()))
         + f" | full-head rule: {fit['full_heads_rule']}"
     )
-    target = next(r for r in profile.memory if r["context"] == settings.at_context)
+    target = next(r for r in rows if r["context"] == settings.at_context)
     console.print(
-        f"memory at {settings.at_context} tokens: {target['ratio']:.4f} of uncompressed "
+        f"memory at {settings.at_context} tokens: {target['ratio']:.4f} of uncompressed"
+        f"{baseline_note(dtype)} "
         f"(target {settings.kv_budget:g}; {fit['used_slots']} of {fit['budget_slots']} slots)"
     )
     sensitivity = profile.sensitivity
