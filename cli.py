@@ -454,7 +454,7 @@ def inspect(artifact: Path, baseline_dtype: str) -> None:
     """Print an artifact's plan and its KV memory against the uncompressed model."""
     from kvcompile.build.artifact import load_engine
     from kvcompile.build.report import read_build_report
-    from kvcompile.fit.summary import memory_rows_table, plan_table
+    from kvcompile.fit.summary import memory_rows_table, plan_table, storage_table
     from kvcompile.memory import (
         baseline_bytes_per_value,
         baseline_note,
@@ -473,7 +473,8 @@ def inspect(artifact: Path, baseline_dtype: str) -> None:
                   f"format {manifest.format}, policy {engine.plan.policy}, selection {engine.plan.selection.rule}")
     context = engine.max_context
     baseline = baseline_bytes_per_value(baseline_dtype)
-    console.print(plan_table(engine.plan, (context, arch.head_dim, baseline)))
+    console.print(plan_table(engine.plan))
+    console.print(storage_table(engine.plan, context, arch.head_dim, baseline_dtype))
     rows = memory_table(engine.plan, arch, baseline, extra=(context,))
     console.print(memory_rows_table(rows, baseline_dtype=baseline_dtype))
     ratio = next(row["ratio"] for row in rows if row["context"] == context)

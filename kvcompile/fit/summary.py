@@ -18,27 +18,34 @@ from kvcompile.profile.record import Profile
 from kvcompile.runtime.slots import format_bytes
 
 
-def plan_table(plan: Plan, bits_at: tuple[int, int, int] | None = None) -> Table:
-    """The per-layer plan; with ``bits_at = (context, head_dim, bytes_per_value)`` also each
-    group's storage and stored bits per value at that context (``memory.group_bits_per_value``:
-    codes, scales, full-precision parts at the baseline's bytes, bias and counters)."""
+def plan_table(plan: Plan) -> Table:
     table = Table(title="per-layer plan", show_lines=False)
-    columns = ["layer", "full heads", "budgeted heads", "sinks", "comp", "selected", "window", "C"]
-    if bits_at is not None:
-        columns += ["full storage", "full bits/value", "budget storage", "budget bits/value"]
-    for column in columns:
+    for column in ("layer", "full heads", "budgeted heads", "sinks", "comp", "selected", "window", "C"):
         table.add_column(column, justify="right")
     for i, layer in enumerate(plan.layers):
         layout = layer.layout
         cells = [layout.sinks, layout.compensation, layout.selected, layout.window, layout.capacity] if layout else ["-"] * 5
         name = f"{i}" + (" (sliding)" if layer.sliding else "")
-        row = [name, ",".join(map(str, layer.full_heads)) or "-",
-               ",".join(map(str, layer.budgeted_heads)) or "-", *map(str, cells)]
-        if bits_at is not None:
-            for group, storage, heads in (("full", layer.full_storage, layer.full_heads),
-                                          ("budgeted", layer.budget_storage, layer.budgeted_heads)):
-                bits = group_bits_per_value(layer, group, *bits_at)
-                row += [storage.name if heads else "-", "-" if bits is None else f"{bits:.2f}"]
+        table.add_row(name, ",".join(map(str, layer.full_heads)) or "-",
+                      ",".join(map(str, layer.budgeted_heads)) or "-", *map(str, cells))
+    return table
+
+
+def storage_table(plan: Plan, context: int, head_dim: int, baseline_dtype: str = "bfloat16") -> Table:
+    """Each layer's full and budgeted groups: storage (``full`` or ``k8v4g32``) and stored bits
+    per value at ``context`` (``memory.group_bits_per_value``: codes, scales and zero points,
+    full-precision parts at the baseline dtype's bytes, slot bias and counters)."""
+    bytes_per_value = baseline_bytes_per_value(baseline_dtype)
+    table = Table(title=f"storage at {context} tokens (bits per value, full precision in "
+                        f"{baseline_dtype})")
+    for column in ("layer", "full", "bits/value", "budgeted", "bits/value"):
+        table.add_column(column, justify="right")
+    for i, layer in enumerate(plan.layers):
+        row = [f"{i}" + (" (sliding)" if layer.sliding else "")]
+        for group, storage, heads in (("full", layer.full_storage, layer.full_heads),
+                                      ("budgeted", layer.budget_storage, layer.budgeted_heads)):
+            bits = group_bits_per_value(layer, group, context, head_dim, bytes_per_value)
+            row += [storage.name if heads else "-", "-" if bits is None else f"{bits:.2f}"]
         table.add_row(*row)
     return table
 
@@ -88,8 +95,8 @@ def print_profile_summary(console: Any, profile: Profile) -> None:
     arch = arch_from_description(profile.model["architecture"])
     rows = memory_table(profile.plan, arch, baseline_bytes_per_value(dtype),
                         extra=(settings.at_context,))
-    console.print(plan_table(profile.plan, (settings.at_context, arch.head_dim,
-                                            baseline_bytes_per_value(dtype))))
+    console.print(plan_table(profile.plan))
+    console.print(storage_table(profile.plan, settings.at_context, arch.head_dim, dtype))
     console.print(memory_rows_table(rows, baseline_dtype=dtype))
     console.print(
         "heads: " + ", ".join(f"{n} {label}" for label, n in sorted(labels.items()))
