@@ -171,3 +171,29 @@ def test_allocated_bytes_equal_predicted_bytes_at_every_precision(storage, head_
         walked = _state_bytes(cache.layers)
         assert walked == cache.nbytes == plan_state_bytes(plan, head_dim, context, dtype.itemsize) * batch
         assert cache.overhead_bytes == _state_bytes(cache.seen) == 8 * batch
+
+
+def test_eval_at_a_float32_baseline_counts_and_names_it(artifact) -> None:
+    """``--baseline-dtype float32``: the ratio's bytes are the float32 state over the float32
+    source cache (by hand: no sliding layers), the report names the dtype beside the ratio."""
+    from kvcompile.errors import KVCompileError
+    from kvcompile.eval.evaluate import EvalConfig, evaluate
+    from kvcompile.eval.render import render_markdown
+    from kvcompile.eval.tasks import EvalCase
+    from kvcompile.runtime import load
+
+    engine = load(artifact, max_context=2 * CONTEXT)
+    gen = torch.Generator().manual_seed(1)
+    case = EvalCase("continuation", 64, 0.0, tuple(torch.randint(3, 90, (64,), generator=gen).tolist()),
+                    (), "", tuple(torch.randint(3, 90, (6,), generator=gen).tolist()))
+    report = evaluate(engine, EvalConfig(agreement_tokens=2, baseline_dtype="float32"), cases=[case])
+    mem, arch = report.memory, engine.arch
+    state = StaticKVCache.allocate(engine.plan, 1, mem.context, arch.head_dim, arch.group_size)
+    source = arch.n_layers * arch.n_kv_heads * mem.context * 2 * arch.head_dim * 4
+    assert (mem.baseline_dtype, mem.artifact_bytes, mem.baseline_bytes) == ("float32", _state_bytes(state.layers), source)
+    assert mem.ratio == report.rows[0].memory_ratio == round(_state_bytes(state.layers) / source, 6)
+    assert (mem.allocated_bytes, mem.allocated_dtype) == (_state_bytes(state.layers), "float32")
+    text = render_markdown(report)
+    assert "| KV memory (vs float32) |" in text and "values counted in float32" in text
+    with pytest.raises(KVCompileError, match="--baseline-dtype must be one of"):
+        EvalConfig(baseline_dtype="float64")
