@@ -124,7 +124,7 @@ def test_inspect_prints_plan_and_equal_memory(artifact: Path) -> None:
     assert result.exit_code == 0, result.stderr
     engine = load_engine(artifact)
     allocated = engine.allocate(1).nbytes  # the float32 runtime's own buffers
-    assert f"{allocated} B (plan predicts {allocated} B)" in result.stdout.replace("\n", " ")
+    assert f"{allocated} B (plan predicts {allocated} B)" in " ".join(result.stdout.split())
     assert "per-layer plan" in result.stdout and "bits/value" in result.stdout
 
 
