@@ -96,7 +96,8 @@ def print_profile_summary(console: Any, profile: Profile) -> None:
     rows = memory_table(profile.plan, arch, baseline_bytes_per_value(dtype),
                         extra=(settings.at_context,))
     console.print(plan_table(profile.plan))
-    console.print(storage_table(profile.plan, settings.at_context, arch.head_dim, dtype))
+    if profile.plan.quantized:  # all-full-precision plans: 16 bits everywhere, nothing to read
+        console.print(storage_table(profile.plan, settings.at_context, arch.head_dim, dtype))
     console.print(memory_rows_table(rows, baseline_dtype=dtype))
     console.print(
         "heads: " + ", ".join(f"{n} {label}" for label, n in sorted(labels.items()))
