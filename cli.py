@@ -94,6 +94,16 @@ def device_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any
                         help=f"Where {what} runs: cpu, cuda or cuda:N.")
 
 
+def baseline_dtype_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    from kvcompile.memory import BASELINE_DTYPES
+
+    return click.option("--baseline-dtype", type=click.Choice(sorted(BASELINE_DTYPES)),
+                        default="bfloat16", show_default=True,
+                        help=f"Bytes per value of {what}: the source model's cache and every "
+                        "full-precision part of a plan count at this dtype, whatever a run "
+                        "computes in (printed beside every ratio when not bfloat16).")
+
+
 backend_option = click.option(
     "--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
     help="torch: the kvcompile runtime; onnx: the artifact's ONNX graphs in onnxruntime.")
@@ -283,9 +293,10 @@ def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, mo
 @click.option("--no-onnx", is_flag=True,
               help="Skip the ONNX graphs (onnx/prefill.onnx, onnx/decode.onnx): a faster build "
               "that only the torch runtime serves.")
+@baseline_dtype_option("the memory table's ratios")
 @friendly_errors
 def build(model: str, profile_path: Path, output: Path, max_context: int | None, force: bool,
-          dtype: str, no_onnx: bool) -> None:
+          dtype: str, no_onnx: bool, baseline_dtype: str) -> None:
     """Compile MODEL with a profile into a static-budget artifact directory.
 
     Applies the passes (head permutation: full heads first; budgeted-attention install),
@@ -314,7 +325,7 @@ def build(model: str, profile_path: Path, output: Path, max_context: int | None,
         raise ContextLengthError(f"--max-context must be in 1..{loaded.arch.max_context}, got {max_context}")
     with console.status("compiling and checking parity"):
         report = build_artifact(loaded, profile_data, output, force=force, max_context=max_context,
-                                dtype=dtype, onnx=not no_onnx)
+                                dtype=dtype, onnx=not no_onnx, baseline_dtype=baseline_dtype)
     _print_build_report(console, report)
     console.print(f"artifact written to {output}")
 
@@ -335,8 +346,15 @@ def _print_build_report(console: Any, report: BuildReport) -> None:
         console.print(f"onnx: export {export.export_s:.1f} s, passes {export.passes_s:.1f} s; "
                       f"onnxruntime vs torch runtime max |dlogit| = "
                       f"{report.onnx.parity.max_abs_logit_diff:.2e}")
-    console.print(f"KV buffers at {memory.max_context} tokens ({memory.dtype}): allocated "
-                  f"{memory.allocated_kv_bytes} B, plan predicts {memory.predicted_kv_bytes} B")
+    console.print(f"KV state at {memory.max_context} tokens ({memory.dtype}, as allocated): "
+                  f"allocated {memory.allocated_kv_bytes} B, plan predicts "
+                  f"{memory.predicted_kv_bytes} B")
+    row = next((r for r in memory.table if r.get("context") == memory.max_context), None)
+    if row is not None and memory.baseline_dtype is not None:
+        from kvcompile.memory import baseline_note
+
+        console.print(f"memory ratio at {memory.max_context} tokens: {row['ratio']:.4f} of the "
+                      f"source model's cache{baseline_note(memory.baseline_dtype)}")
 
 
 @main.command()
@@ -377,7 +395,8 @@ def run(artifact: Path, prompt: str | None, prompt_file: Path | None, max_new_to
     elapsed = time.perf_counter() - started
     click.echo()
     click.echo(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated, stop: "
-               f"{result.stop_reason}, KV buffers {result.kv_bytes} B, {elapsed:.2f} s]", err=True)
+               f"{result.stop_reason}, KV state {result.kv_bytes} B allocated, {elapsed:.2f} s]",
+               err=True)
 
 
 @main.command()
@@ -458,13 +477,20 @@ def serve(artifact: Path, backend: str, device: str, dtype: str | None, host: st
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
+@baseline_dtype_option("the ratios")
 @friendly_errors
-def inspect(artifact: Path) -> None:
+def inspect(artifact: Path, baseline_dtype: str) -> None:
     """Print an artifact's plan and its KV memory against the uncompressed model."""
     from kvcompile.build.artifact import load_engine
     from kvcompile.build.report import read_build_report
-    from kvcompile.fit.summary import memory_rows_table, plan_table
-    from kvcompile.memory import memory_table, plan_bytes
+    from kvcompile.fit.summary import memory_rows_table, plan_table, storage_table
+    from kvcompile.memory import (
+        baseline_bytes_per_value,
+        baseline_note,
+        memory_table,
+        plan_bits_per_value,
+        plan_bytes,
+    )
 
     console = _console()
     engine = load_engine(artifact)
@@ -474,14 +500,22 @@ def inspect(artifact: Path) -> None:
     source = manifest.source_model
     console.print(f"artifact {artifact}: {source.name} ({source.fingerprint[:23]}…), "
                   f"format {manifest.format}, policy {engine.plan.policy}, selection {engine.plan.selection.rule}")
+    context = engine.max_context
+    baseline = baseline_bytes_per_value(baseline_dtype)
     console.print(plan_table(engine.plan))
-    bytes_per_value = engine.model.dtype.itemsize
-    console.print(memory_rows_table(memory_table(engine.plan, arch, bytes_per_value, extra=(engine.max_context,))))
+    console.print(storage_table(engine.plan, context, arch.head_dim, baseline_dtype))
+    rows = memory_table(engine.plan, arch, baseline, extra=(context,))
+    console.print(memory_rows_table(rows, baseline_dtype=baseline_dtype))
+    ratio = next(row["ratio"] for row in rows if row["context"] == context)
+    bits = plan_bits_per_value(engine.plan, context, arch.head_dim, baseline)
+    console.print(f"at max_context={context}: {bits:.2f} bits per stored value (all KV state "
+                  f"over the values it holds), memory ratio {ratio:.4f}{baseline_note(baseline_dtype)}")
     cache = engine.allocate(1)
-    predicted = plan_bytes(engine.plan, arch, engine.max_context, bytes_per_value)
-    console.print(f"allocated KV buffers at max_context={engine.max_context}: {cache.nbytes} B "
-                  f"(plan predicts {predicted} B{'' if cache.nbytes == predicted else ' — MISMATCH'}); "
-                  f"bias/counters overhead {cache.overhead_bytes} B")
+    itemsize = engine.model.dtype.itemsize
+    predicted = plan_bytes(engine.plan, arch, context, itemsize)
+    console.print(f"allocated KV state at max_context={context} in {str(engine.model.dtype).removeprefix('torch.')}: "
+                  f"{cache.nbytes} B (plan predicts {predicted} B{'' if cache.nbytes == predicted else ' — MISMATCH'}); "
+                  f"position counter {cache.overhead_bytes} B, not KV state")
     console.print("when built:")
     _print_build_report(console, read_build_report(artifact))
 
@@ -508,10 +542,11 @@ def inspect(artifact: Path) -> None:
 @device_option("the artifact and the uncompressed baseline")
 @dtype_option("weights and KV buffers (default: what the artifact stores)", None)
 @backend_option
+@baseline_dtype_option("the report's memory ratios (the allocated bytes stay in --dtype)")
 @friendly_errors
 def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: int, agreement_tokens: int,
                  genre: str, cases_path: Path | None, output: Path, device: str, dtype: str | None,
-                 backend: str) -> None:
+                 backend: str, baseline_dtype: str) -> None:
     """Measure an artifact against the uncompressed model on generated tasks or your own cases.
 
     The context is prefilled and compressed, then the question is fed through the same
@@ -527,7 +562,7 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
     default, per_task = _samples(samples)
     config = EvalConfig(tasks=_split(tasks, str, "--tasks"), lengths=_split(lengths, int, "--lengths"),
                         samples=default, task_samples=per_task, seed=seed, agreement_tokens=agreement_tokens,
-                        genre=genre)
+                        genre=genre, baseline_dtype=baseline_dtype)
     raw_cases = read_cases(cases_path) if cases_path is not None else None  # bad files fail before loading
     console = _console()
     from kvcompile.eval.backends import load_for_eval
@@ -556,8 +591,11 @@ def eval_command(artifact: Path, tasks: str, lengths: str, samples: str, seed: i
 @click.option("--plan-samples", "plan_rules", type=click.Path(path_type=Path), default=None,
               help="Print the cases per task each rule of this rules file needs, and exit; "
                    "REPORT, if given, is a pilot report whose baselines and spreads are used.")
+@baseline_dtype_option("the rules' max_memory_ratio thresholds (a report counted against another "
+                       "dtype fails them)")
 @friendly_errors
-def gate(report: Path | None, rules: Path | None, plan_rules: Path | None) -> None:
+def gate(report: Path | None, rules: Path | None, plan_rules: Path | None,
+         baseline_dtype: str) -> None:
     """Check an eval report against rules; exit 0 if every rule holds, 1 if not, 2 on bad input.
 
     Every check also shows the smallest regression it detects at the report's sample size
@@ -580,7 +618,7 @@ def gate(report: Path | None, rules: Path | None, plan_rules: Path | None) -> No
         return
     if report is None or rules is None:
         raise KVCompileError("usage: kvcompile gate REPORT --rules RULES, or kvcompile gate --plan-samples RULES [PILOT]")
-    outcome = run_gate(report, rules)
+    outcome = run_gate(report, rules, baseline_dtype=baseline_dtype)
     click.echo(render_table(outcome, color=sys.stdout.isatty()))
     sys.exit(0 if outcome.passed else 1)
 

@@ -15,9 +15,14 @@ processes on a shared machine hits them alike; the reported time is the median s
 ``--device cuda --dtype bfloat16`` runs all three on the GPU in that precision (each step is
 timed to its completion: ``torch.cuda.synchronize`` before the clock stops; the kvcompile
 systems replay their decode step as a CUDA graph, with the Triton kernels where they serve).
-KV bytes: transformers: the cache tensors' ``nbytes`` (keys + values); kvcompile: all KV state,
-``StaticKVCache.nbytes``, allocated for ``L`` + warm-up + timed steps. ``--storage k4v4`` also
-times the artifact's plan with its groups quantized (the same slots in fewer bytes).
+KV MiB: what each system really allocated, in the run's dtype (transformers: its cache's keys
+and values; kvcompile: ``StaticKVCache.nbytes``, all KV state, allocated for ``L`` + warm-up +
+timed steps; onnxruntime: ``OnnxCache.nbytes`` at the graphs' context). The memory ratio is
+``kvcompile.memory``'s one definition, never a ratio of those allocations: all of a plan's KV
+state over the source model's own cache at the same context, every full-precision value
+counted in bfloat16 whatever the run computes in (transformers' own cache: 1 by definition).
+``--storage k4v4`` also times the artifact's plan with its groups quantized (the same
+slots in fewer bytes).
 
     python bench/decode.py --artifact /tmp/bench/artifact --contexts 2048 8192 --markdown
     python bench/decode.py --artifact /tmp/bench/artifact --device cuda --dtype bfloat16
@@ -56,7 +61,8 @@ class Result:
     context: int
     system: str
     step_ms: list[float]
-    kv_bytes: int
+    kv_bytes: int  # allocated, in the run's dtype
+    memory_ratio: float  # kvcompile.memory's definition: values counted in bfloat16
 
     @property
     def median_ms(self) -> float:
@@ -80,6 +86,10 @@ class Decoder:
         raise NotImplementedError
 
     def kv_bytes(self) -> int:
+        raise NotImplementedError
+
+    def memory_ratio(self) -> float:
+        """``kvcompile.memory.plan_memory_ratio`` of what this system keeps (bfloat16 values)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -115,6 +125,9 @@ class TransformersDecoder(Decoder):
                     total += tensor.numel() * tensor.element_size()
         return total
 
+    def memory_ratio(self) -> float:
+        return 1.0  # the source model's own cache: the definition's reference
+
     def close(self) -> None:
         self.cache = None
 
@@ -125,6 +138,7 @@ class RuntimeDecoder(Decoder):
     def __init__(self, name: str, engine, plan, max_context: int) -> None:
         self.name = name
         self.engine = engine
+        self.plan = plan
         self.cache = engine.allocate(1, max_context=max_context, plan=plan)
         self.token: torch.Tensor | None = None
 
@@ -140,6 +154,11 @@ class RuntimeDecoder(Decoder):
     def kv_bytes(self) -> int:
         return self.cache.nbytes
 
+    def memory_ratio(self) -> float:
+        from kvcompile.memory import plan_memory_ratio
+
+        return plan_memory_ratio(self.plan, self.engine.arch, self.cache.max_context)
+
     def close(self) -> None:
         self.cache = None
 
@@ -149,8 +168,9 @@ class OnnxDecoder(Decoder):
 
     name = "onnxruntime artifact"
 
-    def __init__(self, engine, max_context: int) -> None:
+    def __init__(self, engine, max_context: int, arch) -> None:
         self.engine = engine
+        self.arch = arch  # the source model's (the ONNX engine holds none)
         self.cache = engine.allocate(1, max_context=max_context)
         self.token = None
 
@@ -164,6 +184,12 @@ class OnnxDecoder(Decoder):
 
     def kv_bytes(self) -> int:
         return self.cache.nbytes
+
+    def memory_ratio(self) -> float:
+        from kvcompile.memory import plan_memory_ratio
+
+        # the graphs' buffers hold their build context whatever a request asks for
+        return plan_memory_ratio(self.engine.plan, self.arch, self.engine.buffer_context)
 
     def close(self) -> None:
         self.cache = None
@@ -254,7 +280,7 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
     print(f"[L={length}] prefill done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if onnx_engine is not None:
         t0 = time.perf_counter()
-        decoders.append(OnnxDecoder(onnx_engine, max_context))
+        decoders.append(OnnxDecoder(onnx_engine, max_context, engine.arch))
         decoders[-1].prefill(ids)
         diff = float((decoders[-1].prefill_logits - art.prefill_logits).abs().max())
         print(f"[L={length}] onnxruntime prefill {time.perf_counter() - t0:.1f} s; last-position "
@@ -266,7 +292,8 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
         if diff > AGREEMENT[engine.model.dtype]:
             raise SystemExit("transformers and the kvcompile runtime disagree: not the same model")
     times = time_interleaved(decoders, args.steps, args.rounds, engine.device)
-    results = [Result(length, dec.name, times[dec.name], dec.kv_bytes()) for dec in decoders]
+    results = [Result(length, dec.name, times[dec.name], dec.kv_bytes(), dec.memory_ratio())
+               for dec in decoders]
     for dec in decoders:
         dec.close()
     gc.collect()
@@ -274,16 +301,14 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
 
 
 def format_table(results: list[Result], markdown: bool) -> str:
-    from kvcompile.memory import memory_ratio
-
-    header = ["context", "system", "decode ms/token (median)", "mean", "KV MiB",
-              "time vs transformers", "KV vs transformers"]
+    header = ["context", "system", "decode ms/token (median)", "mean", "KV MiB allocated",
+              "time vs transformers", "memory ratio"]
     rows = []
     for res in results:
         ref = next((r for r in results if r.context == res.context and r.system.startswith("transformers")),
                    None)
         time_ratio = f"{res.median_ms / ref.median_ms:.2f}x" if ref else "-"
-        kv_ratio = f"{memory_ratio(res.kv_bytes, ref.kv_bytes):.3f}x" if ref and ref.kv_bytes else "-"
+        kv_ratio = f"{res.memory_ratio:.3f}x"
         rows.append([str(res.context), res.system, f"{res.median_ms:.1f}", f"{res.mean_ms:.1f}",
                      f"{res.kv_bytes / MIB:.1f}", time_ratio, kv_ratio])
     if markdown:

@@ -63,6 +63,13 @@ def baseline_bytes_per_value(dtype: str) -> int:
     return BASELINE_DTYPES[dtype]
 
 
+def baseline_note(dtype: str) -> str:
+    """What to print beside a ratio: nothing at bfloat16 (the default), `` (vs float32)``
+    otherwise, so a ratio is never read against the wrong baseline."""
+    baseline_bytes_per_value(dtype)
+    return "" if dtype == "bfloat16" else f" (vs {dtype})"
+
+
 def slot_bytes(arch: ArchSpec, bytes_per_value: int) -> int:
     """Bytes of one full-precision KV slot: a key and a value of ``head_dim`` values."""
     return 2 * arch.head_dim * bytes_per_value

@@ -151,15 +151,24 @@ class OnnxCache:
         self.length = 0
 
     @property
+    def dtype(self) -> str:
+        """The dtype of the keys and values the graphs hold (they compute in float32)."""
+        return "float32"
+
+    @property
     def nbytes(self) -> int:
-        """KV memory: keys and values only, as ``StaticKVCache.nbytes`` counts it."""
-        return sum(_nbytes(value) for spec, value in self.values.items()
-                   if spec.part.endswith(("_key", "_value")))
+        """All KV state the cache holds, as ``StaticKVCache.nbytes`` counts it
+        (``kvcompile.memory``): every cache tensor the graphs read and write — keys, values,
+        slot bias, counters. Per row this is ``memory.plan_state_bytes(plan, d, context, 4)``
+        less 8 bytes per layer with full heads: the graphs' full heads take their length from
+        ``past_length`` (one per row, :attr:`overhead_bytes`), not from a length of their own."""
+        return sum(_nbytes(value) for value in self.values.values())
 
     @property
     def overhead_bytes(self) -> int:
-        return sum(_nbytes(value) for spec, value in self.values.items()
-                   if not spec.part.endswith(("_key", "_value")))
+        """The position counter ``past_length``, not counted as KV state (as ``seen`` in
+        ``StaticKVCache``)."""
+        return _nbytes(self.past_length)
 
 
 def _nbytes(value: ort.OrtValue) -> int:

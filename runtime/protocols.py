@@ -40,7 +40,7 @@ class KVCache(Protocol):
 
     @property
     def nbytes(self) -> int:
-        """KV memory: keys and values only (``memory.plan_bytes`` predicts it)."""
+        """All KV state as allocated (``memory.plan_state_bytes`` at the compute dtype predicts it)."""
 
     def reset(self) -> None:
         """Forget every token; the buffers stay allocated."""

@@ -51,7 +51,7 @@ class SlotPool(Protocol):
 
     @property
     def kv_bytes(self) -> int:
-        """KV memory of all slots (keys and values, ``memory.plan_bytes`` x slots)."""
+        """KV state of all slots as allocated (``memory.plan_state_bytes`` at the compute dtype x slots)."""
 
     @property
     def bytes_per_slot(self) -> int: ...

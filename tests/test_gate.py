@@ -653,3 +653,39 @@ def test_a_tampered_report_is_one_line_naming_the_field(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["gate", str(tmp_path / "report.json"), "--rules", str(rules)])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "tasks[3].n: expected an integer, got 'four'" in result.stderr
+
+
+def test_memory_rules_count_values_at_one_baseline_dtype(tmp_path: Path) -> None:
+    """A threshold means a ratio at ``--baseline-dtype`` (bfloat16 unless given): a report
+    counted against another dtype fails every memory rule, naming both; gated at its own
+    dtype it is checked, with the dtype printed beside the ratio."""
+    rep = report()
+    rep["kv_memory"].update(measured="allocated", artifact_bytes=125, baseline_bytes=1000,
+                            ratio=0.125, baseline_dtype="float32")
+    rules = [{"max_memory_ratio": 0.2}, {"task": "passkey", "max_memory_ratio": 0.6}]
+    parsed = parse_rules({"format": "kvcompile-gates/1", "rules": rules})
+    refused = evaluate(parsed, report_from_dict(rep)).results
+    assert [r.passed for r in refused] == [False, False]
+    assert all(r.value is None and "count values in float32, the rule's threshold in bfloat16"
+               in r.detail for r in refused)
+    checked = evaluate(parsed, report_from_dict(rep), baseline_dtype="float32").results
+    assert [r.passed for r in checked] == [True, True, True]
+    assert "(values in float32) 0.125 <= 0.2" in checked[0].detail
+    assert all(r.detail.endswith("(vs float32)") for r in checked[1:])
+    # a report that states bfloat16, or no dtype at all (older reports), gates by default
+    for stated in ("bfloat16", None):
+        rep["kv_memory"]["baseline_dtype"] = stated
+        assert evaluate(parsed, report_from_dict(rep)).passed
+    # through the CLI: the option, and a wrong one is refused by click
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+
+    rep["kv_memory"]["baseline_dtype"] = "float32"
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    (tmp_path / "rules.yaml").write_text("format: kvcompile-gates/1\nrules: [{max_memory_ratio: 0.2}]\n")
+    args = ["gate", str(tmp_path / "report.json"), "--rules", str(tmp_path / "rules.yaml")]
+    assert CliRunner().invoke(main, args).exit_code == 1
+    passed = CliRunner().invoke(main, [*args, "--baseline-dtype", "float32"])
+    assert passed.exit_code == 0 and "values in float32" in " ".join(passed.output.split())
+    assert CliRunner().invoke(main, [*args, "--baseline-dtype", "int4"]).exit_code == 2

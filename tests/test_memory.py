@@ -77,15 +77,28 @@ def test_dynamic_sliding_layers_keep_one_token_less_between_steps(family: str) -
     assert _hf_cache_bytes(model, cache) == uncompressed_bytes(arch, context, 4) - sliding_layers * per_token
 
 
+def _runtime_kv_tensor_bytes(cache: StaticKVCache) -> int:
+    """Bytes of the runtime's key and value tensors alone (no bias, counters, lengths)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for buf in (layer.full, layer.budgeted) if buf is not None for t in (buf.k, buf.v))
+
+
 @pytest.mark.parametrize("family", ["gemma3_text", "mistral", "llama"])
 @pytest.mark.parametrize("context", [8, 24, 100])
 def test_runtime_buffers_of_the_uncompressed_plan_equal_transformers(family: str, context: int) -> None:
+    """Keys and values: what transformers allocates; the rest of the state, by hand: a full
+    layer's int64 length, a sliding ring's float32 bias per slot and four int64 counters."""
     model = tiny_hf_model(family, **SLIDING.get(family, {}))
     arch = arch_from_config(model.config)
     plan = Plan.uncompressed(arch.n_layers, arch.n_kv_heads, arch.sliding_windows)
     cache = StaticKVCache.allocate(plan, 1, context, arch.head_dim, arch.group_size)
-    assert cache.nbytes == _static_cache_bytes(model, context) == plan_bytes(plan, arch, context, 4)
-    assert plan_memory_ratio(plan, arch, context) == 1.0
+    assert _runtime_kv_tensor_bytes(cache) == _static_cache_bytes(model, context)
+    extra = sum(arch.n_kv_heads * min(window, context) * 4 + 4 * 8 if window else 8
+                for window in arch.sliding_windows)
+    assert cache.nbytes == _static_cache_bytes(model, context) + extra == plan_bytes(plan, arch, context, 4)
+    # at the bfloat16 baseline: the same state, keys and values at 2 bytes, over the source cache
+    source_bf16 = _static_cache_bytes(model, context) // 2
+    assert plan_memory_ratio(plan, arch, context) == (source_bf16 + extra) / source_bf16
 
 
 def test_fitted_gemma_plan_counts_sliding_layers_at_their_window() -> None:
@@ -97,10 +110,11 @@ def test_fitted_gemma_plan_counts_sliding_layers_at_their_window() -> None:
         cache = StaticKVCache.allocate(result.plan, 1, context, arch.head_dim, arch.group_size)
         reference = 2 * 4 * 24 + 2 * 4 * 256  # two sliding layers at their window, two full layers
         assert cache.nbytes == plan_bytes(result.plan, arch, context, 4)
-        # the budget counts bf16 values: the float32 cache's bytes count twice the bf16 ones'
-        # but for the float32 biases and int64 counters, which stay the same size
-        bf16 = plan_bytes(result.plan, arch, context)
-        assert bf16 / (reference * 2 * arch.head_dim * 2) == pytest.approx(plan_memory_ratio(result.plan, arch, context))
+        # the ratio counts values in bfloat16: a bfloat16 cache over the bfloat16 source cache
+        bf16 = StaticKVCache.allocate(result.plan, 1, context, arch.head_dim, arch.group_size,
+                                      dtype=torch.bfloat16)
+        assert bf16.nbytes / (reference * 2 * arch.head_dim * 2) == pytest.approx(
+            plan_memory_ratio(result.plan, arch, context))
         assert 0.45 < plan_memory_ratio(result.plan, arch, context) <= 0.5
         rows = {row["context"]: row for row in memory_table(result.plan, arch, 4, extra=(context,))}
         assert rows[context]["uncompressed_bytes"] == reference * 2 * arch.head_dim * 4
@@ -179,21 +193,25 @@ def _patch_memory_ratio(monkeypatch: pytest.MonkeyPatch, marked) -> None:  # noq
 
 
 def test_profile_build_inspect_and_eval_print_the_one_ratio(tmp_path: Path, monkeypatch) -> None:
-    """The same plan at the same context: the profile's memory table, the build report's table,
+    """The same plan at the same context: the profile's summary, the build report's table,
     ``kvcompile inspect`` and the eval report (``kv_memory.ratio`` and the row's
-    ``memory_ratio``) carry one number, made by :func:`memory_ratio`.
+    ``memory_ratio``) carry one number, made by :func:`memory_ratio`, with values counted in
+    bfloat16 although everything here computes in float32.
 
     To see that each place calls the one function rather than dividing on its own, the function
     is replaced by a marked one (half the ratio) for the whole run: every place must print the
-    marked number. The bytes it is given are checked against transformers' own ``StaticCache``.
+    marked number. The bytes it is given are checked against a bfloat16 cache the runtime
+    allocates and transformers' own bfloat16 ``StaticCache``.
     """
     from click.testing import CliRunner
+    from rich.console import Console
 
     import kvcompile.eval.evaluate  # noqa: F401 - loaded before the patch, so it is patched too
     from kvcompile.build.artifact import build_artifact
     from kvcompile.cli import main
     from kvcompile.eval.evaluate import EvalConfig, evaluate
     from kvcompile.eval.tasks import EvalCase
+    from kvcompile.fit.summary import print_profile_summary
     from kvcompile.profile.record import load_profile, save_profile
     from kvcompile.runtime import load
     from tests.test_profile_io import REQUEST, saved_tiny_model
@@ -206,33 +224,60 @@ def test_profile_build_inspect_and_eval_print_the_one_ratio(tmp_path: Path, monk
     profile = load_profile(tmp_path / "profile.yaml")
     arch = loaded.arch
 
-    # reference: the plan's allocated buffers over transformers' StaticCache, the exact fraction
-    allocated = StaticKVCache.allocate(profile.plan, 1, context, arch.head_dim, arch.group_size).nbytes
-    source_cache = _static_cache_bytes(tiny_hf_model("qwen2", seed=6), context)
+    # reference: the plan's state allocated in bfloat16 over transformers' bfloat16 StaticCache
+    allocated = StaticKVCache.allocate(profile.plan, 1, context, arch.head_dim, arch.group_size,
+                                       dtype=torch.bfloat16).nbytes
+    source_cache = _static_cache_bytes(tiny_hf_model("qwen2", seed=6).to(torch.bfloat16), context)
     true_ratio = float(Fraction(allocated, source_cache))
     assert 0.1 < true_ratio < 0.9  # a compressed plan, so the marked number differs from 1 / 2
     marked = true_ratio / 2
 
-    (profile_row,) = [row for row in profile.memory if row["context"] == context]
-    assert profile_row["ratio"] == round(marked, 4)
+    def table_ratio(text: str) -> str:
+        (line,) = [line for line in text.splitlines() if re.match(rf"\W+{context}\W.*KiB", line)]
+        return line.split()[-2]
+
+    console = Console(record=True, width=240)
+    print_profile_summary(console, profile)
+    assert table_ratio(console.export_text()) == f"{marked:.4f}"
 
     build_artifact(loaded, profile, tmp_path / "artifact", max_context=context, onnx=False)
     build_report = json.loads((tmp_path / "artifact" / "build-report.json").read_text())
+    assert build_report["memory"]["baseline_dtype"] == "bfloat16"
     (build_row,) = [row for row in build_report["memory"]["table"] if row["context"] == context]
     assert build_row["ratio"] == round(marked, 4)
+    assert build_row["kv_bytes"] == allocated and build_row["uncompressed_bytes"] == source_cache
 
     shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "artifact")])
     assert shown.exit_code == 0, shown.output
-    (line,) = [line for line in shown.output.splitlines() if re.match(rf"\W+{context}\W.*KiB", line)]
-    assert line.split()[-2] == f"{marked:.4f}"
+    assert table_ratio(shown.output) == f"{marked:.4f}"
 
     gen = torch.Generator().manual_seed(0)
     case = EvalCase("continuation", context, 0.0, tuple(torch.randint(3, 90, (context,), generator=gen).tolist()),
                     (), "", tuple(torch.randint(3, 90, (8,), generator=gen).tolist()))
     engine = load(tmp_path / "artifact", max_context=2 * context)  # room for the continuation
     report = evaluate(engine, EvalConfig(agreement_tokens=2), cases=[case])
-    assert report.memory.context == context
-    assert (report.memory.artifact_bytes, report.memory.baseline_bytes) == (allocated, source_cache)
-    assert report.memory.ratio == round(marked, 6)
+    mem = report.memory
+    assert mem.context == context and mem.baseline_dtype == "bfloat16"
+    assert (mem.artifact_bytes, mem.baseline_bytes) == (allocated, source_cache)
+    assert mem.ratio == round(marked, 6)
     assert report.rows[0].memory_ratio == round(marked, 6)
-    assert math.isclose(round(report.memory.ratio, 4), profile_row["ratio"])
+    # what the float32 runtime really allocated, reported beside the ratio, not in it
+    assert mem.allocated_dtype == "float32"
+    assert mem.allocated_bytes == StaticKVCache.allocate(profile.plan, 1, context, arch.head_dim,
+                                                         arch.group_size).nbytes
+
+
+@pytest.mark.xfail(strict=True, reason="kvcompile/fit/pipeline.py stores the profile's memory rows "
+                   "at 4 bytes per value until the fit counts against --baseline-dtype (another "
+                   "helper's change); remove this mark when it passes")
+def test_profile_memory_rows_count_values_at_the_baseline_dtype(tmp_path: Path) -> None:
+    """The rows a profile stores are the ones its summary prints (bfloat16 values)."""
+    from tests.test_profile_io import REQUEST, saved_tiny_model
+
+    context = REQUEST.at_context
+    _, loaded, profile = saved_tiny_model(tmp_path)
+    arch = loaded.arch
+    (row,) = [row for row in profile.memory if row["context"] == context]
+    allocated = StaticKVCache.allocate(profile.plan, 1, context, arch.head_dim, arch.group_size,
+                                       dtype=torch.bfloat16).nbytes
+    assert (row["kv_bytes"], row["uncompressed_bytes"]) == (allocated, uncompressed_bytes(arch, context, 2))

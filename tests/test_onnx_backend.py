@@ -26,6 +26,7 @@ from kvcompile.errors import ArtifactError, KVCompileError
 from kvcompile.models import load_model
 from kvcompile.profile.record import save_profile
 from kvcompile.runtime import load, onnx_io
+from kvcompile.runtime.cache import StaticKVCache
 from kvcompile.runtime.onnx_backend import OnnxEngine
 from tests.test_profile_io import saved_tiny_model
 
@@ -85,8 +86,16 @@ def test_onnx_backend_generates_the_torch_engines_tokens(built) -> None:
         fed.append(len(prompt) + len(found.token_ids))
     capacity = min(layer.layout.capacity for layer in onnx_engine.plan.layers if layer.layout)
     assert max(fed) > capacity  # the budgeted heads evicted tokens along the way
-    # same bytes for the same allocation: one definition of KV memory
-    assert onnx_engine.allocate(1).nbytes == torch_engine.allocate(1, CONTEXT).nbytes
+    # all the state the graphs hold (every cache tensor), the torch runtime's less one thing:
+    # the graphs' full heads take their length from past_length (one per row, the position,
+    # overhead_bytes as the torch cache's `seen`), the torch runtime keeps one per layer
+    onnx_cache, torch_cache = onnx_engine.allocate(1), torch_engine.allocate(1, CONTEXT)
+    assert onnx_cache.nbytes == sum(int(np.prod(value.shape())) * (8 if "int64" in value.data_type() else 4)
+                                    for value in onnx_cache.values.values())
+    full_layers = sum(1 for layer in onnx_engine.plan.layers if layer.full_heads)
+    assert full_layers > 0
+    assert onnx_cache.nbytes == torch_cache.nbytes - 8 * full_layers
+    assert onnx_cache.overhead_bytes == torch_cache.overhead_bytes == 8
 
 
 def test_extend_with_several_tokens_equals_the_torch_engine(built) -> None:
@@ -188,26 +197,28 @@ def test_the_backend_module_imports_no_torch() -> None:
 def test_eval_memory_ratio_compares_the_onnx_buffers_with_the_baseline_at_their_context(
         built) -> None:
     """The graphs' buffers hold CONTEXT slots for any request, so a short request's ratio is
-    the plan's at CONTEXT (reference: the torch engine's own allocations), not bytes at CONTEXT
-    over a baseline allocated for the short request."""
+    the plan's at CONTEXT, not its bytes at CONTEXT over the source cache of the short request.
+    Reference: a bfloat16 cache the torch runtime allocates over the bfloat16 source cache
+    (the tiny qwen2 has no sliding layers: every layer caches every token)."""
     from kvcompile.eval.backends import load_for_eval
     from kvcompile.eval.evaluate import allocated_memory_ratios
 
     torch_engine = load(built["onnx"])
     beside = load_for_eval(built["onnx"], "onnx")
-    plan, baseline = torch_engine.plan, torch_engine.uncompressed_plan()
+    plan, arch = torch_engine.plan, torch_engine.arch
     short = CONTEXT // 4
 
-    def torch_ratio(context: int) -> float:
-        return (torch_engine.allocate(1, context, plan).nbytes
-                / torch_engine.allocate(1, context, baseline).nbytes)
+    def bf16_ratio(context: int) -> float:
+        cache = StaticKVCache.allocate(plan, 1, context, arch.head_dim, arch.group_size,
+                                       dtype=torch.bfloat16)
+        return cache.nbytes / (arch.n_layers * arch.n_kv_heads * context * 2 * arch.head_dim * 2)
 
-    assert torch_ratio(short) != pytest.approx(torch_ratio(CONTEXT))  # the case can tell them apart
+    assert bf16_ratio(short) != pytest.approx(bf16_ratio(CONTEXT))  # the case can tell them apart
     plans = {"artifact": plan}
-    assert allocated_memory_ratios(beside, plans, baseline, short)["artifact"] == pytest.approx(
-        torch_ratio(CONTEXT))
-    assert allocated_memory_ratios(torch_engine, plans, baseline, short)["artifact"] == pytest.approx(
-        torch_ratio(short))
+    assert allocated_memory_ratios(beside, plans, short)["artifact"] == pytest.approx(
+        bf16_ratio(CONTEXT))
+    assert allocated_memory_ratios(torch_engine, plans, short)["artifact"] == pytest.approx(
+        bf16_ratio(short))
 
 
 def test_eval_beside_a_bfloat16_artifact_runs_the_baseline_in_the_graphs_float32(

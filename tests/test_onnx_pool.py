@@ -36,9 +36,9 @@ def test_bytes_per_slot_is_one_rows_kv_memory_before_anything_is_allocated(
     assert per_slot == engine.allocate(1).nbytes  # OnnxCache's own count, from its OrtValues
     pool = OnnxSlotPool(engine, 3)
     assert pool.bytes_per_slot == per_slot and pool.kv_bytes == 3 * per_slot
-    allocated = sum(array.nbytes for spec, array in pool.arrays.items()
-                    if spec.part.endswith(("_key", "_value")))
+    allocated = sum(array.nbytes for array in pool.arrays.values())  # every cache tensor
     assert allocated == pool.kv_bytes
+    assert any(spec.part == "budget_bias" for spec in pool.arrays)  # the bias is counted
     assert slots_for_memory(pool.kv_bytes + per_slot - 1, per_slot) == 3
     assert pool.max_context == engine.graph_context == 96
 

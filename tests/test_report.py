@@ -330,3 +330,29 @@ def test_memory_ratio_from_the_bytes_and_a_tampered_ratio() -> None:
     assert KVMemory(artifact_bytes=300, baseline_bytes=1000).checked_ratio() == pytest.approx(0.3)
     edited = KVMemory(ratio=0.1, artifact_bytes=300, baseline_bytes=1000)
     assert edited.disagrees() and edited.checked_ratio() is None
+
+
+def test_the_ratio_and_the_allocated_bytes_are_kept_apart() -> None:
+    """The ratio's bytes count values at the baseline dtype; the runtime's allocation is in its
+    compute dtype and is shown beside the ratio, never in it; a dtype other than bfloat16 is
+    named beside every ratio."""
+    memory = {**REPORT["kv_memory"], "baseline_dtype": "bfloat16", "allocated_bytes": 4096 + 80,
+              "allocated_dtype": "float32"}
+    report = report_from_dict({**REPORT, "kv_memory": memory})
+    assert report.memory.checked_ratio() == 2048 / 16384  # not the allocated bytes' share
+    assert report_to_dict(report)["kv_memory"] == memory  # written back as read
+    text = render_markdown(report)
+    assert "12.5%** of the source model's cache (2.0 KiB vs 16.0 KiB, values counted in bfloat16)" in text
+    assert "allocated by the runtime**" in text and "4.1 KiB in float32 (not a ratio)" in text
+    assert "(vs " not in text
+    wide = render_markdown(report_from_dict({**REPORT, "kv_memory": {**memory, "baseline_dtype": "float32"}}))
+    assert "values counted in float32" in wide
+    assert "| KV memory (vs float32) |" in wide  # each table's ratio column
+    old = render_markdown(report_from_dict(REPORT))  # a report from before the dtype was stated
+    assert "baseline dtype not stated" in old and "allocated by the runtime" not in old
+
+
+def test_a_report_with_an_unknown_baseline_dtype_is_refused() -> None:
+    data = {**REPORT, "kv_memory": {**REPORT["kv_memory"], "baseline_dtype": "int8"}}
+    with pytest.raises(ReportError, match=r"kv_memory\.baseline_dtype: expected one of"):
+        report_from_dict(data)

@@ -76,18 +76,26 @@ def test_ci_gate_fails_a_broken_variant(ci, variant: str) -> None:
 
 
 def test_ci_gate_memory_is_what_the_loaded_artifact_allocates(ci) -> None:
-    """The memory rule reads allocated bytes; check them against docs/DESIGN.md's formula."""
+    """The memory rule reads the state the runtime allocates, values counted in bfloat16;
+    check it against docs/DESIGN.md's formula by hand: keys and values, a float32 bias per
+    budgeted slot, four int64 counters per budgeted group and an int64 length per full one."""
     engine, reports, _ = ci
     memory = reports[ARTIFACT].memory
     assert memory is not None and memory.context is not None
     length, arch = memory.context, engine.arch
-    per_slot = 2 * arch.head_dim * engine.model.dtype.itemsize  # keys + values, one token, one head
+    per_slot = 2 * arch.head_dim * 2  # keys + values, one token, one head, bfloat16
     assert memory.baseline_bytes == arch.n_layers * arch.n_kv_heads * length * per_slot
-    slots = sum(len(layer.full_heads) * length + len(layer.budgeted_heads) * layer.layout.capacity
-                if layer.budgeted_heads else len(layer.full_heads) * length
-                for layer in engine.plan.layers)
-    assert memory.artifact_bytes == slots * per_slot == engine.allocate(1, length).nbytes
+    state = 0
+    for layer in engine.plan.layers:
+        if layer.full_heads:
+            state += len(layer.full_heads) * length * per_slot + 8
+        if layer.budgeted_heads:
+            state += len(layer.budgeted_heads) * layer.layout.capacity * (per_slot + 4) + 4 * 8
+    assert memory.artifact_bytes == state and memory.baseline_dtype == "bfloat16"
     assert memory.measured == "allocated"
+    # beside it, what the float32 runtime really allocated
+    assert memory.allocated_bytes == engine.allocate(1, length).nbytes
+    assert memory.allocated_dtype == "float32"
 
 
 def test_ci_gate_through_the_cli(ci, tmp_path: Path) -> None:

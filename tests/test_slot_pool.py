@@ -291,7 +291,7 @@ def test_refusals_name_their_numbers(engine):
 
 def test_kv_memory_divides_by_the_plan_bytes_per_slot(engine):
     per_slot = torch_bytes_per_slot(engine, 96)
-    assert per_slot == engine.plan.kv_bytes(96, engine.arch.head_dim, 4)
+    assert per_slot == engine.allocate(1, max_context=96).nbytes  # predicted == allocated
     slots = slots_for_memory(3 * per_slot + per_slot // 2, per_slot)
     pool = TorchSlotPool(engine, slots, max_context=96)
     assert pool.slots == 3 and pool.kv_bytes == 3 * per_slot == pool.cache.nbytes

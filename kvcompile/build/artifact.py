@@ -38,7 +38,7 @@ from kvcompile.build.staging import (
 )
 from kvcompile.errors import ArtifactError
 from kvcompile.interrupts import signals_deferred
-from kvcompile.memory import memory_table, plan_bytes
+from kvcompile.memory import baseline_bytes_per_value, memory_table, plan_bytes
 from kvcompile.metrics import greedy_agreement
 from kvcompile.models import LoadedModel, fingerprint_weights
 from kvcompile.passes import ATTENTION_NAME, PASSES, CompiledModel, compile_model
@@ -145,19 +145,21 @@ def low_precision_check(engine: Engine, tokenizer: Any, dtype: torch.dtype) -> L
 
 def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: bool = False,
                    max_context: int | None = None, dtype: str = "float32",
-                   onnx: bool = True) -> BuildReport:
+                   onnx: bool = True, baseline_dtype: str = "bfloat16") -> BuildReport:
     """Compile ``loaded`` with ``profile`` into ``out_dir``; returns the build report.
 
     Parity is checked in float32; ``dtype`` is the precision the weights are stored (and by
     default served) in, checked against float32 on the parity prompt. ``onnx`` also writes the
     static-budget ONNX graphs (``onnx/``, float32, ``kvcompile.build.onnx_graphs``), checked in
-    onnxruntime against the torch runtime. Temporaries of earlier builds into ``out_dir``
+    onnxruntime against the torch runtime. The memory table's ratios count values at
+    ``baseline_dtype`` (``kvcompile.memory``); the allocation check at ``dtype``. Temporaries of earlier builds into ``out_dir``
     whose process is gone are removed first.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; pass --force to replace it")
     stored = resolve_dtype(dtype)
+    baseline_bytes = baseline_bytes_per_value(baseline_dtype)  # a bad name fails before any work
     check_profile_matches(profile, loaded)
     compiled, engine = compile_engine(loaded, profile.plan, max_context)
     parity = parity_checks(loaded, compiled, engine)
@@ -174,7 +176,8 @@ def build_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path, force: 
     memory = MemoryCheck(
         max_context=context, dtype=dtype_name(stored), allocated_kv_bytes=allocated,
         predicted_kv_bytes=plan_bytes(compiled.plan, arch, context, itemsize),
-        table=tuple(memory_table(compiled.plan, arch, itemsize, extra=(context,))))
+        table=tuple(memory_table(compiled.plan, arch, baseline_bytes, extra=(context,))),
+        baseline_dtype=baseline_dtype)
     # what the weights take on disk (the ONNX graphs hold a float32 copy): for a full disk's line
     needed = sum(t.numel() * (stored.itemsize if t.is_floating_point() else t.element_size())
                  + (t.numel() * 4 if onnx else 0) for t in compiled.state.values())

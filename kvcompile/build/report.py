@@ -4,8 +4,10 @@ one writer, one reader.
 ``kvcompile build`` makes a :class:`BuildReport` (parity checks, passes, KV memory, the ONNX
 graphs' export and parity), writes it with :func:`build_report_to_dict` and prints it;
 ``kvcompile inspect`` reads it back with :func:`read_build_report`. No other module reads its
-keys. The memory table's rows are ``memory.memory_table``'s, carried as they are. Every
-``kvcompile-build-report/1`` written so far reads (``memory.dtype`` came with ``--dtype``).
+keys. The memory table's rows are ``memory.memory_table``'s at ``memory.baseline_dtype``,
+carried as they are; the allocated and predicted bytes are at ``memory.dtype``, the stored
+precision. Every ``kvcompile-build-report/1`` written so far reads (``memory.dtype`` came with
+``--dtype``, ``memory.baseline_dtype`` with the byte definition of ``kvcompile.memory``).
 """
 from __future__ import annotations
 
@@ -62,9 +64,12 @@ class MemoryCheck:
 
     max_context: int
     dtype: str
-    allocated_kv_bytes: int
-    predicted_kv_bytes: int
-    table: tuple[Mapping[str, Any], ...]  # memory.memory_table rows
+    allocated_kv_bytes: int  # all KV state at ``dtype`` (what the runtime allocates)
+    predicted_kv_bytes: int  # memory.plan_bytes at ``dtype``'s bytes per value
+    table: tuple[Mapping[str, Any], ...]  # memory.memory_table rows at ``baseline_dtype``
+    # the dtype the table's ratios count values at; None: a report from before the byte
+    # definition, whose table counted keys and values alone at ``dtype``
+    baseline_dtype: str | None = None
 
     @property
     def equal(self) -> bool:
@@ -137,6 +142,7 @@ def build_report_to_dict(report: BuildReport) -> dict[str, Any]:
             "allocated_kv_bytes": memory.allocated_kv_bytes,
             "predicted_kv_bytes": memory.predicted_kv_bytes, "equal": memory.equal,
             "table": [dict(row) for row in memory.table],
+            **({} if memory.baseline_dtype is None else {"baseline_dtype": memory.baseline_dtype}),
         },
     }
     if report.onnx is not None:
@@ -206,7 +212,9 @@ def build_report_from_dict(data: Any, source: str) -> BuildReport:
                 dtype=reader.get(memory, "dtype", "memory", str) if "dtype" in memory else "float32",
                 allocated_kv_bytes=reader.get(memory, "allocated_kv_bytes", "memory", int),
                 predicted_kv_bytes=reader.get(memory, "predicted_kv_bytes", "memory", int),
-                table=tuple(table)),
+                table=tuple(table),
+                baseline_dtype=(reader.get(memory, "baseline_dtype", "memory", str)
+                                if "baseline_dtype" in memory else None)),
             onnx=None if onnx is None else _onnx_from_dict(reader, reader.mapping(onnx, "onnx")),
         )
     except ProfileError as exc:

@@ -30,9 +30,15 @@ from kvcompile.eval.report import (
     Row,
 )
 from kvcompile.eval.tasks import TASKS, EvalCase, build_cases, score_answer
-from kvcompile.memory import memory_ratio
+from kvcompile.memory import (
+    BASELINE_DTYPES,
+    baseline_bytes_per_value,
+    memory_ratio,
+    uncompressed_bytes,
+)
 from kvcompile.metrics import greedy_agreement, greedy_token, kl, log_probs, nll, nll_increase
 from kvcompile.plan import HeadOrder, Plan
+from kvcompile.runtime.cache import StaticKVCache
 from kvcompile.runtime.engine import Engine
 from kvcompile.runtime.head_order import ReorderedCache
 from kvcompile.stats import mean_ci, relative_increase_ci, wilson_interval
@@ -51,8 +57,12 @@ class EvalConfig:
     agreement_tokens: int = 32
     task_samples: tuple[tuple[str, int], ...] = ()  # (task, cases) pairs overriding ``samples``
     genre: str = "pydoc"  # text the cases are built on (kvcompile.textsource.GENRES)
+    baseline_dtype: str = "bfloat16"  # values of every ratio count at its bytes (kvcompile.memory)
 
     def __post_init__(self) -> None:
+        if self.baseline_dtype not in BASELINE_DTYPES:
+            raise KVCompileError(f"--baseline-dtype must be one of {', '.join(sorted(BASELINE_DTYPES))}, "
+                                 f"got {self.baseline_dtype!r}")
         if self.genre not in GENRES:
             raise KVCompileError(f"--genre must be one of {', '.join(GENRES)}, got {self.genre!r}")
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -216,14 +226,17 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
             done += 1
             if progress is not None:
                 progress(done, total, f"{task}@{length}")
-        ratios = allocated_memory_ratios(engine, plans, baseline_plan, length)
+        ratios = allocated_memory_ratios(engine, plans, length, config.baseline_dtype)
         for name in plans:
             row_of = _continuation_row if task == "continuation" else _accuracy_row
             rows[name].append(row_of(task, length, tallies[BASELINE], tallies[name], ratios[name], group))
     wall = round(time.perf_counter() - started_all, 2)
     reference = memory_context(engine, max(length for _, length, _ in groups))
-    baseline_bytes = allocated_kv_bytes(engine, baseline_plan, reference)
-    plan_bytes = {name: allocated_kv_bytes(engine, plan, reference) for name, plan in plans.items()}
+    dtype = config.baseline_dtype
+    baseline_bytes = uncompressed_bytes(arch, reference, baseline_bytes_per_value(dtype))
+    plan_bytes = {name: kv_bytes_at(engine, plan, reference, dtype) for name, plan in plans.items()}
+    allocated = {name: engine.allocate(1, max_context=reference, plan=served[name])
+                 for name in plans}
     tasks = tuple(dict.fromkeys(task for task, _, _ in groups))
     settings = EvalSettings(
         tasks=tasks, lengths=tuple(sorted({length for _, length, _ in groups})),
@@ -238,8 +251,10 @@ def evaluate_systems(engine: Engine, plans: Mapping[str, Plan], config: EvalConf
             kvcompile_version=__version__, created_with=created_with, seed=config.seed,
             settings=settings,
             memory=KVMemory(ratio=round(memory_ratio(plan_bytes[name], baseline_bytes), 6),
-                            context=reference, measured="allocated",
-                            artifact_bytes=plan_bytes[name], baseline_bytes=baseline_bytes),
+                            context=reference, measured="allocated", baseline_dtype=dtype,
+                            artifact_bytes=plan_bytes[name], baseline_bytes=baseline_bytes,
+                            allocated_bytes=allocated[name].nbytes,
+                            allocated_dtype=_dtype_name(allocated[name])),
             wall_time_s=wall, rows=tuple(rows[name]))
         for name in plans
     }
@@ -261,23 +276,36 @@ def _check_source_plans(engine: Engine, plans: Mapping[str, Plan]) -> None:
                              f"head order; pass plan.to_served(permuted_by=the weights' plan)")
 
 
-def allocated_memory_ratios(engine: Engine, plans: Mapping[str, Plan], baseline: Plan,
-                            context: int) -> dict[str, float]:
-    """The memory ratio every report row carries: the bytes each plan's cache allocates for a
-    request of ``context`` tokens over the baseline's allocated for the same buffer context."""
+def allocated_memory_ratios(engine: Engine, plans: Mapping[str, Plan], context: int,
+                            baseline_dtype: str = "bfloat16") -> dict[str, float]:
+    """The memory ratio every report row carries (``kvcompile.memory``): the KV state the
+    runtime allocates for each plan at the buffer context of a ``context``-token request
+    (:func:`memory_context`), values counted at ``baseline_dtype`` (:func:`kv_bytes_at`), over
+    the source model's own cache there at the same bytes per value."""
     context = memory_context(engine, context)
-    base = allocated_kv_bytes(engine, baseline, context)
-    return {name: memory_ratio(allocated_kv_bytes(engine, plan, context), base)
+    base = uncompressed_bytes(engine.arch, context, baseline_bytes_per_value(baseline_dtype))
+    return {name: memory_ratio(kv_bytes_at(engine, plan, context, baseline_dtype), base)
             for name, plan in plans.items()}
 
 
-def allocated_kv_bytes(engine: Engine, plan: Plan, context: int) -> int:
-    """KV bytes of a cache really allocated for ``plan`` at ``context`` tokens (``StaticKVCache.nbytes``).
+def kv_bytes_at(engine: Engine, plan: Plan, context: int, baseline_dtype: str) -> int:
+    """All KV state (``StaticKVCache.nbytes``) of the cache the torch runtime allocates for
+    ``plan`` at ``context`` tokens with values in ``baseline_dtype``, whatever dtype the engine
+    computes in; allocated on the meta device, so nothing is held.
 
-    Reports count what the runtime allocates, not what the plan's formula predicts, so a
-    cache that allocates more than its plan says shows up in the memory ratio and the gate.
+    Reports count what the runtime allocates, not the plan's formula, so a cache that
+    allocates more than its plan says shows up in the memory ratio and the gate; the dtype is
+    the baseline's, so a float32 run is never counted as compression.
     """
-    return engine.allocate(1, max_context=context, plan=plan).nbytes
+    baseline_bytes_per_value(baseline_dtype)
+    arch = engine.arch
+    return StaticKVCache.allocate(plan, 1, context, arch.head_dim, arch.group_size,
+                                  dtype=getattr(torch, baseline_dtype), device="meta").nbytes
+
+
+def _dtype_name(cache: Any) -> str:
+    """The dtype a cache holds its values in (``OnnxCache.dtype`` is already a name)."""
+    return str(cache.dtype).removeprefix("torch.")
 
 
 def evaluate(engine: Engine, config: EvalConfig, artifact_info: ArtifactInfo | None = None,

@@ -73,10 +73,16 @@ def _header(report: Report) -> list[str]:
     lines.append(art_line)
     if mem is not None:
         at = f" at {mem.context:,} tokens" if mem.context is not None else ""
+        values = (f"values counted in {mem.baseline_dtype}" if mem.baseline_dtype is not None
+                  else "baseline dtype not stated")
         lines.append(
-            f"- **KV memory**{at}: **{_pct(mem.checked_ratio())}** of the uncompressed cache "
-            f"({_human_bytes(mem.artifact_bytes)} vs {_human_bytes(mem.baseline_bytes)})"
+            f"- **KV memory**{at}: **{_pct(mem.checked_ratio())}** of the source model's cache "
+            f"({_human_bytes(mem.artifact_bytes)} vs {_human_bytes(mem.baseline_bytes)}, {values})"
         )
+        if mem.allocated_bytes is not None:
+            dtype = f" in {mem.allocated_dtype}" if mem.allocated_dtype else ""
+            lines.append(f"- **KV state allocated by the runtime**{at}: "
+                         f"{_human_bytes(mem.allocated_bytes)}{dtype} (not a ratio)")
     lines.append(f"- **wall time**: {_seconds(report.wall_time_s)}")
     versions = [f"kvcompile {report.kvcompile_version or _DASH}"]
     versions += [f"{k} {v}" for k, v in (report.created_with or {}).items()]
@@ -86,7 +92,13 @@ def _header(report: Report) -> list[str]:
     return lines
 
 
-def _accuracy_section(rows: list[AccuracyRow]) -> list[str]:
+def _memory_column(report: Report) -> str:
+    """The rows' ratio column, naming its baseline dtype when it is not bfloat16."""
+    dtype = report.memory.baseline_dtype if report.memory is not None else None
+    return "KV memory" if dtype in (None, "bfloat16") else f"KV memory (vs {dtype})"
+
+
+def _accuracy_section(rows: list[AccuracyRow], memory: str) -> list[str]:
     by_task: dict[str, list[AccuracyRow]] = {}
     for row in rows:
         by_task.setdefault(row.task, []).append(row)
@@ -95,7 +107,7 @@ def _accuracy_section(rows: list[AccuracyRow]) -> list[str]:
         lines += [
             f"### {task}",
             "",
-            "| length | baseline | artifact | drop | KV memory | time (baseline / artifact) |",
+            f"| length | baseline | artifact | drop | {memory} | time (baseline / artifact) |",
             "|---:|---|---|---:|---:|---:|",
         ]
         for row in sorted(task_rows, key=lambda r: r.length):
@@ -116,12 +128,12 @@ def _accuracy_section(rows: list[AccuracyRow]) -> list[str]:
     return lines
 
 
-def _continuation_section(rows: list[ContinuationRow]) -> list[str]:
+def _continuation_section(rows: list[ContinuationRow], memory: str) -> list[str]:
     lines = [
         "## Continuation",
         "",
         "| length | samples × tokens | NLL baseline | NLL artifact | Δ NLL [95% CI] | KL [95% CI] "
-        "| greedy agreement | KV memory |",
+        f"| greedy agreement | {memory} |",
         "|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for row in sorted(rows, key=lambda r: r.length):
@@ -154,17 +166,20 @@ def render_markdown(report: Report) -> str:
     """A reviewable summary: provenance header, accuracy tables, continuation table."""
     lines = _header(report)
     if report.accuracy_rows:
-        lines += _accuracy_section(report.accuracy_rows)
+        lines += _accuracy_section(report.accuracy_rows, _memory_column(report))
     if report.continuation_rows:
-        lines += _continuation_section(report.continuation_rows)
+        lines += _continuation_section(report.continuation_rows, _memory_column(report))
     if not report.rows:
         lines += ["_The report has no task rows._", ""]
     lines += [
         "Accuracy intervals are 95% Wilson score intervals; drop = baseline − artifact in "
         "percentage points; KL is the mean KL(baseline ‖ artifact) per token. Δ NLL, KL and "
         "agreement intervals are 95% normal-approximation intervals over the cases (tokens of "
-        "one text are not independent draws; Δ NLL pairs each case's two NLLs). KV memory is the "
-        "artifact's allocated KV buffers over the uncompressed model's.",
+        "one text are not independent draws; Δ NLL pairs each case's two NLLs). KV memory is all "
+        "the artifact's KV state as the runtime allocates it (keys, values, codes, scales, slot "
+        "bias, counters) over the source model's own cache, every full-precision value of both "
+        "counted at the baseline dtype (bfloat16 unless stated), whatever dtype the run computed "
+        "in; the allocated bytes are the runtime's own, in its compute dtype.",
         "",
     ]
     return "\n".join(lines)
@@ -191,7 +206,9 @@ def plot_accuracy(report: Report, path: str | os.PathLike[str] | io.IOBase) -> N
     title = f"{model}: accuracy vs context length"
     ratio = report.memory.checked_ratio() if report.memory is not None else None
     if ratio is not None:  # what the gate checks: of the bytes, never an edited ratio
-        title += f" (KV memory {_pct(ratio)})"
+        dtype = report.memory.baseline_dtype if report.memory is not None else None
+        vs = "" if dtype in (None, "bfloat16") else f" vs {dtype}"
+        title += f" (KV memory {_pct(ratio)}{vs})"
     fig.suptitle(title)
 
     if not by_task:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kvcompile.errors import KVCompileError
-from kvcompile.memory import memory_ratio
+from kvcompile.memory import BASELINE_DTYPES, memory_ratio
 from kvcompile.plan_io import Reader
 from kvcompile.stats import nll_increase, wilson_interval
 from kvcompile.yamlio import atomic_write_bytes
@@ -184,13 +184,28 @@ Row = AccuracyRow | ContinuationRow
 
 @dataclass(frozen=True)
 class KVMemory:
-    """The artifact's KV buffers against the uncompressed model's, at ``context`` tokens."""
+    """The artifact's KV state against the source model's own cache, at ``context`` tokens.
+
+    Two kinds of bytes, kept apart: the ratio's (``artifact_bytes / baseline_bytes``, every
+    full-precision value counted at ``baseline_dtype``, ``kvcompile.memory``), and the bytes the
+    runtime under evaluation really allocated for the artifact (``allocated_bytes``, in
+    ``allocated_dtype``, its compute dtype), which are no part of any ratio.
+    """
 
     ratio: float | None = field(default=None, metadata=_NONNEGATIVE)  # artifact / baseline bytes
     context: int | None = field(default=None, metadata=_COUNT)
-    measured: str | None = None  # "allocated": bytes of caches the runtime really allocated
-    artifact_bytes: int | None = field(default=None, metadata=_COUNT)
-    baseline_bytes: int | None = field(default=None, metadata=_COUNT)
+    measured: str | None = None  # "allocated": the runtime's allocation, counted at baseline_dtype
+    artifact_bytes: int | None = field(default=None, metadata=_COUNT)  # at baseline_dtype
+    baseline_bytes: int | None = field(default=None, metadata=_COUNT)  # at baseline_dtype
+    # dtype the ratio's bytes count values at; None: a report from before it was stated
+    baseline_dtype: str | None = None
+    allocated_bytes: int | None = field(default=None, metadata=_COUNT)  # at allocated_dtype
+    allocated_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.baseline_dtype is not None and self.baseline_dtype not in BASELINE_DTYPES:
+            raise ValueError(f"baseline_dtype: expected one of {sorted(BASELINE_DTYPES)}, got "
+                             f"{self.baseline_dtype!r}")
 
     @property
     def ratio_of_bytes(self) -> float | None:

@@ -14,13 +14,14 @@ is reported as a failure.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kvcompile.eval.report import Report, Row, load_report
 from kvcompile.gate.loader import GateRules, UnderpoweredRuleError, load_rules
 from kvcompile.gate.power import EXACT, NOT_ASSESSED, POWER, Power, describe
 from kvcompile.gate.rules import MaxMemoryRatio, RowCheck, Rule
+from kvcompile.memory import baseline_bytes_per_value, baseline_note
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,18 @@ def _on_row(rule: Rule, row: Row) -> RuleResult:
     return RuleResult(rule, row.task, row.length, check.value, check.passed, check.detail, power)
 
 
-def check_rule(rule: Rule, report: Report) -> list[RuleResult]:
+def check_rule(rule: Rule, report: Report, baseline_dtype: str = "bfloat16") -> list[RuleResult]:
     """``rule`` on every row it selects (by task, length, or the metric), sorted by task and
-    length; a failure for each length it names that the report lacks."""
+    length; a failure for each length it names that the report lacks. A memory rule's
+    threshold counts values at ``baseline_dtype``: a report whose ratios count another fails."""
+    if isinstance(rule, MaxMemoryRatio):
+        stated = report.memory.baseline_dtype if report.memory is not None else None
+        if stated is not None and stated != baseline_dtype:
+            return [_unchecked(rule, rule.task, None,
+                               f"the report's memory ratios count values in {stated}, the rule's "
+                               f"threshold in {baseline_dtype}: rerun kvcompile eval "
+                               f"--baseline-dtype {baseline_dtype}, or gate with --baseline-dtype "
+                               f"{stated}")]
     if isinstance(rule, MaxMemoryRatio) and rule.whole_report:
         memory = report.memory
         check: RowCheck = rule.check_memory(memory)
@@ -119,18 +129,21 @@ def check_rule(rule: Rule, report: Report) -> list[RuleResult]:
                                           f"(lengths present: {', '.join(map(str, have)) or 'none'})"))
             selected += at_length
     out = sorted((_on_row(rule, row) for row in selected), key=lambda r: (r.task or "", r.length or 0))
+    if isinstance(rule, MaxMemoryRatio) and baseline_dtype != "bfloat16":
+        out = [replace(r, detail=r.detail + baseline_note(baseline_dtype)) for r in out]
     return out + missing
 
 
-def evaluate(rules: GateRules, report: Report) -> GateOutcome:
-    """Check every rule against the report; one :class:`RuleResult` per rule and row.
+def evaluate(rules: GateRules, report: Report, baseline_dtype: str = "bfloat16") -> GateOutcome:
+    """Check every rule against the report; one :class:`RuleResult` per rule and row
+    (memory thresholds count values at ``baseline_dtype``, :func:`check_rule`).
 
     Raises :class:`UnderpoweredRuleError` if a rule that passes does not detect what it must
     at the report's n and does not say ``allow_underpowered: true``.
     """
     results: list[RuleResult] = []
     for rule in rules.rules:
-        results += check_rule(rule, report)
+        results += check_rule(rule, report, baseline_dtype)
     check_power(rules, results)
     return GateOutcome(results)
 
@@ -156,11 +169,13 @@ def check_power(rules: GateRules, results: list[RuleResult]) -> None:
 
 
 def run_gate(
-    report_path: str | os.PathLike[str], rules_path: str | os.PathLike[str]
+    report_path: str | os.PathLike[str], rules_path: str | os.PathLike[str],
+    baseline_dtype: str = "bfloat16",
 ) -> GateOutcome:
     """Load both files and evaluate: what ``kvcompile gate REPORT --rules RULES`` does."""
+    baseline_bytes_per_value(baseline_dtype)  # one line naming the choices
     rules = load_rules(rules_path)
-    return evaluate(rules, load_report(report_path))
+    return evaluate(rules, load_report(report_path), baseline_dtype)
 
 
 __all__ = ["GateOutcome", "RuleResult", "check_power", "check_rule", "evaluate", "run_gate"]

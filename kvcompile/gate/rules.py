@@ -12,7 +12,9 @@ that carries the threshold in a rules file (:mod:`kvcompile.gate.loader`):
 - ``max_nll_increase``: the artifact's continuation NLL over the baseline's, minus 1;
 - ``max_kl``: the mean KL(baseline || artifact) per token;
 - ``min_agreement``: the share of the baseline's greedy tokens the artifact also picks;
-- ``max_memory_ratio``: the artifact's KV bytes over the uncompressed cache's; without
+- ``max_memory_ratio``: the artifact's KV bytes over the source model's cache's, values
+  counted at the baseline dtype (``kvcompile.memory``; bfloat16 unless ``--baseline-dtype``,
+  and a report counted against another dtype fails the rule); without
   ``task``/``length`` it checks the report's memory part (:meth:`MaxMemoryRatio.check_memory`),
   with them each matching row's ratio. Measured, not sampled: its power is exact.
 
@@ -289,8 +291,11 @@ class MaxMemoryRatio(Rule):
             what = f"{memory.measured} " if memory.measured else ""
             how = f"{what}KV bytes {memory.artifact_bytes} / {memory.baseline_bytes}"
         at = f" at context {memory.context}" if memory.context is not None else ""
+        dtype = memory.baseline_dtype
+        values = f" (values in {dtype})" if dtype is not None else " (baseline dtype not stated)"
         ok = ratio <= self.threshold + EPS
-        return RowCheck(ratio, ok, f"{how}{at} {ratio:.4g} {'<=' if ok else '>'} {self.threshold:g}")
+        return RowCheck(ratio, ok, f"{how}{at}{values} {ratio:.4g} {'<=' if ok else '>'} "
+                                   f"{self.threshold:g}")
 
     def power(self, row: Row) -> Power:
         return EXACT
