@@ -88,9 +88,6 @@ def test_inspect_and_eval_agree_with_transformers(gemma_run: dict) -> None:
     assert memory["allocated_bytes"] == engine.allocate(1, max_context=memory["context"]).nbytes
 
 
-@pytest.mark.xfail(strict=True, reason="the fit counts slots and kvcompile/fit/pipeline.py stores "
-                   "the profile's rows at 4 bytes per value until the fit counts bytes against "
-                   "--baseline-dtype (another helper's change); remove this mark when it passes")
 def test_the_profile_holds_its_budget_by_the_definition(gemma_run: dict) -> None:
     truth = _truth(gemma_run)
     profile = load_profile(gemma_run["profile"])

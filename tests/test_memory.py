@@ -267,9 +267,6 @@ def test_profile_build_inspect_and_eval_print_the_one_ratio(tmp_path: Path, monk
                                                          arch.group_size).nbytes
 
 
-@pytest.mark.xfail(strict=True, reason="kvcompile/fit/pipeline.py stores the profile's memory rows "
-                   "at 4 bytes per value until the fit counts against --baseline-dtype (another "
-                   "helper's change); remove this mark when it passes")
 def test_profile_memory_rows_count_values_at_the_baseline_dtype(tmp_path: Path) -> None:
     """The rows a profile stores are the ones its summary prints (bfloat16 values)."""
     from tests.test_profile_io import REQUEST, saved_tiny_model
