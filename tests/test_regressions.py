@@ -9,6 +9,7 @@ import torch
 from kvcompile.arch import arch_from_config
 from kvcompile.build.artifact import compile_engine
 from kvcompile.fit.pipeline import stats_from_profile
+from kvcompile.memory import plan_bytes
 from kvcompile.plan import BudgetLayout, LayerPlan, Plan, Selection
 from kvcompile.profile.record import load_profile
 from kvcompile.runtime.engine import Engine
@@ -49,8 +50,11 @@ def test_uniform_has_the_shipped_memory_at_the_eval_context(shipped, context: in
     profile, arch = shipped
     plan = equal_memory_uniform(profile.plan, arch, context)
     assert plan.n_full == 0 and plan.policy == "uniform"
-    target = profile.plan.kv_slots(context)
-    assert target - arch.n_kv_total < plan.kv_slots(context) <= target
+    # at most the shipped plan's bytes, and within one slot per head of them (a bf16 slot of a
+    # budgeted head: key, value and its float32 bias)
+    target = plan_bytes(profile.plan, arch, context)
+    per_slot = 2 * arch.head_dim * 2 + 4
+    assert target - arch.n_kv_total * per_slot < plan_bytes(plan, arch, context) <= target
 
 
 def test_refit_at_half_the_budget(shipped) -> None:
