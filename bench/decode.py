@@ -267,7 +267,7 @@ def run_context(length: int, args: argparse.Namespace, engine, hf_model, vocab: 
     art = RuntimeDecoder("kvcompile artifact", engine, plan or engine.plan, max_context)
     stored = [RuntimeDecoder(f"kvcompile artifact, {storage.name}", engine,
                              with_storage(plan or engine.plan, storage), max_context)
-              for storage in args.storage]
+              for storage in getattr(args, "storage", [])]
     decoders += [full, art, *stored]
     t0 = time.perf_counter()
     if hf_model is not None:

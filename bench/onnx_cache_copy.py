@@ -36,6 +36,11 @@ from kvcompile.runtime.onnx_backend import OnnxCache, load_onnx_engine  # noqa: 
 MIB = 1024 * 1024
 
 
+def human(nbytes: int) -> str:
+    """KiB below a MiB, MiB above (a tiny model's whole cache is a few KiB)."""
+    return f"{nbytes / MIB:.1f} MiB" if nbytes >= MIB else f"{nbytes / 1024:.1f} KiB"
+
+
 def written_per_step(engine) -> int:
     """Cache bytes an in-place step writes, per row (the slots of docs/ONNX.md)."""
     total = 0
@@ -115,10 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---|---:|---:|")
     for length in args.contexts:
         row = run_context(engine, length, args.steps, args.rounds, args.seed)
-        print(f"| {length} | in place | {row['in_place_ms']:.1f} | "
-              f"{row['written_bytes'] / 1024:.0f} KiB |")
-        print(f"| {length} | copying | {row['copying_ms']:.1f} | "
-              f"{row['cache_bytes'] / MIB:.1f} MiB |")
+        print(f"| {length} | in place | {row['in_place_ms']:.1f} | {human(row['written_bytes'])} |")
+        print(f"| {length} | copying | {row['copying_ms']:.1f} | {human(row['cache_bytes'])} |")
     return 0
 
 

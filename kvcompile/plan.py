@@ -177,8 +177,9 @@ class LayerPlan:
 
     @property
     def quantized_selected(self) -> bool:
-        """The budgeted heads keep their selected slots as codes (the rest stays full)."""
-        return (bool(self.budgeted_heads) and self.budget_storage.quantized
+        """The budgeted heads keep their selected slots as codes (the rest stays full); a
+        sliding layer, kept as the model runs it, stays full precision."""
+        return (bool(self.budgeted_heads) and self.budget_storage.quantized and not self.sliding
                 and self.layout is not None and self.layout.selected > 0)
 
     @property

@@ -337,7 +337,7 @@ class LayerKV:
             # (transformers' static sliding layer: min(window, max_cache_len); kvcompile.memory)
             window = min(window, max_context)
             layout = BudgetLayout(0, 0, 0, window)
-        if layer.quantized_selected and not window:
+        if layer.quantized_selected:
             assert layout is not None
             budgeted = QuantizedBudgetedBuffer.empty(batch, len(layer.budgeted_heads), head_dim,
                                                      layout, layer.budget_storage, dtype, device)

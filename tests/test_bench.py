@@ -257,6 +257,29 @@ def smoke_policies(tiny: TinyBench, request) -> None:
     assert "0.5:profiled: chose" in request.getfixturevalue("policy_runs")[0][0]  # measured choice
 
 
+def smoke_quant_sweep(tiny: TinyBench, request) -> None:
+    path = tiny.work / "quant.json"
+    out = run("quant_sweep", "--model", tiny.model, "--profile", tiny.profile, "--budgets", 0.5,
+              "--storages", "full/full,k8v8/k4v4", "--at-context", CONTEXT, "--length", CONTEXT,
+              "--samples", 2, "--genre", "pydoc", "--threads", 1, "--json", path)
+    rows = tables(out)[-1]
+    # quantization alone takes the most bits that fit (on this tiny head dim 4 bits may not)
+    assert [row["storage (full/budgeted)"] for row in rows[:4]] == [
+        "bf16", "full/full", "k8v8g32/k4v4g32", "full/full"]
+    assert rows[4]["storage (full/budgeted)"] in ("k4v4g32 (all)", "k2v2g32 (all)")
+    assert [row["policy"].split(" ")[0] for row in rows] == [
+        "uncompressed", "profiled", "profiled", "uniform", "quant-only"]
+    assert sum("(chosen)" in row["policy"] for row in rows) == 1  # one storage shipped
+    bits = [number(row["bits/value"]) for row in rows]
+    for row in rows[1:]:  # every plan within the byte budget
+        assert 0 < number(row[f"memory @ {CONTEXT}"]) <= 0.5005
+    # at the same bytes quantized storage holds more values: fewer bits per value (full
+    # precision is 16 plus the bias and counters, several bits at this tiny head dim)
+    assert bits[2] < bits[1] and bits[4] < bits[3] and bits[1] > 16
+    again = run("quant_sweep", "--from-json", path, "--at-context", CONTEXT)
+    assert tables(again)[-1] == rows  # the table is rebuilt from the stored reports
+
+
 def smoke_pool(tiny: TinyBench, request) -> None:
     runs = request.getfixturevalue("policy_runs")
     out = run("pool", *(path for _, path in runs.values()))
@@ -368,6 +391,7 @@ SMOKE: dict[str, Callable[[TinyBench, pytest.FixtureRequest], None]] = {
     "oracle_selection": smoke_oracle_selection,
     "policies": smoke_policies,
     "pool": smoke_pool,
+    "quant_sweep": smoke_quant_sweep,
     "serve": smoke_serve,
     "variants": smoke_variants,
 }
