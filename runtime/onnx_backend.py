@@ -12,7 +12,9 @@ decode step binds every cache tensor as both the graph's ``past.*`` input and it
 them skip their input-to-output copy when the two are one buffer (``TensorScatter`` for full
 heads; the single ``ScatterElements`` per buffer in ``BudgetedCacheUpdate``'s body), so a
 step writes one slot per full head, at most three slots per budgeted head, their bias, and
-the counters, and copies no cache buffer. Prefill writes its outputs straight into the same
+the counters, and copies no cache buffer. A quantized group's decode writes its residual slot
+and, when the ring fills, one token group of codes (``QuantizedAppend``'s scatters); its
+selected codes pass through unchanged. Prefill writes its outputs straight into the same
 buffers. ``docs/ONNX.md`` documents the graphs' inputs and outputs.
 """
 from __future__ import annotations
@@ -45,7 +47,8 @@ from kvcompile.runtime.sampling import sample
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-_NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64}
+_NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64, "float16": np.float16,
+                 "uint8": np.uint8}
 
 
 class OnnxBackendError(KVCompileError):
@@ -152,18 +155,15 @@ class OnnxCache:
 
     @property
     def nbytes(self) -> int:
-        """KV memory: keys and values only, as ``StaticKVCache.nbytes`` counts it."""
-        return sum(_nbytes(value) for spec, value in self.values.items()
-                   if spec.part.endswith(("_key", "_value")))
+        """KV memory: every state tensor (codes, scales, full-precision parts, bias, counters)
+        and the full groups' lengths, ``kvcompile.memory.plan_state_bytes`` per row."""
+        return self.batch * onnx_io.state_bytes(self.plan, list(self.values))
 
     @property
     def overhead_bytes(self) -> int:
-        return sum(_nbytes(value) for spec, value in self.values.items()
-                   if not spec.part.endswith(("_key", "_value")))
-
-
-def _nbytes(value: ort.OrtValue) -> int:
-    return int(np.prod(value.shape())) * (8 if value.data_type() == "tensor(int64)" else 4)
+        """The step's other inputs and outputs: token ids, positions, logits."""
+        return sum(int(np.prod(value.shape())) * (8 if value.data_type() == "tensor(int64)" else 4)
+                   for value in (self.ids, self.past_length, self.logits))
 
 
 class OnnxEngine:
@@ -198,7 +198,8 @@ class OnnxEngine:
         """The cache tensors the decode graph declares, checked against the manifest's plan
         and the context the graphs were built for (full-head buffers, RoPE tables)."""
         inputs = self.decode_session.get_inputs()[2:]
-        head_dim = next((int(i.shape[3]) for i in inputs if len(i.shape) == 4), 1)
+        head_dim = next((int(i.shape[3]) for i in inputs  # keys, values, residual rings
+                         if len(i.shape) == 4 and i.type == "tensor(float)"), 1)
         expected = onnx_io.cache_tensors(self.plan, graph_context, head_dim)
         found = [(i.name, [None if isinstance(d, str) else int(d) for d in i.shape])
                  for i in inputs]

@@ -27,15 +27,10 @@ from kvcompile.runtime.slots import PoolError
 __all__ = ["OnnxPrefillJob", "OnnxSlotPool", "onnx_bytes_per_slot"]
 
 
-def _is_kv(spec: onnx_io.CacheTensor) -> bool:
-    return spec.part.endswith(("_key", "_value"))
-
-
 def onnx_bytes_per_slot(engine: OnnxEngine) -> int:
-    """KV bytes of one row (keys and values, as ``OnnxCache.nbytes`` counts them), computed
-    from the graphs' cache shapes without allocating: what ``--kv-memory`` divides by."""
-    return sum(int(np.prod(spec.shape[1:])) * np.dtype(spec.dtype).itemsize
-               for spec in engine.cache_specs if _is_kv(spec))
+    """KV bytes of one row (all its state, as ``OnnxCache.nbytes`` counts it), computed from
+    the graphs' cache shapes without allocating: what ``--kv-memory`` divides by."""
+    return onnx_io.state_bytes(engine.plan, engine.cache_specs)
 
 
 @dataclass
