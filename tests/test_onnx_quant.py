@@ -110,6 +110,7 @@ def torch_state(cache) -> dict[str, np.ndarray]:
 
 CODE_FLIPS = 0.01  # see assert_state_equal
 FP16_NOISE = 1e-3  # see test_quantized_graphs_equal_the_torch_runtime
+REAL_NOISE = 1e-2  # see test_a_quantized_smollm2_artifact_equals_the_torch_runtime
 
 
 def assert_state_equal(found: dict[str, np.ndarray], row: int, cache, plan: Plan,
@@ -327,3 +328,51 @@ def test_the_example_script_runs_a_quantized_artifact(artifact: Path, tmp_path: 
     assert json.loads(modules_line) == []
     expected = load(artifact).generate(prompt, max_new_tokens=30)
     assert json.loads(ids_line) == expected.token_ids and len(expected.token_ids) > 10
+
+
+# ------------------------------------------------------------------ the real model
+
+
+@pytest.mark.slow
+def test_a_quantized_smollm2_artifact_equals_the_torch_runtime(smollm2, tmp_path_factory) -> None:
+    """The shipped SmolLM2 profile with its groups stored as codes (even layers: full heads
+    k8v4 and selected slots k4v2; odd layers: full heads k4v4), built as an artifact: a real
+    prompt past every capacity, then 40 greedy decode steps (a residual flush in every full
+    group, every window wrapped). State after prefill as on the tiny models; logits within
+    ``REAL_NOISE``: this model's logits are O(10), so the float16-scale noise of the tiny
+    models' 1e-3 scales with them (the build's own ONNX parity check ran on its parity prompt)."""
+    from dataclasses import replace
+
+    import kvcompile.build.report
+    from kvcompile.build.artifact import load_engine
+    from kvcompile.profile.record import load_profile
+    from kvcompile.textsource import encode_text, evaluation_paragraphs
+
+    context, steps = 1536, 40
+    profile = load_profile(ROOT / "profiles" / "smollm2-135m-instruct.yaml")
+    storages = ((Storage(8, 4, 32), Storage(4, 2, 32)), (Storage(4, 4, 32), Storage()))
+    layers = tuple(replace(layer, full_storage=storages[i % 2][0], budget_storage=storages[i % 2][1])
+                   for i, layer in enumerate(profile.plan.layers))
+    plan = replace(profile.plan, layers=layers)
+    out = tmp_path_factory.mktemp("onnx-quant-smollm2") / "artifact"
+    with pytest.MonkeyPatch.context() as patch:  # see the tiny artifact fixture
+        patch.setattr(kvcompile.build.report, "WITHIN_CAPACITY_TOLERANCE", float("inf"))
+        build_artifact(smollm2, replace(profile, plan=plan), out, max_context=context)
+    engine, onnx_engine = load_engine(out), load(out, backend="onnx")
+    assert onnx_engine.plan.quantized
+    capacity = max(layer.layout.capacity for layer in plan.layers if layer.layout)
+    ids = encode_text(smollm2.tokenizer, "\n".join(evaluation_paragraphs()[:60]))[:capacity + 40]
+    assert len(ids) == capacity + 40
+    cache, onnx_cache = engine.allocate(1, context), onnx_engine.allocate(1)
+    expected = engine.prefill(torch.tensor([ids]), [cache])
+    found = onnx_engine.prefill(np.array([ids]), [onnx_cache])
+    worst = [float(np.abs(found - expected.numpy()).max())]
+    state = {spec.output_name: value.numpy() for spec, value in onnx_cache.values.items()}
+    assert_state_equal(state, 0, cache, onnx_engine.plan, len(ids))
+    for _ in range(steps):  # both fed the torch runtime's greedy tokens
+        token = expected.argmax(-1, keepdim=True)
+        expected = engine.extend(token, cache)
+        found = onnx_engine.decode_step(token.numpy(), onnx_cache)
+        worst.append(float(np.abs(found - expected.numpy()).max()))
+    assert max(worst) < REAL_NOISE, worst
+    assert onnx_cache.nbytes == plan_state_bytes(onnx_engine.plan, 64, context, 4)

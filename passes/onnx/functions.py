@@ -19,6 +19,9 @@ BudgetedCacheUpdate    ``""``      k_buf, v_buf, bias, counters, k_new, v_new
 CompressPrefill        ``attention`` / ``key_norm``  q, k, v (selection rule)
 =====================  ==========  ===============================================
 
+The quantized groups' ops (``QuantizeKV``, ``QuantizedAppend``, ``QuantizedAttention``) have
+their bodies in :mod:`.quant_functions`; :func:`function_for` serves both.
+
 The cache update writes each buffer with a single ``ScatterElements`` of at most three slots
 per row (the new token, the folded compensation mean, the token moved to a selected slot)
 after every read of that buffer, so binding one buffer as the node's input and output updates

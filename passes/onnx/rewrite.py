@@ -14,6 +14,13 @@ Per layer, after :class:`~kvcompile.passes.onnx.permute.PermuteKVHeads` (full he
   buffers attended by ``BudgetedAttention(bias)``; their outputs are concatenated in head
   order, where the old attention output was used.
 
+A group the plan stores quantized (``runtime/quant_cache.py``) gets ``QuantizeKV`` at
+prefill (the full heads' whole token groups, with the rest ``Pad``-ded into a residual ring;
+the budgeted heads' selected slots, cut out of ``CompressPrefill``'s state), and at decode
+``QuantizedAppend`` + ``QuantizedAttention(length)`` (full heads) or the unchanged
+``BudgetedCacheUpdate`` on the full-precision part + ``QuantizedAttention(bias)`` (budgeted
+heads, codes passed through). Full-precision layers are rewritten exactly as before.
+
 The cache inputs and outputs are replaced by those of ``runtime/onnx_io.py``; what fed only the
 old ones (the valid-length masks) is left for ``RemoveUnusedNodesPass``.
 """
