@@ -161,9 +161,9 @@ class OnnxCache:
 
     @property
     def overhead_bytes(self) -> int:
-        """The step's other inputs and outputs: token ids, positions, logits."""
+        """The step's token ids and logits, not KV memory (``past_length`` is counted there)."""
         return sum(int(np.prod(value.shape())) * (8 if value.data_type() == "tensor(int64)" else 4)
-                   for value in (self.ids, self.past_length, self.logits))
+                   for value in (self.ids, self.logits))
 
 
 class OnnxEngine:

@@ -223,6 +223,25 @@ def test_quantized_graphs_equal_the_torch_runtime(family: str, prompt: int, step
             assert kept.counters[0, 1] > kept.layout.window  # the ring wrapped
 
 
+def test_validation_ties_the_quantized_graph_to_its_storage() -> None:
+    """The last pass accepts the graphs it was run on and refuses them for a plan whose
+    storage differs (other bits: other code shapes; full precision: other tensors)."""
+    from dataclasses import replace
+
+    from kvcompile.passes.onnx import StaticBudgetGraphError, ValidateStaticBudgetGraph
+
+    loaded, plan, prefill, decode = rewritten("llama")
+    arch = loaded.arch
+    for kind, graph in (("prefill", prefill), ("decode", decode)):
+        assert not ValidateStaticBudgetGraph(plan, arch, CONTEXT, kind)(graph).modified
+        first = plan.layers[0]
+        for other in (replace(first, full_storage=Storage(4, 4, 8)),
+                      replace(first, budget_storage=Storage())):
+            wrong = replace(plan, layers=(other, *plan.layers[1:]))
+            with pytest.raises(StaticBudgetGraphError):
+                ValidateStaticBudgetGraph(wrong, arch, CONTEXT, kind)(graph)
+
+
 # ------------------------------------------------------------------ a quantized artifact
 
 
