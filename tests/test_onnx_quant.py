@@ -358,8 +358,9 @@ def test_a_quantized_smollm2_artifact_equals_the_torch_runtime(smollm2, tmp_path
     k8v4 and selected slots k4v2; odd layers: full heads k4v4), built as an artifact: a real
     prompt past every capacity, then 40 greedy decode steps (a residual flush in every full
     group, every window wrapped). State after prefill as on the tiny models; logits within
-    ``REAL_NOISE``: this model's logits are O(10), so the float16-scale noise of the tiny
-    models' 1e-3 scales with them (the build's own ONNX parity check ran on its parity prompt)."""
+    ``REAL_NOISE`` (1e-2): this model's logits are O(10), ten times the tiny models', so the
+    float16-scale noise bound of 1e-3 scales with them; measured: 1.1e-3 (the full-precision
+    plan's 30 layers alone give 1e-4)."""
     from dataclasses import replace
 
     import kvcompile.build.report
