@@ -155,15 +155,25 @@ class OnnxCache:
 
     @property
     def nbytes(self) -> int:
-        """KV memory: every state tensor (codes, scales, full-precision parts, bias, counters)
-        and the full groups' lengths, ``kvcompile.memory.plan_state_bytes`` per row."""
-        return self.batch * onnx_io.state_bytes(self.plan, list(self.values))
+        """KV memory, counted on the OrtValues allocated: every state tensor (codes, scales,
+        full-precision parts, bias, counters) and one int64 length per layer with full heads
+        (``past_length`` stands in for them), ``kvcompile.memory.plan_state_bytes`` per row."""
+        lengths = sum(bool(layer.full_heads) for layer in self.plan.layers)
+        return (sum(_nbytes(value) for value in self.values.values())
+                + self.batch * lengths * onnx_io.ITEMSIZE["int64"])
 
     @property
     def overhead_bytes(self) -> int:
         """The step's token ids and logits, not KV memory (``past_length`` is counted there)."""
-        return sum(int(np.prod(value.shape())) * (8 if value.data_type() == "tensor(int64)" else 4)
-                   for value in (self.ids, self.logits))
+        return _nbytes(self.ids) + _nbytes(self.logits)
+
+
+_ORT_ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(uint8)": 1,
+                 "tensor(int64)": 8}
+
+
+def _nbytes(value: ort.OrtValue) -> int:
+    return int(np.prod(value.shape())) * _ORT_ITEMSIZE[value.data_type()]
 
 
 class OnnxEngine:
