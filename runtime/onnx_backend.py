@@ -12,7 +12,9 @@ decode step binds every cache tensor as both the graph's ``past.*`` input and it
 them skip their input-to-output copy when the two are one buffer (``TensorScatter`` for full
 heads; the single ``ScatterElements`` per buffer in ``BudgetedCacheUpdate``'s body), so a
 step writes one slot per full head, at most three slots per budgeted head, their bias, and
-the counters, and copies no cache buffer. Prefill writes its outputs straight into the same
+the counters, and copies no cache buffer. A quantized group's decode writes its residual slot
+and, when the ring fills, one token group of codes (``QuantizedAppend``'s scatters); its
+selected codes pass through unchanged. Prefill writes its outputs straight into the same
 buffers. ``docs/ONNX.md`` documents the graphs' inputs and outputs.
 """
 from __future__ import annotations
@@ -45,7 +47,8 @@ from kvcompile.runtime.sampling import sample
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-_NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64}
+_NUMPY_DTYPES = {"float32": np.float32, "int64": np.int64, "float16": np.float16,
+                 "uint8": np.uint8}
 
 
 class OnnxBackendError(KVCompileError):
@@ -157,22 +160,25 @@ class OnnxCache:
 
     @property
     def nbytes(self) -> int:
-        """All KV state the cache holds, as ``StaticKVCache.nbytes`` counts it
-        (``kvcompile.memory``): every cache tensor the graphs read and write — keys, values,
-        slot bias, counters. Per row this is ``memory.plan_state_bytes(plan, d, context, 4)``
-        less 8 bytes per layer with full heads: the graphs' full heads take their length from
-        ``past_length`` (one per row, :attr:`overhead_bytes`), not from a length of their own."""
-        return sum(_nbytes(value) for value in self.values.values())
+        """KV memory, counted on the OrtValues allocated: every state tensor (codes, scales,
+        full-precision parts, bias, counters) and one int64 length per layer with full heads
+        (``past_length`` stands in for them), ``kvcompile.memory.plan_state_bytes`` per row."""
+        lengths = sum(bool(layer.full_heads) for layer in self.plan.layers)
+        return (sum(_nbytes(value) for value in self.values.values())
+                + self.batch * lengths * onnx_io.ITEMSIZE["int64"])
 
     @property
     def overhead_bytes(self) -> int:
-        """The position counter ``past_length``, not counted as KV state (as ``seen`` in
-        ``StaticKVCache``)."""
-        return _nbytes(self.past_length)
+        """The step's token ids and logits, not KV memory (``past_length`` is counted there)."""
+        return _nbytes(self.ids) + _nbytes(self.logits)
+
+
+_ORT_ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(uint8)": 1,
+                 "tensor(int64)": 8}
 
 
 def _nbytes(value: ort.OrtValue) -> int:
-    return int(np.prod(value.shape())) * (8 if value.data_type() == "tensor(int64)" else 4)
+    return int(np.prod(value.shape())) * _ORT_ITEMSIZE[value.data_type()]
 
 
 class OnnxEngine:
@@ -207,7 +213,8 @@ class OnnxEngine:
         """The cache tensors the decode graph declares, checked against the manifest's plan
         and the context the graphs were built for (full-head buffers, RoPE tables)."""
         inputs = self.decode_session.get_inputs()[2:]
-        head_dim = next((int(i.shape[3]) for i in inputs if len(i.shape) == 4), 1)
+        head_dim = next((int(i.shape[3]) for i in inputs  # keys, values, residual rings
+                         if len(i.shape) == 4 and i.type == "tensor(float)"), 1)
         expected = onnx_io.cache_tensors(self.plan, graph_context, head_dim)
         found = [(i.name, [None if isinstance(d, str) else int(d) for d in i.shape])
                  for i in inputs]

@@ -28,10 +28,9 @@ __all__ = ["OnnxPrefillJob", "OnnxSlotPool", "onnx_bytes_per_slot"]
 
 
 def onnx_bytes_per_slot(engine: OnnxEngine) -> int:
-    """KV bytes of one row (all its cache tensors, as ``OnnxCache.nbytes`` counts them),
-    computed from the graphs' cache shapes without allocating: what ``--kv-memory`` divides by."""
-    return sum(int(np.prod(spec.shape[1:])) * np.dtype(spec.dtype).itemsize
-               for spec in engine.cache_specs)
+    """KV bytes of one row (all its state, as ``OnnxCache.nbytes`` counts it), computed from
+    the graphs' cache shapes without allocating: what ``--kv-memory`` divides by."""
+    return onnx_io.state_bytes(engine.plan, engine.cache_specs)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from kvcompile.errors import ContextLengthError, KVCompileError
+from kvcompile.memory import plan_state_bytes
 from kvcompile.runtime import load, onnx_io
 from kvcompile.runtime.onnx_backend import OnnxBackendError, OnnxEngine
 from kvcompile.runtime.onnx_pool import OnnxSlotPool, onnx_bytes_per_slot
@@ -36,9 +37,12 @@ def test_bytes_per_slot_is_one_rows_kv_memory_before_anything_is_allocated(
     assert per_slot == engine.allocate(1).nbytes  # OnnxCache's own count, from its OrtValues
     pool = OnnxSlotPool(engine, 3)
     assert pool.bytes_per_slot == per_slot and pool.kv_bytes == 3 * per_slot
-    allocated = sum(array.nbytes for array in pool.arrays.values())  # every cache tensor
-    assert allocated == pool.kv_bytes
-    assert any(spec.part == "budget_bias" for spec in pool.arrays)  # the bias is counted
+    # every state tensor, and a length per layer with full heads (``past_length`` is shared)
+    allocated = sum(array.nbytes for array in pool.arrays.values())
+    lengths = 3 * 8 * sum(bool(layer.full_heads) for layer in engine.plan.layers)
+    assert allocated + lengths == pool.kv_bytes
+    head_dim = next(spec.shape[3] for spec in engine.cache_specs if spec.part == "budget_key")
+    assert per_slot == plan_state_bytes(engine.plan, head_dim, 96, 4)  # the one definition
     assert slots_for_memory(pool.kv_bytes + per_slot - 1, per_slot) == 3
     assert pool.max_context == engine.graph_context == 96
 

@@ -19,6 +19,9 @@ BudgetedCacheUpdate    ``""``      k_buf, v_buf, bias, counters, k_new, v_new
 CompressPrefill        ``attention`` / ``key_norm``  q, k, v (selection rule)
 =====================  ==========  ===============================================
 
+The quantized groups' ops (``QuantizeKV``, ``QuantizedAppend``, ``QuantizedAttention``) have
+their bodies in :mod:`.quant_functions`; :func:`function_for` serves both.
+
 The cache update writes each buffer with a single ``ScatterElements`` of at most three slots
 per row (the new token, the folded compensation mean, the token moved to a selected slot)
 after every read of that buffer, so binding one buffer as the node's input and output updates
@@ -84,8 +87,10 @@ class _Body:
         return self.Unsqueeze(scalar, self.const([0]))
 
     def function(self, name: str, overload: str, outputs: Sequence[ir.Value],
-                 attributes: Sequence[str]) -> ir.Function:
-        for value, out_name in zip(outputs, _output_names(name), strict=True):
+                 attributes: Sequence[str], output_names: Sequence[str] | None = None
+                 ) -> ir.Function:
+        names = _output_names(name) if output_names is None else output_names
+        for value, out_name in zip(outputs, names, strict=True):
             value.name = out_name
         graph = ir.Graph(self.inputs, list(outputs), nodes=self.tape.nodes,
                          opset_imports={"": OPSET}, name=f"{name}_{overload}")
@@ -97,7 +102,8 @@ _ATTRIBUTE_TYPES = {
     "causal": ir.AttributeType.INT, "window": ir.AttributeType.INT,
     "scale": ir.AttributeType.FLOAT, "sinks": ir.AttributeType.INT,
     "compensation": ir.AttributeType.INT, "selected": ir.AttributeType.INT,
-    "observation_window": ir.AttributeType.INT,
+    "observation_window": ir.AttributeType.INT, "key_bits": ir.AttributeType.INT,
+    "value_bits": ir.AttributeType.INT, "group": ir.AttributeType.INT,
 }
 
 
@@ -394,6 +400,10 @@ def compress_prefill(overload: str) -> ir.Function:
 
 def function_for(op_type: str, overload: str) -> ir.Function:
     """The reference body of one ``(kvcompile op, overload)``."""
+    from . import quant_functions
+
+    if op_type in quant_functions.OPS:
+        return quant_functions.function_for(op_type, overload)
     if op_type == ATTENTION:
         return budgeted_attention(overload)
     if op_type == CACHE_UPDATE and overload == "":

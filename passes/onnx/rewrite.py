@@ -14,6 +14,13 @@ Per layer, after :class:`~kvcompile.passes.onnx.permute.PermuteKVHeads` (full he
   buffers attended by ``BudgetedAttention(bias)``; their outputs are concatenated in head
   order, where the old attention output was used.
 
+A group the plan stores quantized (``runtime/quant_cache.py``) gets ``QuantizeKV`` at
+prefill (the full heads' whole token groups, with the rest ``Pad``-ded into a residual ring;
+the budgeted heads' selected slots, cut out of ``CompressPrefill``'s state), and at decode
+``QuantizedAppend`` + ``QuantizedAttention(length)`` (full heads) or the unchanged
+``BudgetedCacheUpdate`` on the full-precision part + ``QuantizedAttention(bias)`` (budgeted
+heads, codes passed through). Full-precision layers are rewritten exactly as before.
+
 The cache inputs and outputs are replaced by those of ``runtime/onnx_io.py``; what fed only the
 old ones (the valid-length masks) is left for ``RemoveUnusedNodesPass``.
 """
@@ -28,12 +35,17 @@ from onnxscript.rewriter import RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter import rewrite as apply_rules
 
 from kvcompile.arch import ArchSpec
-from kvcompile.plan import LayerPlan, Plan
+from kvcompile.memory import body_tokens, residual_tokens
+from kvcompile.plan import LayerPlan, Plan, Storage
 from kvcompile.runtime import onnx_io
 
 from .functions import ATTENTION, CACHE_UPDATE, COMPRESS_PREFILL
+from .quant_functions import APPEND, QUANTIZE
+from .quant_functions import ATTENTION as QUANTIZED_ATTENTION
 
 _FLOAT, _INT64 = ir.DataType.FLOAT, ir.DataType.INT64
+_DTYPES = {"float32": _FLOAT, "int64": _INT64, "float16": ir.DataType.FLOAT16,
+           "uint8": ir.DataType.UINT8}
 
 
 def _single_use(value: ir.Value, op_type: str, index: int) -> ir.Node:
@@ -86,13 +98,13 @@ class _Tape(ir.tape.Tape):
 def _name_cache_outputs(values: Sequence[ir.Value], specs: Sequence[onnx_io.CacheTensor]) -> None:
     for value, spec in zip(values, specs, strict=True):
         value.name = spec.output_name
-        value.type = ir.TensorType(_FLOAT if spec.dtype == "float32" else _INT64)
+        value.type = ir.TensorType(_DTYPES[spec.dtype])
         value.shape = ir.Shape([onnx_io.BATCH if d is None else d for d in spec.shape])
 
 
 def _cache_input(spec: onnx_io.CacheTensor) -> ir.Value:
     return ir.Value(name=spec.input_name,
-                    type=ir.TensorType(_FLOAT if spec.dtype == "float32" else _INT64),
+                    type=ir.TensorType(_DTYPES[spec.dtype]),
                     shape=ir.Shape([onnx_io.BATCH if d is None else d for d in spec.shape]))
 
 
@@ -101,6 +113,89 @@ def _layout_attributes(layer: LayerPlan) -> dict[str, int]:
     assert layout is not None
     return {"sinks": layout.sinks, "compensation": layout.compensation,
             "selected": layout.selected, "window": layout.window}
+
+
+def _storage_attributes(storage: Storage) -> dict[str, int]:
+    return {"key_bits": storage.key_bits, "value_bits": storage.value_bits,
+            "group": storage.group}
+
+
+def _prefill_quantized_full(tape: _Tape, index: int, layer: LayerPlan,
+                            kv: tuple[ir.Value, ir.Value], pads: list[ir.Node],
+                            max_context: int) -> list[ir.Value]:
+    """A quantized full group after the prompt ``k, v [B, H, T, D]`` (``QuantizedFullBuffer.fill``):
+    its whole token groups quantized into the body (``QuantizeKV``), the last ``T % group``
+    tokens in residual slots ``0 ..`` (``Pad``), zeros after both."""
+    storage = layer.full_storage
+    group, body = storage.group, body_tokens(storage, max_context)
+    if not body:
+        raise ir.passes.PreconditionError(
+            f"layer {index}: quantized full heads need a context of at least one token group "
+            f"({group}), got {max_context}")
+    length = tape.op("Shape", [kv[0]], {"start": 2, "end": 3})
+    whole = tape.op("Mul", [tape.op("Div", [length, tape.const([group])]), tape.const([group])])
+    held = tape.op("Expand", [whole, tape.op("Shape", [kv[0]], {"start": 0, "end": 1})])
+    axis = tape.const([2])
+    bodies = [tape.op("Slice", [tape.op("Pad", [x, *pad.inputs[1:]]), tape.const([0]),
+                                tape.const([body]), axis]) for x, pad in zip(kv, pads, strict=True)]
+    codes = tape.kvcompile(QUANTIZE, [*bodies, held], "", _storage_attributes(storage), outputs=6)
+    ring = residual_tokens(storage, max_context)
+    fill = tape.op("Sub", [tape.const([ring]), tape.op("Sub", [length, whole])])
+    ring_pads = tape.op("Concat", [tape.const([0] * 6), fill, tape.const([0])], {"axis": 0})
+    rings = [tape.op("Pad", [tape.op("Slice", [x, whole, length, axis]), ring_pads]) for x in kv]
+    return [*codes, *rings]
+
+
+def _prefill_quantized_selected(tape: _Tape, layer: LayerPlan,
+                                state: Sequence[ir.Value]) -> list[ir.Value]:
+    """``CompressPrefill``'s full state -> ``QuantizedBudgetedBuffer.compress``'s: the selected
+    slots quantized (``QuantizeKV`` over the ``selected_used`` filled ones), the other slots
+    kept in full precision in layout ``(s, c, 0, w)`` with ``selected_used`` 0."""
+    lay = layer.layout
+    assert lay is not None
+    k_buf, v_buf, bias, counters = state
+    head = lay.sinks + lay.compensation
+    kept = tape.const(list(range(head)) + list(range(head + lay.selected, lay.capacity)))
+    fp = [tape.op("Gather", [t, kept], {"axis": 2}) for t in (k_buf, v_buf, bias)]
+    fp.append(tape.op("Mul", [counters, tape.const([[1, 1, 0, 1]])]))
+    selected = tape.op("Gather", [counters, tape.const(2)], {"axis": 1})  # [B]
+    span = [tape.const([head]), tape.const([head + lay.selected]), tape.const([2])]
+    codes = tape.kvcompile(QUANTIZE, [tape.op("Slice", [k_buf, *span]),
+                                      tape.op("Slice", [v_buf, *span]), selected], "",
+                           _storage_attributes(layer.budget_storage), outputs=6)
+    return [*fp, *codes, selected]
+
+
+def _decode_quantized_full(tape: _Tape, layer: LayerPlan, state: Sequence[ir.Value],
+                           position: ir.Value, kv_length: ir.Value,
+                           qkv: tuple[ir.Value, ir.Value, ir.Value],
+                           scale: float) -> tuple[list[ir.Value], ir.Value]:
+    """``QuantizedFullBuffer.write`` + ``attend``: the new token into the residual ring
+    (flushed into the body when full), then attention over the body's codes and the ring."""
+    storage = layer.full_storage
+    attrs = _storage_attributes(storage)
+    q, k, v = qkv
+    updated = tape.kvcompile(APPEND, [*state, position, k, v], "", attrs, outputs=8)
+    in_ring = tape.op("Mod", [kv_length, tape.const([storage.group])])
+    in_body = tape.op("Sub", [kv_length, in_ring])
+    (out,) = tape.kvcompile(QUANTIZED_ATTENTION, [q, *updated[:6], in_body, *updated[6:], None,
+                                                  in_ring], "length", {**attrs, "scale": scale})
+    return list(updated), out
+
+
+def _decode_quantized_selected(tape: _Tape, layer: LayerPlan, state: Sequence[ir.Value],
+                               qkv: tuple[ir.Value, ir.Value, ir.Value],
+                               scale: float) -> tuple[list[ir.Value], ir.Value]:
+    """``QuantizedBudgetedBuffer.append`` + ``attend``: the unchanged cache update on the
+    full-precision part (layout ``(s, c, 0, w)``), the codes passed through (``Identity``:
+    written once, at prefill), attention over both."""
+    q, k, v = qkv
+    updated = tape.kvcompile(CACHE_UPDATE, [*state[:4], k, v], "",
+                             {**_layout_attributes(layer), "selected": 0}, outputs=4)
+    (out,) = tape.kvcompile(QUANTIZED_ATTENTION, [q, *state[4:], *updated[:3]], "bias",
+                            {**_storage_attributes(layer.budget_storage), "scale": scale})
+    kept = [tape.op("Identity", [value]) for value in state[4:]]
+    return [*updated, *kept], out
 
 
 class _PrefillAttentionRule(RewriteRuleClassBase):
@@ -202,7 +297,10 @@ class RewritePrefillCache(ir.passes.InPlacePass):
             k_full, k_budget = tape.split_heads(key, (n_full, n_budget))
             v_full, v_budget = tape.split_heads(value, (n_full, n_budget))
             produced: list[ir.Value] = []
-            if n_full:
+            if n_full and layer.quantized_full:
+                produced += _prefill_quantized_full(tape, index, layer, (k_full, v_full),
+                                                    pads, self.max_context)
+            elif n_full:
                 produced += [tape.op("Pad", [k_full, *pads[0].inputs[1:]]),
                              tape.op("Pad", [v_full, *pads[1].inputs[1:]])]
             if n_budget:
@@ -210,8 +308,11 @@ class RewritePrefillCache(ir.passes.InPlacePass):
                 _, q_budget = tape.split_heads(query, (n_full * g, n_budget * g))
                 attrs = {**_layout_attributes(layer), "scale": _attention_scale(
                     attention, arch.head_dim), "observation_window": self.plan.selection.observation_window}
-                produced += tape.kvcompile(COMPRESS_PREFILL, [q_budget, k_budget, v_budget],
-                                           self.plan.selection.rule, attrs, outputs=4)
+                state = tape.kvcompile(COMPRESS_PREFILL, [q_budget, k_budget, v_budget],
+                                       self.plan.selection.rule, attrs, outputs=4)
+                if onnx_io.quantized_selected(layer):
+                    state = _prefill_quantized_selected(tape, layer, state)
+                produced += state
             _name_cache_outputs(produced, specs)
             graph.insert_before(attention, tape.nodes)
             new_outputs += produced
@@ -272,14 +373,27 @@ class RewriteDecode(ir.passes.InPlacePass):
             k_full, k_budget = tape.split_heads(key, (n_full, n_budget))
             v_full, v_budget = tape.split_heads(value, (n_full, n_budget))
             produced, parts = [], []
-            if n_full:
+            n_specs = 0
+            if n_full and layer.quantized_full:
+                n_specs = len(onnx_io.QUANTIZED_FULL_PARTS)
+                updated, part = _decode_quantized_full(tape, layer, cache_in[:n_specs], position,
+                                                       kv_length, (q_full, k_full, v_full), scale)
+                produced += updated
+                parts.append(part)
+            elif n_full:
+                n_specs = len(onnx_io.FULL_PARTS)
                 full_k = tape.op("TensorScatter", [cache_in[0], k_full, position], {"axis": 2})
                 full_v = tape.op("TensorScatter", [cache_in[1], v_full, position], {"axis": 2})
                 produced += [full_k, full_v]
                 parts += tape.kvcompile(ATTENTION, [q_full, full_k, full_v, None, kv_length],
                                         "length", {"causal": 1, "window": 0, "scale": scale})
-            if n_budget:
-                state = cache_in[2:] if n_full else cache_in
+            if n_budget and onnx_io.quantized_selected(layer):
+                updated, part = _decode_quantized_selected(tape, layer, cache_in[n_specs:],
+                                                           (q_budget, k_budget, v_budget), scale)
+                produced += updated
+                parts.append(part)
+            elif n_budget:
+                state = cache_in[n_specs:]
                 updated = tape.kvcompile(CACHE_UPDATE, [*state, k_budget, v_budget], "",
                                          _layout_attributes(layer), outputs=4)
                 produced += updated

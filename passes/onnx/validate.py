@@ -7,7 +7,8 @@
 * the inputs and outputs are exactly the plan's cache tensors (``onnx_io``), every one with a
   static shape but for the batch, and each layer's attention is ``kvcompile`` nodes: no
   standard ``Attention``, no ``Concat`` along the cache's slot axis, every cache output
-  written by the node the static-budget form prescribes.
+  written by the node the static-budget form prescribes (quantized groups: their codes by
+  ``QuantizeKV`` at prefill, ``QuantizedAppend`` or passed through at decode).
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass
 
 from kvcompile.arch import ArchSpec
-from kvcompile.plan import Plan
+from kvcompile.plan import LayerPlan, Plan
 from kvcompile.runtime import onnx_io
 
 from .functions import ATTENTION, CACHE_UPDATE, COMPRESS_PREFILL
+from .quant_functions import APPEND, QUANTIZE
+from .quant_functions import ATTENTION as QUANTIZED_ATTENTION
 
 KINDS = ("prefill", "decode")
 
@@ -96,29 +99,18 @@ class ValidateStaticBudgetGraph(ir.passes.InPlacePass):
             if node.op_type == "Concat" and any(
                     value is not None and value.is_graph_input() for value in node.inputs):
                 raise StaticBudgetGraphError(f"Concat {node.name} grows a cache input")
-        counts = {ATTENTION: 0, CACHE_UPDATE: 0, COMPRESS_PREFILL: 0}
+        counts: dict[str, int] = {}
         for node in graph:
             if node.domain == onnx_io.DOMAIN:
                 counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        layers = self.plan.layers
-        if self.kind == "prefill":
-            expected = {ATTENTION: len(layers), CACHE_UPDATE: 0,
-                        COMPRESS_PREFILL: sum(bool(layer.budgeted_heads) for layer in layers)}
-        else:
-            expected = {ATTENTION: sum(bool(layer.full_heads) + bool(layer.budgeted_heads)
-                                       for layer in layers),
-                        CACHE_UPDATE: sum(bool(layer.budgeted_heads) for layer in layers),
-                        COMPRESS_PREFILL: 0}
+        expected = {op: n for op, n in self._expected_counts().items() if n}
         if counts != expected:
             raise StaticBudgetGraphError(f"kvcompile nodes {counts}, the plan needs {expected}")
-        writers = {"prefill": {"full_key": "Pad", "full_value": "Pad"},
-                   "decode": {"full_key": "TensorScatter", "full_value": "TensorScatter"}}
-        budget_writer = COMPRESS_PREFILL if self.kind == "prefill" else CACHE_UPDATE
         inputs = {value.name: value for value in graph.inputs}
         for value in graph.outputs[1:]:
-            spec_part = value.name.split(".", 2)[2]
+            _, layer, part = value.name.split(".", 2)
             node = value.producer()
-            wanted = writers[self.kind].get(spec_part, budget_writer)
+            wanted = self._writer(self.plan.layers[int(layer)], part)
             if node is None or node.op_type != wanted:
                 raise StaticBudgetGraphError(f"{value.name} is written by "
                                              f"{None if node is None else node.op_type}, "
@@ -128,3 +120,35 @@ class ValidateStaticBudgetGraph(ir.passes.InPlacePass):
                 if source not in node.inputs:
                     raise StaticBudgetGraphError(f"{value.name} is not an update of "
                                                  f"{source.name}")
+
+    def _expected_counts(self) -> dict[str, int]:
+        """The ``kvcompile`` nodes the plan's layers need, by op type."""
+        layers = self.plan.layers
+        q_full = sum(layer.quantized_full for layer in layers)
+        q_sel = sum(bool(layer.budgeted_heads) and onnx_io.quantized_selected(layer)
+                    for layer in layers)
+        budgeted = sum(bool(layer.budgeted_heads) for layer in layers)
+        if self.kind == "prefill":
+            return {ATTENTION: len(layers), COMPRESS_PREFILL: budgeted, QUANTIZE: q_full + q_sel}
+        full = sum(bool(layer.full_heads) for layer in layers)
+        return {ATTENTION: full - q_full + budgeted - q_sel, CACHE_UPDATE: budgeted,
+                APPEND: q_full, QUANTIZED_ATTENTION: q_full + q_sel}
+
+    def _writer(self, layer: LayerPlan, part: str) -> str:
+        """The op that writes cache output ``part`` of ``layer`` (docs/ONNX.md)."""
+        prefill = self.kind == "prefill"
+        if part in onnx_io.FULL_PARTS:
+            return "Pad" if prefill else "TensorScatter"
+        if part in onnx_io.QUANTIZED_FULL_PARTS:
+            if not prefill:
+                return APPEND
+            return "Pad" if part.endswith("_residual") else QUANTIZE
+        if not onnx_io.quantized_selected(layer):
+            return COMPRESS_PREFILL if prefill else CACHE_UPDATE
+        if part in onnx_io.BUDGET_PARTS:  # the full-precision part of quantized selected slots
+            if not prefill:
+                return CACHE_UPDATE
+            return "Mul" if part == "budget_counters" else "Gather"
+        if not prefill:
+            return "Identity"  # codes are written once, at prefill
+        return "Gather" if part == "budget_selected_length" else QUANTIZE
