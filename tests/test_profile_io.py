@@ -461,3 +461,37 @@ def test_refit_command_sets_the_storages_and_the_baseline(profile_and_stats: tup
                                     "--budget-storage", "k2v4"])
     assert bad.exit_code == 2
     assert bad.output.count("\n") == 1 and "--budget-storage: keys need at least as many bits" in bad.output
+
+
+def test_measured_choice_of_precision_round_trips_and_refits(profile_and_stats: tuple[Profile, HeadStatistics],
+                                                             loaded: LoadedModel, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile whose measured choice shipped a quantized plan records each group's storage
+    (plan, candidates, chosen settings); ``kvcompile fit`` without the model rebuilds that plan
+    at the same budget and refits it, in the same storages, at another."""
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+    from kvcompile.fit import choice
+    from tests.test_choice import random_prompts
+
+    profile, stats = profile_and_stats
+    monkeypatch.setattr(choice, "held_out_prompts", lambda tokenizer, config: random_prompts(1, 1, 120, 6, 0))
+    config = choice.ChoiceConfig(storages=(("k8v8", "k8v8"),))
+    result, record = choice.choose_plan(loaded.build(), None, stats, REQUEST, config)
+    chosen = record["chosen_settings"]
+    assert result.plan.quantized and chosen.full_storage == chosen.budget_storage == Storage(8, 8)
+    path, same, other = tmp_path / "chosen.yaml", tmp_path / "same.yaml", tmp_path / "other.yaml"
+    save_profile(dataclasses.replace(profile, plan=result.plan, choice=record), path)
+    back = load_profile(path)
+    assert back.plan == result.plan and back.choice["chosen_settings"] == chosen
+    rows = {row["name"]: row for row in back.choice["candidates"]}
+    assert rows[record["chosen"]]["budget_storage"] == "k8v8g32"
+    for out, budget in ((same, REQUEST.kv_budget), (other, 0.5)):
+        ran = CliRunner().invoke(main, ["fit", str(path), "--kv-budget", str(budget), "-o", str(out)])
+        assert ran.exit_code == 0, ran.output
+    assert load_profile(same).plan == result.plan
+    refit = load_profile(other)
+    assert (refit.settings.full_storage, refit.settings.budget_storage) == (Storage(8, 8), Storage(8, 8))
+    assert any(layer.quantized_selected for layer in refit.plan.layers)
+    assert plan_bytes(refit.plan, loaded.arch, 128) <= 0.5 * 2 * 4 * 128 * 2 * loaded.arch.head_dim * 2
