@@ -209,6 +209,9 @@ CASES = {
     "bool-full-heads": (_set(("fit", "settings", "full_heads"), True), "fit.settings.full_heads"),
     "bad-fit-selection": (_set(("fit", "settings", "selection"), "magic"), "fit.settings.selection"),
     "observation-window-zero": (_set(("fit", "settings", "observation_window"), 0), "fit.settings.observation_window"),
+    "values-above-keys": (_set(("fit", "settings", "budget_storage"), "k2v4"), "fit.settings.budget_storage"),
+    "storage-not-a-name": (_set(("fit", "settings", "full_storage"), 8), "fit.settings.full_storage"),
+    "unknown-baseline": (_set(("fit", "settings", "baseline_dtype"), "int8"), "fit.settings.baseline_dtype"),
 }
 
 
@@ -224,7 +227,7 @@ def test_schema_errors_name_the_path(case: str, saved: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("key, value", [("selected_fraction", 1.5), ("selected_fraction", "half"),
-                                        ("magic", 1), ("policy", "best")])
+                                        ("magic", 1), ("policy", "best"), ("budget_storage", "k3v3")])
 def test_tampered_chosen_settings_are_refused(key: str, value: Any, tmp_path: Path) -> None:
     """The settings that rebuild the shipped plan are checked like a fit request."""
     shipped = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
@@ -232,6 +235,16 @@ def test_tampered_chosen_settings_are_refused(key: str, value: Any, tmp_path: Pa
     with pytest.raises(ProfileError) as info:
         load_profile(path)
     assert str(info.value).startswith(f"{path}: choice.chosen_settings"), str(info.value)
+
+
+@pytest.mark.parametrize("key, value", [("budget_storage", "k2v4"), ("full_storage", "int4")])
+def test_tampered_candidate_storage_is_refused(key: str, value: Any, tmp_path: Path) -> None:
+    """A candidate's storages are checked as the fit checks them, by their path."""
+    shipped = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
+    path = edited(shipped, tmp_path, lambda d: d["choice"]["candidates"][0].update({key: value}))
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"{path}: choice.candidates[0].{key}"), str(info.value)
 
 
 @pytest.mark.parametrize("value", [1.5, "half"])
