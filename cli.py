@@ -252,16 +252,20 @@ def fit_command(profile_path: Path, kv_budget: float, at_context: int | None, mo
                 output: Path, device: str, dtype: str) -> None:
     """Refit a profile at another memory target from its stored statistics.
 
-    Without --model: the proxy fit alone, in seconds, no model needed. With --model: the
+    Without --model: the proxy fit alone, in seconds, no model needed, with the settings of
+    the plan the profile's measured choice shipped (precision included). With --model: the
     plan is chosen by measured loss on held-out prompts, as `kvcompile profile` does.
     """
-    from kvcompile.fit.pipeline import refit_profile, request_from_profile
+    from kvcompile.fit.pipeline import chosen_request, refit_profile, request_from_profile
     from kvcompile.fit.summary import print_profile_summary
     from kvcompile.profile.record import load_profile, save_profile
 
     started = time.perf_counter()
     profile = load_profile(profile_path)
-    request = request_from_profile(profile, kv_budget, at_context or profile.settings.at_context).with_values(
+    # without the model, the settings of the plan the measured choice shipped (its precision
+    # included); with it, the user's request, whose candidates the choice measures again
+    settings_of = request_from_profile if model_source is not None else chosen_request
+    request = settings_of(profile, kv_budget, at_context or profile.settings.at_context).with_values(
         **_given(baseline_dtype=baseline_dtype, full_storage=full_storage, budget_storage=budget_storage))
     console = _console()
     if model_source is None:

@@ -1,4 +1,5 @@
-"""Compare plans at equal memory: profiled vs uniform (StreamingLLM) vs pyramid (PyramidKV).
+"""Compare plans at equal memory: profiled vs uniform (StreamingLLM) vs pyramid (PyramidKV) vs
+quantization alone (every head full, the whole cache in 4-bit codes, or 2-bit where 4 do not fit).
 
 Refits the profile's statistics at each KV budget (fractions of the source model's own cache
 at --at-context): the profiled plan by the measured choice on held-out calibration prompts
@@ -26,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from kvcompile.arch import ArchSpec
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems
 from kvcompile.eval.report import (
     AccuracySide,
@@ -36,14 +38,41 @@ from kvcompile.eval.report import (
     report_to_dict,
 )
 from kvcompile.fit.pipeline import refit_profile, request_from_profile
+from kvcompile.memory import budget_bytes, plan_bytes
 from kvcompile.models import load_model
+from kvcompile.plan import LayerPlan, Plan, Storage
 from kvcompile.profile.record import load_profile, save_profile
 from kvcompile.runtime.engine import Engine
 from kvcompile.textsource import GENRES
 
 SECTION = "## Policies at equal memory"
 SWEEP = (1 / 4, 1 / 6, 1 / 8, 1 / 10, 1 / 12, 1 / 16)
-POLICY_STYLE = {"profiled": ("tab:blue", "o"), "uniform": ("tab:orange", "s"), "pyramid": ("tab:green", "^")}
+POLICY_STYLE = {"profiled": ("tab:blue", "o"), "uniform": ("tab:orange", "s"), "pyramid": ("tab:green", "^"),
+                "quantized": ("tab:red", "D")}
+QUANTIZED = "quantized"  # the baseline "quantization alone": no head budgeted, every one in codes
+QUANTIZED_STORAGES = (Storage(4, 4), Storage(2, 2))  # the first that fits the budget
+
+
+def quantization_alone(arch: ArchSpec, kv_budget: float, context: int,
+                       bytes_per_value: int = 2) -> tuple[Plan | None, str]:
+    """Every head full with its whole cache quantized (KIVI-style codes, a full-precision
+    residual ring of one group), at 4 bits where its bytes at ``context`` fit ``--kv-budget``
+    of the source model's cache, else 2 bits; ``(None, why)`` where neither fits. Sliding layers
+    keep the model's own windows (a ring is not quantized). Returns the plan and a line saying
+    what it holds."""
+    target = budget_bytes(arch, context, kv_budget, bytes_per_value)
+    uncompressed = Plan.uncompressed(arch.n_layers, arch.n_kv_heads, arch.sliding_windows)
+    tried = []
+    for storage in QUANTIZED_STORAGES:
+        layers = tuple(layer if layer.sliding else LayerPlan(layer.full_heads, (), None, full_storage=storage)
+                       for layer in uncompressed.layers)
+        plan = Plan(layers, policy=QUANTIZED)
+        size = plan_bytes(plan, arch, context, bytes_per_value)
+        if size <= target:
+            return plan, f"every head full in {storage.name} ({size} of {target} B)"
+        tried.append(f"{storage.name} takes {size} B")
+    return None, (f"cannot meet the budget: {kv_budget:g} of the cache at {context} tokens is {target} B; "
+                  f"{', '.join(tried)}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="default")
     parser.add_argument("--profile", type=Path, default=Path("profiles/smollm2-135m-instruct.yaml"))
     parser.add_argument("--budgets", default=",".join(f"{b:.4g}" for b in SWEEP))
-    parser.add_argument("--policies", default="profiled,uniform,pyramid")
+    parser.add_argument("--policies", default=",".join(POLICY_STYLE))
     parser.add_argument("--at-context", type=int, default=4096)
     parser.add_argument("--lengths", default="4096")
     parser.add_argument("--tasks", default="passkey,multikey,continuation")
@@ -245,9 +274,16 @@ def main() -> None:
     chosen = {}
     for budget in [float(b) for b in args.budgets.split(",")]:
         for policy in args.policies.split(","):
+            name = f"{budget:.4g}:{policy}"
+            if policy == QUANTIZED:
+                plan, what = quantization_alone(loaded.arch, budget, args.at_context,
+                                                profile.settings.bytes_per_value)
+                print(f"[{time.perf_counter() - started:7.0f} s] {name}: {what}", flush=True)
+                if plan is not None:
+                    plans[name], full_heads[name] = plan, plan.n_full
+                continue
             request = replace(request_from_profile(profile, budget, args.at_context), policy=policy)
             measured = policy == "profiled" and not args.proxy
-            name = f"{budget:.4g}:{policy}"
             kept = args.refits / f"{name.replace(':', '-')}{'-proxy' if args.proxy else ''}.yaml" if args.refits else None
             if kept is not None and kept.is_file():
                 refit = load_profile(kept)

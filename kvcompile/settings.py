@@ -8,7 +8,9 @@ from there at another memory target. How budgeted heads select tokens is the pla
 A core module, so the profile record, the profile stage (the answer-loss measurement builds
 the fit's layouts) and the fit all read the same class without importing each other. The
 file form is flat, with the names of the command line: the selection's two settings are
-the keys ``selection`` (its rule) and ``observation_window``.
+the keys ``selection`` (its rule) and ``observation_window``; the head groups' storages are
+written by name (``full``, ``k8v4g32``). Profiles made before the storages and the baseline
+dtype were recorded read as full precision against bfloat16, the defaults.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ _KINDS: dict[str, Any] = {"float": (int, float), "int": int, "str": str, "int | 
 class FitSettings:
     """Everything the fit is told: the memory target and how to spend it."""
 
-    kv_budget: float = 0.125  # fraction of the uncompressed KV cache at ``at_context``
+    kv_budget: float = 0.125  # fraction of the uncompressed cache's bytes (``baseline_dtype``) at ``at_context``
     at_context: int = 8192
     policy: str = "profiled"
     full_heads: int | None = None  # override the fitted number of full heads

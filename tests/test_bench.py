@@ -241,7 +241,7 @@ def policy_runs(tiny: TinyBench) -> dict[int, tuple[str, Path]]:
     return runs
 
 
-POLICY_SYSTEMS = ["uncompressed", "profiled", "uniform", "pyramid"]
+POLICY_SYSTEMS = ["uncompressed", "profiled", "uniform", "pyramid", "quantized"]
 
 
 def smoke_policies(tiny: TinyBench, request) -> None:
@@ -381,6 +381,54 @@ def smoke_serve(tiny: TinyBench, request) -> None:
     ratio = re.search(r"concurrent sequences (\S+)x \((\d+) vs (\d+)\)", out)
     assert ratio and (int(ratio.group(2)), int(ratio.group(3))) == (art_slots, slots)
     assert abs(float(ratio.group(1)) - art_slots / slots) < 0.006
+
+
+def _bench_module(name: str):  # noqa: ANN202 - a module loaded from its file
+    """``bench/NAME.py`` imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _quantized_bytes(bits: int, n_layers: int, n_kv: int, head_dim: int, context: int) -> int:
+    """By hand, every head of every layer full in ``bits``-bit codes (groups of 32): whole
+    groups of tokens as codes with a float16 scale and zero per value group of 32 channels and
+    per key channel and token group, the last ``min(32, context)`` tokens in bf16, a length."""
+    body = context // 32 * 32
+    codes = body * 2 * head_dim * bits // 8
+    value_scales = body * (head_dim // 32) * 2 * 2
+    key_scales = body // 32 * head_dim * 2 * 2
+    residual = min(32, context) * 2 * head_dim * 2
+    return n_layers * (n_kv * (codes + value_scales + key_scales + residual) + 8)
+
+
+def test_quantization_alone_takes_4_bits_else_2_else_reports_the_budget_unmet() -> None:
+    """bench/policies.py's "quantized" baseline: every head full in codes, the most bits whose
+    bytes fit the budget, or a one-line report that none does."""
+    from kvcompile.arch import arch_from_config
+    from kvcompile.memory import plan_bytes
+    from kvcompile.plan import Storage
+    from tests.tiny import tiny_config
+
+    policies = _bench_module("policies")
+    arch = arch_from_config(tiny_config("llama", head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=4096))
+    context = 1000  # not a whole number of groups: 31 groups as codes, 32 tokens in the ring
+    whole = arch.n_layers * arch.n_kv_heads * context * 2 * arch.head_dim * 2
+    four, two = (_quantized_bytes(b, arch.n_layers, arch.n_kv_heads, arch.head_dim, context) for b in (4, 2))
+    assert two < four < whole / 2
+    for budget, storage in ((four / whole, Storage(4, 4)), ((four - 1) / whole, Storage(2, 2)),
+                            (two / whole, Storage(2, 2)), (0.5, Storage(4, 4))):
+        plan, what = policies.quantization_alone(arch, budget, context)
+        assert plan is not None, what
+        assert all(layer.full_heads == tuple(range(arch.n_kv_heads)) and not layer.budgeted_heads
+                   and layer.full_storage == storage for layer in plan.layers)
+        assert plan_bytes(plan, arch, context) == (four if storage.key_bits == 4 else two)
+        assert storage.name in what
+    plan, what = policies.quantization_alone(arch, (two - 1) / whole, context)
+    assert plan is None and "\n" not in what and what.startswith("cannot meet the budget")
+    assert f"k4v4g32 takes {four} B, k2v2g32 takes {two} B" in what
 
 
 SMOKE: dict[str, Callable[[TinyBench, pytest.FixtureRequest], None]] = {

@@ -221,6 +221,8 @@ def test_prompt_longer_than_context(artifact: Path) -> None:
         (["profile", "default", "--equal-weight", "2"], "--equal-weight"),
         (["profile", "default", "--answer-weight", "-1"], "--answer-weight"),
         (["profile", "default", "--observation-window", "0"], "--observation-window"),
+        (["profile", "default", "--budget-storage", "k2v4"], "--budget-storage: keys need at least as many bits"),
+        (["profile", "default", "--full-storage", "int4"], "--full-storage: storage must be 'full' or like"),
         (["profile", "default", "--at-context", "100000"], "maximum context"),
         (["profile", "default", "--calib", "/no/such/file.txt"], "does not exist"),
     ],

@@ -209,6 +209,9 @@ CASES = {
     "bool-full-heads": (_set(("fit", "settings", "full_heads"), True), "fit.settings.full_heads"),
     "bad-fit-selection": (_set(("fit", "settings", "selection"), "magic"), "fit.settings.selection"),
     "observation-window-zero": (_set(("fit", "settings", "observation_window"), 0), "fit.settings.observation_window"),
+    "values-above-keys": (_set(("fit", "settings", "budget_storage"), "k2v4"), "fit.settings.budget_storage"),
+    "storage-not-a-name": (_set(("fit", "settings", "full_storage"), 8), "fit.settings.full_storage"),
+    "unknown-baseline": (_set(("fit", "settings", "baseline_dtype"), "int8"), "fit.settings.baseline_dtype"),
 }
 
 
@@ -224,7 +227,7 @@ def test_schema_errors_name_the_path(case: str, saved: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("key, value", [("selected_fraction", 1.5), ("selected_fraction", "half"),
-                                        ("magic", 1), ("policy", "best")])
+                                        ("magic", 1), ("policy", "best"), ("budget_storage", "k3v3")])
 def test_tampered_chosen_settings_are_refused(key: str, value: Any, tmp_path: Path) -> None:
     """The settings that rebuild the shipped plan are checked like a fit request."""
     shipped = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
@@ -232,6 +235,16 @@ def test_tampered_chosen_settings_are_refused(key: str, value: Any, tmp_path: Pa
     with pytest.raises(ProfileError) as info:
         load_profile(path)
     assert str(info.value).startswith(f"{path}: choice.chosen_settings"), str(info.value)
+
+
+@pytest.mark.parametrize("key, value", [("budget_storage", "k2v4"), ("full_storage", "int4")])
+def test_tampered_candidate_storage_is_refused(key: str, value: Any, tmp_path: Path) -> None:
+    """A candidate's storages are checked as the fit checks them, by their path."""
+    shipped = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.yaml"
+    path = edited(shipped, tmp_path, lambda d: d["choice"]["candidates"][0].update({key: value}))
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"{path}: choice.candidates[0].{key}"), str(info.value)
 
 
 @pytest.mark.parametrize("value", [1.5, "half"])
@@ -393,14 +406,16 @@ def test_smollm2_profile_labels_heads_and_meets_budget(
     assert full and min(full) > max(budgeted)
     # SmolLM2 has induction heads: the repeated random block must reveal at least one
     assert max(h["induction"] for h in heads) > 0.5
-    # the plan meets the budget (KV slots at 2048 tokens), up to one slot per KV head of a layer
-    budget = math.floor(0.25 * 90 * 2048)
-    used = profile.plan.kv_slots(2048)
-    assert profile.fit["budget_slots"] == budget and profile.fit["used_slots"] == used
-    assert budget - 3 < used <= budget
+    # the plan meets the budget in bf16 bytes at 2048 tokens, up to a few budgeted slots (a key, a
+    # value and a float32 bias each): one per KV head of a layer, and the rounding of the fit's units
+    budget = math.floor(0.25 * 90 * 2048 * 2 * 64 * 2)
+    used = plan_bytes(profile.plan, smollm2.arch, 2048)
+    assert profile.fit["budget_bytes"] == budget and profile.fit["used_bytes"] == used
+    assert profile.fit["used_slots"] == profile.plan.kv_slots(2048)
+    assert budget - 6 * (2 * 64 * 2 + 4) < used <= budget
     row = next(r for r in profile.memory if r["context"] == 2048)
-    assert row["kv_bytes"] == used * 2 * 64 * 4
-    assert row["uncompressed_bytes"] == 30 * 3 * 2048 * 2 * 64 * 4
+    assert row["kv_bytes"] == used
+    assert row["uncompressed_bytes"] == 30 * 3 * 2048 * 2 * 64 * 2
     # the answer-loss reference keeps full exactly what the local curves alone make full
     stats = stats_from_profile(profile)
     local_only = fit(stats, smollm2.arch, dataclasses.replace(SMOL_REQUEST, answer_weight=0.0)).plan
@@ -461,3 +476,37 @@ def test_refit_command_sets_the_storages_and_the_baseline(profile_and_stats: tup
                                     "--budget-storage", "k2v4"])
     assert bad.exit_code == 2
     assert bad.output.count("\n") == 1 and "--budget-storage: keys need at least as many bits" in bad.output
+
+
+def test_measured_choice_of_precision_round_trips_and_refits(profile_and_stats: tuple[Profile, HeadStatistics],
+                                                             loaded: LoadedModel, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile whose measured choice shipped a quantized plan records each group's storage
+    (plan, candidates, chosen settings); ``kvcompile fit`` without the model rebuilds that plan
+    at the same budget and refits it, in the same storages, at another."""
+    from click.testing import CliRunner
+
+    from kvcompile.cli import main
+    from kvcompile.fit import choice
+    from tests.test_choice import random_prompts
+
+    profile, stats = profile_and_stats
+    monkeypatch.setattr(choice, "held_out_prompts", lambda tokenizer, config: random_prompts(1, 1, 120, 6, 0))
+    config = choice.ChoiceConfig(storages=(("k8v8", "k8v8"),))
+    result, record = choice.choose_plan(loaded.build(), None, stats, REQUEST, config)
+    chosen = record["chosen_settings"]
+    assert result.plan.quantized and chosen.full_storage == chosen.budget_storage == Storage(8, 8)
+    path, same, other = tmp_path / "chosen.yaml", tmp_path / "same.yaml", tmp_path / "other.yaml"
+    save_profile(dataclasses.replace(profile, plan=result.plan, choice=record), path)
+    back = load_profile(path)
+    assert back.plan == result.plan and back.choice["chosen_settings"] == chosen
+    rows = {row["name"]: row for row in back.choice["candidates"]}
+    assert rows[record["chosen"]]["budget_storage"] == "k8v8g32"
+    for out, budget in ((same, REQUEST.kv_budget), (other, 0.5)):
+        ran = CliRunner().invoke(main, ["fit", str(path), "--kv-budget", str(budget), "-o", str(out)])
+        assert ran.exit_code == 0, ran.output
+    assert load_profile(same).plan == result.plan
+    refit = load_profile(other)
+    assert (refit.settings.full_storage, refit.settings.budget_storage) == (Storage(8, 8), Storage(8, 8))
+    assert any(layer.quantized_selected for layer in refit.plan.layers)
+    assert plan_bytes(refit.plan, loaded.arch, 128) <= 0.5 * 2 * 4 * 128 * 2 * loaded.arch.head_dim * 2

@@ -12,6 +12,12 @@ model. Only candidates at least as good as ``uniform`` on answers (NLL increase)
 never measures worse than ``uniform`` on these prompts, by construction. Among the eligible,
 the lowest mean of the two losses, each relative to ``uniform``'s, wins.
 
+The choice picks precision too: beside the full-precision candidates it measures the same
+variants with the head groups quantized (``STORAGE_CHOICES``), at the same bytes, so codes buy
+longer windows and more full heads. A quantized candidate is eligible only when neither loss is
+above those of the best full-precision candidate (the one today's rule would choose) either:
+the chosen plan never measures worse than that one nor ``uniform``, by construction.
+
 The prompts are shorter than the fit's reference context when that is long (8K: 2K prompts,
 for time), where ``uniform``'s windows cover more of the prompt than they would at 8K: the
 comparison then favours ``uniform``, never the other way.
@@ -19,7 +25,7 @@ comparison then favours ``uniform``, never the other way.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +35,7 @@ from kvcompile.arch import ArchSpec
 from kvcompile.errors import BudgetError
 from kvcompile.fit.greedy import FitResult, fit
 from kvcompile.metrics import kl, log_probs, nll
-from kvcompile.plan import Plan
+from kvcompile.plan import Plan, Storage
 from kvcompile.profile.calibration import build_probe, multikey_spec, passkey_spec, probe_prompt
 from kvcompile.profile.statistics import HeadStatistics
 from kvcompile.runtime.engine import Engine
@@ -43,6 +49,10 @@ UNCOMPRESSED = "uncompressed"
 UNIFORM = "uniform"
 LOSSES = ("answer_nll", "text_nll", "text_kl")
 SELECTED_FRACTIONS = (0.25, 0.5)  # the budgeted heads' splits the choice measures (the request's is one)
+# (full heads, budgeted heads) storages measured beside full precision when the request asks for
+# none: 8-bit, 8-bit keys with 4-bit values, and 4-bit with the budgeted values at 2 bits; each
+# with every full-precision variant, so the candidates stay few (each is run on every prompt)
+STORAGE_CHOICES = (("k8v8", "k8v8"), ("k8v4", "k8v4"), ("k4v4", "k4v2"))
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class ChoiceConfig:
     n_text: int = 2
     text_tokens: int = 32  # scored continuation tokens per text prompt
     seed: int = 0
+    storages: tuple[tuple[str, str], ...] = STORAGE_CHOICES  # quantized (full, budgeted) storages measured
 
 
 @dataclass(frozen=True)
@@ -155,8 +166,11 @@ def measure_plans(model: CompactLM, tokenizer: Any, plans: dict[str, Plan], prom
     return {name: Losses(mean(answer[name]), mean(text_nll[name]), mean(text_kl[name])) for name in all_plans}
 
 
-def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitSettings) -> list[Candidate]:
-    """The proxy fit, other full heads, other capacity splits, and ``uniform``; distinct plans only.
+def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitSettings,
+               storages: Sequence[tuple[str, str]] = STORAGE_CHOICES) -> list[Candidate]:
+    """The proxy fit, other full heads, other capacity splits, each also in the quantized
+    ``storages`` (when the request's storages are full precision), and ``uniform``; distinct
+    plans only.
 
     Full heads in retrieval-score order: half of those above the score threshold, all of them;
     in needle-mass order (the heads answers read most, which the combined score can rank
@@ -180,6 +194,10 @@ def candidates(stats: HeadStatistics, arch: ArchSpec, request: FitSettings) -> l
         requests += [(f"profiled, {k} full heads, {fraction:g} selected",
                       replace(request, selected_fraction=fraction))
                      for fraction in SELECTED_FRACTIONS if fraction != request.selected_fraction]
+    if not (request.full_storage.quantized or request.budget_storage.quantized):  # else the user's to set
+        requests += [(f"{name}, {full}/{budgeted}",
+                      replace(req, full_storage=Storage.parse(full), budget_storage=Storage.parse(budgeted)))
+                     for full, budgeted in storages for name, req in list(requests)]
     requests.append((UNIFORM, replace(request, policy="uniform", full_heads=None)))
     out: list[Candidate] = []
     seen: set[Plan] = set()
@@ -204,12 +222,19 @@ def losses_over(base: Losses, item: Losses) -> tuple[float, float]:
     return item.answer_nll - base.answer_nll, item.text_nll - base.text_nll + item.text_kl
 
 
-def choose(losses: dict[str, Losses], names: Sequence[str]) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The eligible candidate (neither loss above ``uniform``'s) with the lowest relative loss.
+def choose(losses: dict[str, Losses], names: Sequence[str],
+           full_precision: Collection[str] | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The eligible candidate with the lowest relative loss.
 
     Each loss (:func:`losses_over` the uncompressed model) is divided by ``uniform``'s and
-    weighted by ``SCORE_WEIGHTS``; ``uniform`` scores 1 and is always eligible.
+    weighted by ``SCORE_WEIGHTS``; ``uniform`` scores 1 and is always eligible. Eligible: neither
+    loss above ``uniform``'s; for a candidate not in ``full_precision`` (``None``: every name is),
+    neither above those of the best eligible full-precision candidate either. Ties go to full
+    precision, then to ``uniform``.
     """
+    exact = set(names) if full_precision is None else set(full_precision) & set(names)
+    if UNIFORM not in exact:
+        raise ValueError("uniform must be one of the full-precision candidates")
     base = losses[UNCOMPRESSED]
     reference = losses_over(base, losses[UNIFORM])
     table: dict[str, dict[str, Any]] = {}
@@ -219,7 +244,18 @@ def choose(losses: dict[str, Losses], names: Sequence[str]) -> tuple[str, dict[s
         score = sum(w * (m / r if r > 1e-9 else (0.0 if m <= 1e-9 else float("inf")))
                     for w, m, r in zip(SCORE_WEIGHTS, mine, reference, strict=True))
         table[name] = {"eligible": eligible, "score": score}
-    chosen = min((n for n in names if table[n]["eligible"]), key=lambda n: (table[n]["score"], n != UNIFORM))
+
+    def rank(name: str) -> tuple[float, bool, bool]:
+        return table[name]["score"], name not in exact, name != UNIFORM
+
+    best_exact = min((n for n in names if n in exact and table[n]["eligible"]), key=rank)
+    bar = losses_over(base, losses[best_exact])
+    for name in names:
+        if name not in exact:
+            mine = losses_over(base, losses[name])
+            table[name]["eligible"] = table[name]["eligible"] and all(
+                m <= b for m, b in zip(mine, bar, strict=True))
+    chosen = min((n for n in names if table[n]["eligible"]), key=rank)
     return chosen, table
 
 
@@ -229,10 +265,11 @@ def choose_plan(model: CompactLM, tokenizer: Any, stats: HeadStatistics, request
     """The measured choice among :func:`candidates`; returns the chosen fit and the profile's record."""
     arch = model.arch
     config = replace(config, length=min(config.length, request.at_context))
-    pool = candidates(stats, arch, request)
+    pool = candidates(stats, arch, request, config.storages)
     prompts = held_out_prompts(tokenizer, config)
     losses = measure_plans(model, tokenizer, {c.name: c.result.plan for c in pool}, prompts, progress)
-    chosen, table = choose(losses, [c.name for c in pool])
+    exact = [c.name for c in pool if not c.result.plan.quantized]
+    chosen, table = choose(losses, [c.name for c in pool], exact)
     picked = next(c for c in pool if c.name == chosen)
     result = picked.result
     result.notes.append(f"measured choice: {chosen} (of {len(pool)} candidates, {len(prompts)} held-out prompts)")
@@ -241,12 +278,14 @@ def choose_plan(model: CompactLM, tokenizer: Any, stats: HeadStatistics, request
         "prompts": {"passkey": config.n_passkey, "multikey": config.n_multikey, "text": config.n_text,
                     "text_tokens": config.text_tokens, "seed": config.seed},
         "rule": "eligible: answer loss (answer NLL increase) and text loss (text NLL increase + KL) no higher "
-                "than uniform's; chosen: the lowest 0.5 answer + 0.5 text loss, each divided by uniform's",
+                "than uniform's, and for a quantized candidate no higher than the best full-precision "
+                "candidate's; chosen: the lowest 0.5 answer + 0.5 text loss, each divided by uniform's",
         "uncompressed": losses[UNCOMPRESSED].as_dict(),
         "candidates": [
             {"name": c.name, "policy": c.result.plan.policy, "full_heads": c.result.plan.n_full,
              "equal_weight": c.request.equal_weight,
-             **({"selected_fraction": c.request.selected_fraction} if c.result.plan.policy == "profiled" else {}),
+             **({"selected_fraction": c.request.selected_fraction, "full_storage": c.request.full_storage.name,
+                 "budget_storage": c.request.budget_storage.name} if c.result.plan.policy == "profiled" else {}),
              **losses[c.name].as_dict(),
              "eligible": table[c.name]["eligible"], "score": rounded(table[c.name]["score"], 6)}
             for c in pool

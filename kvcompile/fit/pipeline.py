@@ -252,7 +252,7 @@ def refit_profile(profile: Profile, request: FitSettings, loaded: LoadedModel | 
     validation = None
     if loaded is None or request.policy != "profiled":
         result = fit(stats, arch, request)
-        if loaded is None and request.policy == "profiled":
+        if loaded is None:
             result.notes.append("refitted without the model: the proxy fit, not a measured choice "
                                 "(pass --model to measure)")
     else:

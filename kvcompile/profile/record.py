@@ -201,8 +201,8 @@ def _choice_from_dict(reader: _Reader, data: Any, settings: FitSettings) -> dict
         reader.get(row, "policy", at, str)
         reader.get(row, "full_heads", at, int)
         reader.get(row, "equal_weight", at, (int, float))
-        # profiled candidates of profiles that record the split: checked as the fit checks it
-        read_settings(reader, row, at, FitSettings(), keys=("selected_fraction",))
+        # profiled candidates of profiles that record the split and storages: checked as the fit checks them
+        read_settings(reader, row, at, FitSettings(), keys=("selected_fraction", "full_storage", "budget_storage"))
         reader.get(row, "eligible", at, bool)
         reader.get(row, "score", at, (int, float))
         losses(row, at)
