@@ -278,3 +278,28 @@ def test_profile_memory_rows_count_values_at_the_baseline_dtype(tmp_path: Path) 
     allocated = StaticKVCache.allocate(profile.plan, 1, context, arch.head_dim, arch.group_size,
                                        dtype=torch.bfloat16).nbytes
     assert (row["kv_bytes"], row["uncompressed_bytes"]) == (allocated, uncompressed_bytes(arch, context, 2))
+
+
+def test_an_impossible_budget_is_refused_before_calibration(monkeypatch) -> None:
+    """A target below every head's smallest layout fails in check_request, before a single
+    calibration prompt is built (it used to fail inside the fit, after calibration)."""
+    import kvcompile.fit.pipeline as pipeline
+    from kvcompile.profile.calibration import CalibConfig
+    from tests.tiny import tiny_loaded
+
+    SMALL_CALIB = CalibConfig(text_length=128, probe_length=128, repeat_block=32)  # noqa: N806
+    loaded = tiny_loaded("gemma3_text", sliding_window=24)
+    request = FitSettings(kv_budget=0.01, at_context=256)
+    smallest = smallest_budget(loaded.arch, 256, request.sinks + request.compensation + 1)
+    assert request.kv_budget < smallest  # the target is infeasible by the definition
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("calibration ran before the budget was checked")
+
+    monkeypatch.setattr(pipeline, "build_calibration_set", calibrate)
+    with pytest.raises(BudgetError, match="--kv-budget") as caught:
+        pipeline.run_profile(loaded, SMALL_CALIB, request)
+    assert "\n" not in str(caught.value)
+    # a feasible budget gets past the check and reaches calibration
+    with pytest.raises(AssertionError, match="calibration ran"):
+        pipeline.run_profile(loaded, SMALL_CALIB, FitSettings(kv_budget=0.9, at_context=256))

@@ -73,6 +73,13 @@ def check_request(arch: ArchSpec, request: FitSettings) -> None:
             f"--at-context {request.at_context} exceeds the model's maximum context "
             f"{arch.max_context}; pass --at-context {arch.max_context} or less"
         )
+    # a target below the smallest layout of every head is refused here, before calibration
+    # (minutes on a long context), not after it inside the fit
+    target = budget_bytes(arch, request.at_context, request.kv_budget, request.bytes_per_value)
+    smallest_layout = _smallest_layout(request)
+    if _minimal_bytes(arch, request.at_context, smallest_layout, request.budget_storage,
+                      request.bytes_per_value) > target:
+        raise _refuse(arch, request, target, smallest_layout)
 
 
 def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitSettings) -> FitResult:
@@ -99,9 +106,7 @@ def fit(stats: HeadStatistics | None, arch: ArchSpec, request: FitSettings) -> F
             return _fit_profiled(stats, arch, request, units, fixed, full_cost)
         return _fit_baseline(arch, request, units, fixed)
 
-    smallest_layout = _smallest_layout(request)
-    if _minimal_bytes(arch, ctx, smallest_layout, request.budget_storage, bpv) > target:
-        raise _refuse(arch, request, target, smallest_layout)
+    smallest_layout = _smallest_layout(request)  # its bytes fit: check_request
     n_other = arch.n_kv_heads * sum(1 for w in arch.sliding_windows if not w)
     low = fixed + n_other * min(smallest_layout.capacity, ctx)
     high = fixed + n_other * max(ctx, full_cost)
