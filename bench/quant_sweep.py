@@ -85,32 +85,46 @@ def quant_only_plan(arch, budget: float, context: int) -> Plan | None:
     return None
 
 
-def held_out_losses(profile) -> tuple[float, float] | None:
-    """(answer loss, text loss) of the plan the measured choice shipped, over the uncompressed
-    model, from the refitted profile's ``choice`` record (the same held-out prompts at every
-    storage: same seed, same length)."""
+def held_out_losses(profile, name: str | None = None) -> tuple[float, float] | None:
+    """(answer loss, text loss) over the uncompressed model of the plan the measured choice
+    shipped (or of its candidate ``name``), from the refitted profile's ``choice`` record (the
+    same held-out prompts at every storage: same seed, same length)."""
     choice = profile.choice
     if not choice:
         return None
     from kvcompile.fit.choice import LOSSES, Losses
 
-    picked = next(c for c in choice["candidates"] if c["name"] == choice["chosen"])
+    picked = next(c for c in choice["candidates"] if c["name"] == (name or choice["chosen"]))
     base = Losses(**{k: float(choice["uncompressed"][k]) for k in LOSSES})
     return losses_over(base, Losses(**{k: float(picked[k]) for k in LOSSES}))
 
 
-def pick(losses: dict[str, tuple[float, float]], full_precision: str) -> str:
-    """The storage the fit would ship: no loss above the full-precision plan's (so never worse
-    than it, nor than ``uniform``, which that plan already beats), then the lowest mean of the
-    two losses, each over the full-precision plan's."""
+def pick(losses: dict[str, tuple[float, float]], full_precision: str,
+         uniform: tuple[float, float]) -> str:
+    """The storage the fit would ship (``kvcompile.fit.choice``'s rule): a quantized plan only
+    when neither loss exceeds the full-precision plan's (which is no worse than ``uniform``'s),
+    then the lowest mean of the two losses, each over ``uniform``'s."""
     ref = losses[full_precision]
     eligible = [n for n, mine in losses.items() if all(m <= r for m, r in zip(mine, ref, strict=True))]
 
     def score(name: str) -> float:
         return sum(m / r if r > 1e-9 else (0.0 if m <= 1e-9 else float("inf"))
-                   for m, r in zip(losses[name], ref, strict=True)) / 2
+                   for m, r in zip(losses[name], uniform, strict=True)) / 2
 
     return min(eligible, key=lambda n: (score(n), n != full_precision))
+
+
+def mark_chosen(meta: dict[str, dict], refitted: dict[str, object]) -> None:
+    """Flag, per budget, the profiled row the fit would ship, from the refitted profiles'
+    measured choices (``refitted``: row name -> profile)."""
+    for budget in {info["budget"] for info in meta.values()}:
+        rows = {n: p for n, p in refitted.items() if meta[n]["budget"] == budget}
+        full = f"{budget}:profiled full/full"
+        losses = {n: held for n, p in rows.items() if (held := held_out_losses(p)) is not None}
+        if full in losses and (uniform := held_out_losses(rows[full], "uniform")) is not None:
+            for name in rows:
+                meta[name].pop("chosen", None)
+            meta[pick(losses, full, uniform)]["chosen"] = True
 
 
 def refit(profile, loaded, args, budget: float, key: str, **changes) -> object:
@@ -214,6 +228,15 @@ def main() -> None:
         data = json.loads(args.from_json.read_text())
         reports = {n: report_from_dict(e["report"], source=str(args.from_json)) for n, e in data["runs"].items()}
         meta = {n: e["meta"] for n, e in data["runs"].items()}
+        if args.refits:  # the shipped storage again, from the kept refits (the rule may be newer)
+            kept = {n: load_profile(args.refits / f"{m['budget']}-{m['storage'].replace('/', '_')}.yaml")
+                    for n, m in meta.items() if m["policy"].startswith("profiled")}
+            for n in kept:
+                meta[n]["policy"] = "profiled"
+            mark_chosen(meta, kept)
+            for n in kept:
+                if meta[n].get("chosen"):
+                    meta[n]["policy"] = "profiled (chosen)"
         markdown = table(reports, meta, args.at_context)
         print(markdown)
         if args.write_docs:
@@ -238,18 +261,15 @@ def main() -> None:
               f"{meta[name]['bits']:.2f} bits/value", flush=True)
 
     for budget in [float(b) for b in args.budgets.split(",")]:
-        measured = {}
+        refitted = {}
         for pair in args.storages.split(","):
             full, budgeted = storage_pair(pair)
             label = f"{full.name}/{budgeted.name}"
             result = refit(profile, loaded, args, budget, label, full_storage=full, budget_storage=budgeted)
             name = f"{budget:.4g}:profiled {label}"
             add(name, result.plan, "profiled", label, budget)
-            if (held := held_out_losses(result)) is not None:
-                measured[name] = held
-                meta[name]["held_out"] = held
-        if f"{budget:.4g}:profiled full/full" in measured:
-            meta[pick(measured, f"{budget:.4g}:profiled full/full")]["chosen"] = True
+            refitted[name] = result
+        mark_chosen(meta, refitted)
         uniform = refit(profile, loaded, args, budget, "uniform", policy="uniform")
         add(f"{budget:.4g}:uniform", uniform.plan, "uniform", "full/full", budget)
         quant = quant_only_plan(arch, budget, args.at_context)
