@@ -37,6 +37,13 @@ def _quantized_attention_ref(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero
         raise ValueError(f"quantized attention is a decode op (one query per row), got T={t}")
     if (fp_bias is None) == (fp_length is None):
         raise ValueError("the full-precision part is masked by exactly one of fp_bias, fp_length")
+    if host_reads_free(q_length):  # CPU: dequantize only the codes some row holds
+        n = int(q_length.max()) if q_length.numel() else 0
+        if n < k_codes.shape[2]:
+            groups = -(-n // group)
+            k_codes, v_codes = k_codes[:, :, :n], v_codes[:, :, :n]
+            v_scale, v_zero = v_scale[:, :, :n], v_zero[:, :, :n]
+            k_scale, k_zero = k_scale[:, :, :groups], k_zero[:, :, :groups]
     keys = dequantize_keys(Quantized(k_codes, k_scale, k_zero), key_bits, group, d, k_fp.dtype)
     values = dequantize_values(Quantized(v_codes, v_scale, v_zero), value_bits, group, d,
                                v_fp.dtype)

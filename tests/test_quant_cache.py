@@ -175,3 +175,25 @@ def test_bulk_prompt_fill_equals_token_by_token():
                  (bulk.k_res[:, :, :3], step.k_res[:, :, :3])):
         assert torch.equal(a, b)
     assert np.isfinite(bulk.k_res.numpy()).all()
+
+
+def test_cpu_shortcut_equals_the_device_path(monkeypatch):
+    """On CPU the attention dequantizes only the codes some row holds; off, it reads them all
+    (the device path): the same numbers, rows at different lengths included."""
+    from kvcompile.runtime import ops
+
+    storage = Storage(4, 2, 4)
+    gen = torch.Generator().manual_seed(9)
+    buf = QuantizedFullBuffer.empty(3, 2, 40, 6, storage)
+    for t in range(13):  # rows in step, then row 1 alone runs ahead
+        x = torch.randn(3, 2, 1, 6, 2, generator=gen)
+        buf.write(x[..., 0], x[..., 1])
+    ahead = buf.rows(1, 2)
+    for t in range(9):
+        x = torch.randn(1, 2, 1, 6, 2, generator=gen)
+        ahead.write(x[..., 0], x[..., 1])
+    q = torch.randn(3, 4, 1, 6, generator=gen)
+    fast = buf.attend(q)
+    monkeypatch.setattr(ops, "CPU_SHORTCUTS", False)
+    torch.testing.assert_close(buf.attend(q), fast, rtol=0, atol=1e-6)
+    assert buf.length.tolist() == [13, 22, 13]
