@@ -185,11 +185,11 @@ def test_cpu_shortcut_equals_the_device_path(monkeypatch):
     storage = Storage(4, 2, 4)
     gen = torch.Generator().manual_seed(9)
     buf = QuantizedFullBuffer.empty(3, 2, 40, 6, storage)
-    for t in range(13):  # rows in step, then row 1 alone runs ahead
+    for _ in range(13):  # rows in step, then row 1 alone runs ahead
         x = torch.randn(3, 2, 1, 6, 2, generator=gen)
         buf.write(x[..., 0], x[..., 1])
     ahead = buf.rows(1, 2)
-    for t in range(9):
+    for _ in range(9):
         x = torch.randn(1, 2, 1, 6, 2, generator=gen)
         ahead.write(x[..., 0], x[..., 1])
     q = torch.randn(3, 4, 1, 6, generator=gen)
