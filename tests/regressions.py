@@ -9,8 +9,9 @@ when the profile is refitted:
   allocates at the eval context (not at the profile's reference context, where the two
   plans would differ at every shorter length);
 - ``refit 1/16``: the profile's own fit settings at half of its 1/8 budget;
-- ``lowest-scoring full``: the fit run with the retrieval ranking reversed, so the full
-  heads are the ones the profiler scored lowest (a profiler bug), same count;
+- ``lowest-scoring full``: the fit run with its head ranking (retrieval score or needle mass,
+  as the shipped settings rank) reversed, so the full heads are the ones the profiler scored
+  lowest (a profiler bug), same count;
 - ``sinks + 32``: the shipped full heads kept, every budgeted head cut to its sinks and a
   32-token window.
 
@@ -62,8 +63,12 @@ def lowest_scoring_full(profile: Profile, arch: ArchSpec) -> Plan:
     """The profile's fit with the retrieval ranking reversed: as many full heads as the
     shipped plan, taken from the bottom of the ranking."""
     stats = stats_from_profile(profile)
-    stats.retrieval = -stats.retrieval
-    return fit(stats, arch, refit_request(profile, full_heads=profile.plan.n_full)).plan
+    request = refit_request(profile, full_heads=profile.plan.n_full)
+    if request.full_rank == "needle":  # the ranking the shipped settings use, reversed
+        stats.needle = -stats.needle
+    else:
+        stats.retrieval = -stats.retrieval
+    return fit(stats, arch, request).plan
 
 
 def starved_windows(plan: Plan, window: int = STARVED_WINDOW) -> Plan:
