@@ -28,8 +28,15 @@ def tiny_onnx_artifact(tmp_path_factory):
     from kvcompile.build.artifact import build_artifact
     from tests.test_profile_io import saved_tiny_model
 
+    from dataclasses import replace
+
+    from kvcompile.plan import BudgetLayout, LayerPlan
+
     root = tmp_path_factory.mktemp("tiny-onnx")
     _, loaded, profile = saved_tiny_model(root)
+    heads = loaded.arch.n_kv_heads  # the plan those tests need, whatever the tiny fit chose
+    profile.plan = replace(profile.plan, layers=tuple(
+        LayerPlan((0,), tuple(range(1, heads)), BudgetLayout(4, 1, 2, 2)) for _ in profile.plan.layers))
     build_artifact(loaded, profile, root / "artifact", max_context=96)
     return root / "artifact"
 
