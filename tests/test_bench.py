@@ -274,8 +274,9 @@ def smoke_quant_sweep(tiny: TinyBench, request) -> None:
     for row in rows[1:]:  # every plan within the byte budget
         assert 0 < number(row[f"memory @ {CONTEXT}"]) <= 0.5005
     # at the same bytes quantized storage holds more values: fewer bits per value (full
-    # precision is 16 plus the bias and counters, several bits at this tiny head dim)
-    assert bits[2] < bits[1] and bits[4] < bits[3] and bits[1] > 16
+    # precision is 16 plus the bias and counters, several bits at this tiny head dim; the
+    # measured choice at a quantized storage may still ship uniform, which stays full)
+    assert bits[2] <= bits[1] and bits[4] < bits[3] and bits[1] > 16
     again = run("quant_sweep", "--from-json", path, "--at-context", CONTEXT)
     assert tables(again)[-1] == rows  # the table is rebuilt from the stored reports
 
