@@ -199,14 +199,28 @@ def plot(reports: Mapping[str, Report], names: list[str], path: Path, title: str
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
     fig.suptitle(title)
+    save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> None:
+    """The figure as a PNG at ``path``, written atomically (bench/quant_sweep.py too)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     tmp.replace(path)
 
 
-def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
-    path = Path("docs/BENCHMARKS.md")
+def replace_section(section: str, body: str, path: Path = Path("docs/BENCHMARKS.md")) -> None:
+    """``body`` (starting with its ``section`` heading) in place of that section of ``path``
+    (up to the next heading of any level), or appended; written atomically."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"{re.escape(section)}\n.*?(?=\n#+ |\Z)", re.S)
+    text = pattern.sub(body.rstrip("\n") + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
     section = f"{SECTION}: {args.genre} text"
     fit = "proxy fit" if args.proxy else "measured choice on held-out calibration prompts"
     body = (
@@ -219,10 +233,7 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
         f"--genre {args.genre} --agreement-tokens {args.agreement_tokens} --write-docs`."
         f"\n\n{markdown}\n"
     )
-    # up to the next heading of any level (the section may sit under a "##" of its own)
-    pattern = re.compile(rf"{re.escape(section)}\n.*?(?=\n#+ |\Z)", re.S)
-    text = pattern.sub(body.rstrip("\n") + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    path.write_text(text)
+    replace_section(section, body)  # the section may sit under a "##" of its own
 
 
 def merged(paths: list[Path]) -> tuple[dict[str, Report], dict[str, int], float]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench/decode.py
 
 import torch  # noqa: E402
+from policies import replace_section, save_png  # noqa: E402  (bench/ is on sys.path when run)
 
 from kvcompile.eval.evaluate import EvalConfig, evaluate_systems  # noqa: E402
 from kvcompile.eval.report import ContinuationRow, Report, report_from_dict, report_to_dict  # noqa: E402
@@ -199,14 +199,10 @@ def plot(reports: dict[str, Report], meta: dict[str, dict], path: Path, title: s
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
-    path = Path("docs/BENCHMARKS.md")
-    text = path.read_text()
     section = f"{SECTION}: {args.genre} text"
     body = (f"{section}\n\nSmolLM2-135M-Instruct, plans refitted from `{args.profile}` at each budget (bytes "
             f"over the source model's bfloat16 cache at {args.at_context} tokens), {args.samples} cases per "
@@ -215,11 +211,7 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
             f"{seconds / 60:.0f} min. Plot: `docs/quant-{args.genre}.png`. Reproduce: `python "
             f"bench/quant_sweep.py --budgets {args.budgets} --samples {args.samples} --genre {args.genre} "
             f"--seed {args.seed} --write-docs`.\n\n{markdown}\n")
-    pattern = re.compile(rf"{re.escape(section)}\n.*?(?=\n#+ |\Z)", re.S)
-    text = pattern.sub(body.rstrip("\n") + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    replace_section(section, body)
 
 
 def main() -> None:

@@ -25,12 +25,11 @@ def tiny_onnx_artifact(tmp_path_factory):
     """A tiny qwen2 artifact with its ONNX graphs (context 96; every layer has full and
     budgeted heads, layout 4 sinks + compensation + 2 selected + 2 window = capacity 9), built
     once for the test files that drive the graphs row by row (pool, rows, Node.js)."""
-    from kvcompile.build.artifact import build_artifact
-    from tests.test_profile_io import saved_tiny_model
-
     from dataclasses import replace
 
+    from kvcompile.build.artifact import build_artifact
     from kvcompile.plan import BudgetLayout, LayerPlan
+    from tests.test_profile_io import saved_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-onnx")
     _, loaded, profile = saved_tiny_model(root)

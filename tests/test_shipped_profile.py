@@ -33,7 +33,7 @@ RULES = ROOT / "examples" / "gates-ci.yaml"
 #   --samples passkey=20,continuation=6 --agreement-tokens 16 --seed 0
 CI_EVAL = EvalConfig(tasks=("passkey", "continuation"), lengths=(2048,), samples=1,
                      task_samples=(("passkey", 20), ("continuation", 6)), seed=0, agreement_tokens=16)
-VARIANTS = ("uniform (same memory)", "refit at 1/16", "lowest-scoring full heads",
+VARIANTS = ("uniform (same memory)", "refit at 1/32", "lowest-scoring full heads",
             "sinks + 32-token window")
 
 pytestmark = pytest.mark.slow
@@ -77,20 +77,41 @@ def test_ci_gate_fails_a_broken_variant(ci, variant: str) -> None:
 
 def test_ci_gate_memory_is_what_the_loaded_artifact_allocates(ci) -> None:
     """The memory rule reads the state the runtime allocates, values counted in bfloat16;
-    check it against docs/DESIGN.md's formula by hand: keys and values, a float32 bias per
-    budgeted slot, four int64 counters per budgeted group and an int64 length per full one."""
+    check it against docs/DESIGN.md's formula by hand: full-precision keys and values, a
+    float32 bias per full-precision budgeted slot, four int64 counters per budgeted group (and
+    a selected length when its selected slots are codes), an int64 length per full group;
+    codes 8/bits per byte with float16 scale and zero per key group and channel and per value
+    token and channel group, and a full-precision ring of one group for quantized full heads."""
     engine, reports, _ = ci
     memory = reports[ARTIFACT].memory
     assert memory is not None and memory.context is not None
     length, arch = memory.context, engine.arch
-    per_slot = 2 * arch.head_dim * 2  # keys + values, one token, one head, bfloat16
+    d = arch.head_dim
+    per_slot = 2 * d * 2  # keys + values, one token, one head, bfloat16
     assert memory.baseline_bytes == arch.n_layers * arch.n_kv_heads * length * per_slot
+
+    def coded(storage, tokens: int, key_groups: int) -> int:  # one head's quantized tokens
+        codes = tokens * (d * storage.key_bits // 8 + d * storage.value_bits // 8)
+        return codes + key_groups * d * 4 + tokens * (d // storage.group) * 4
+
     state = 0
     for layer in engine.plan.layers:
-        if layer.full_heads:
+        full, budget = layer.full_storage, layer.budget_storage
+        if layer.full_heads and full.quantized:
+            body = length // full.group * full.group
+            ring = min(full.group, length) * per_slot
+            state += len(layer.full_heads) * (coded(full, body, body // full.group) + ring) + 8
+        elif layer.full_heads:
             state += len(layer.full_heads) * length * per_slot + 8
         if layer.budgeted_heads:
-            state += len(layer.budgeted_heads) * layer.layout.capacity * (per_slot + 4) + 4 * 8
+            lay = layer.layout
+            if budget.quantized and lay.selected:
+                per_head = (lay.capacity - lay.selected) * (per_slot + 4) + coded(
+                    budget, lay.selected, -(-lay.selected // budget.group))
+                state += len(layer.budgeted_heads) * per_head + 5 * 8
+            else:
+                state += len(layer.budgeted_heads) * lay.capacity * (per_slot + 4) + 4 * 8
+    assert any(layer.full_storage.quantized for layer in engine.plan.layers)  # the case at hand
     assert memory.artifact_bytes == state and memory.baseline_dtype == "bfloat16"
     assert memory.measured == "allocated"
     # beside it, what the float32 runtime really allocated
