@@ -209,8 +209,8 @@ def write_docs(markdown: str, args: argparse.Namespace, seconds: float) -> None:
             f"task at {args.length} tokens on {args.genre} text, seed {args.seed}; `chosen` marks the storage "
             f"the measured choice ranks best on held-out calibration prompts. 2 shared CPU cores, "
             f"{seconds / 60:.0f} min. Plot: `docs/quant-{args.genre}.png`. Reproduce: `python "
-            f"bench/quant_sweep.py --budgets {args.budgets} --samples {args.samples} --genre {args.genre} "
-            f"--seed {args.seed} --write-docs`.\n\n{markdown}\n")
+            f"bench/quant_sweep.py --budgets {args.budgets} --storages {args.storages} --samples {args.samples} "
+            f"--genre {args.genre} --seed {args.seed} --write-docs`.\n\n{markdown}\n")
     replace_section(section, body)
 
 
