@@ -19,7 +19,7 @@ between steps and concatenates the new token to attend over ``window``. The refe
 static allocation, the buffer a server reserves. The runtime's sliding ring buffers hold the
 same ``min(window, max_context)`` tokens (the window includes the current token), so a plan
 that keeps a sliding layer as the model runs it holds the model's keys and values, plus its
-float32 slot bias and counters (about 3% more at head dim 64 in bfloat16).
+float32 slot bias and counters (about 1.6% more at head dim 64 in bfloat16).
 """
 from __future__ import annotations
 
