@@ -40,8 +40,17 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def artifact(smollm2, tmp_path_factory) -> Path:
+    """The shipped profile's plan at full precision (``kvcompile fit --full-storage full
+    --budget-storage full``, its recorded settings otherwise): these tests read full-precision
+    cache tensors; tests/test_onnx_quant.py covers a quantized SmolLM2 artifact. The profile
+    is kept beside the artifact (``profile.yaml``)."""
     out = tmp_path_factory.mktemp("onnx-artifact") / "artifact"
-    result = invoke("build", "default", "--profile", SHIPPED, "-o", out, "--max-context", CONTEXT)
+    profile = out.parent / "profile.yaml"
+    refit = invoke("fit", SHIPPED, "--kv-budget", load_profile(SHIPPED).settings.kv_budget,
+                   "--full-storage", "full", "--budget-storage", "full", "-o", profile)
+    assert refit.exit_code == 0, refit.output + refit.stderr
+    assert not load_profile(profile).plan.quantized
+    result = invoke("build", "default", "--profile", profile, "-o", out, "--max-context", CONTEXT)
     assert result.exit_code == 0, result.output + result.stderr
     assert "onnxruntime vs torch runtime" in result.stdout
     return out
@@ -54,9 +63,9 @@ def engines(artifact) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def long_prompt(smollm2) -> list[int]:
+def long_prompt(smollm2, artifact) -> list[int]:
     """Real text longer than every budgeted head's capacity."""
-    capacity = max(layer.layout.capacity for layer in load_profile(SHIPPED).plan.layers
+    capacity = max(layer.layout.capacity for layer in load_profile(artifact.parent / "profile.yaml").plan.layers
                    if layer.layout)
     ids = encode_text(smollm2.tokenizer, "\n".join(evaluation_paragraphs()[:60]))
     assert len(ids) > capacity + 100
@@ -142,7 +151,7 @@ def test_the_rewritten_graphs_are_the_static_budget_form(artifact) -> None:
     """Walk both graphs: each layer's cache is written by the prescribed node and attended by
     kvcompile nodes, no standard Attention or cache Concat is left, every cache tensor is
     static, and every kvcompile node has a body in standard ops."""
-    plan = load_profile(SHIPPED).plan
+    plan = load_profile(artifact.parent / "profile.yaml").plan
     specs = onnx_io.cache_tensors(plan, CONTEXT, 64)
     weights = (artifact / onnx_io.ONNX_DIR / onnx_io.WEIGHTS_FILE).stat().st_size
     rope = 2 * CONTEXT * 64 * 4  # one cos and one sin table

@@ -361,8 +361,10 @@ def test_a_quantized_smollm2_artifact_equals_the_torch_runtime(smollm2, tmp_path
     from kvcompile.profile.record import load_profile
     from kvcompile.textsource import encode_text, evaluation_paragraphs
 
-    context, steps = 1536, 40
+    steps = 40
     profile = load_profile(ROOT / "profiles" / "smollm2-135m-instruct.yaml")
+    capacity = max(layer.layout.capacity for layer in profile.plan.layers if layer.layout)
+    context = max(1536, capacity + 40 + steps)  # the prompt past every capacity, then the steps
     storages = ((Storage(8, 4, 32), Storage(4, 2, 32)), (Storage(4, 4, 32), Storage()))
     layers = tuple(replace(layer, full_storage=storages[i % 2][0], budget_storage=storages[i % 2][1])
                    for i, layer in enumerate(profile.plan.layers))
@@ -371,7 +373,6 @@ def test_a_quantized_smollm2_artifact_equals_the_torch_runtime(smollm2, tmp_path
     build_artifact(smollm2, replace(profile, plan=plan), out, max_context=context)
     engine, onnx_engine = load_engine(out), load(out, backend="onnx")
     assert onnx_engine.plan.quantized
-    capacity = max(layer.layout.capacity for layer in plan.layers if layer.layout)
     ids = encode_text(smollm2.tokenizer, "\n".join(evaluation_paragraphs()[:60]))[:capacity + 40]
     assert len(ids) == capacity + 40
     cache, onnx_cache = engine.allocate(1, context), onnx_engine.allocate(1)
