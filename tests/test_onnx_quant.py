@@ -123,8 +123,9 @@ def assert_state_equal(found: dict[str, np.ndarray], row: int, cache, plan: Plan
     equal inputs (``test_onnx_quant_ops.py``), but onnxruntime's keys and values differ from
     torch's by that float32 noise, so a value within ~1e-6 of a rounding boundary can take
     the neighbouring code or float16 scale: per tensor at most ``CODE_FLIPS`` of the codes
-    differ (a packing or layout bug changes most of them), scales and zeros by one float16
-    ulp plus that noise, and every dequantized value by at most one quantization step.
+    differ (a packing or layout bug changes most of them), zeros by one float16 ulp plus that
+    noise, scales by one ulp plus the zero's ulp over the levels, and every dequantized value
+    by at most one quantization step.
     """
     expected = torch_state(cache)
     assert set(expected) == set(found)  # every state tensor of the graph is compared
@@ -142,6 +143,17 @@ def assert_state_equal(found: dict[str, np.ndarray], row: int, cache, plan: Plan
             triplets = [[source[f"{prefix}_{f}"] for f in ("codes", "scale", "zero")]
                         for source in ({k: v[row] for k, v in found.items()}, expected)]
             assert_codes_close(*triplets, plan.layers[int(layer)], part, message)
+        elif got.dtype == np.float16 and name.endswith("_scale"):
+            # scale = (max - zero) / levels with zero = fp16(min): a zero one float16 ulp apart
+            # moves the scale by that ulp / levels, on top of the scale's own ulp
+            _, layer, part = name.split(".", 2)
+            storage = (plan.layers[int(layer)].full_storage if part.startswith("full")
+                       else plan.layers[int(layer)].budget_storage)
+            levels = 2 ** (storage.key_bits if "_key_" in part else storage.value_bits) - 1
+            zero = np.abs(expected[name[:-len("_scale")] + "_zero"]).astype(np.float16)
+            bound = (np.spacing(want) + np.spacing(zero) / levels).astype(np.float32) + 1e-5
+            diff = np.abs(got.astype(np.float32) - want.astype(np.float32))
+            assert (diff <= bound).all(), f"{message}: {diff.max()} over its bound"
         elif got.dtype == np.float16:
             np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
                                        rtol=2 ** -10, atol=1e-5, err_msg=message)
