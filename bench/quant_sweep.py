@@ -152,7 +152,8 @@ def table(reports: dict[str, Report], meta: dict[str, dict], context: int) -> st
     lines.append("| " + " | ".join(base) + " |")
     for name, report in reports.items():
         info = meta[name]
-        cells = [info["budget"], info["policy"], info["storage"], str(info["full_heads"]),
+        policy = info["policy"] + (" (chosen)" if info.get("chosen") else "")
+        cells = [info["budget"], policy, info["storage"], str(info["full_heads"]),
                  f"{info['ratio']:.3f}", f"{info['bits']:.1f}"]
         for row in report.rows:
             if isinstance(row, ContinuationRow):
@@ -220,15 +221,12 @@ def main() -> None:
         data = json.loads(args.from_json.read_text())
         reports = {n: report_from_dict(e["report"], source=str(args.from_json)) for n, e in data["runs"].items()}
         meta = {n: e["meta"] for n, e in data["runs"].items()}
+        for info in meta.values():  # files written while the table's label was stored
+            info["policy"] = info["policy"].removesuffix(" (chosen)")
         if args.refits:  # the shipped storage again, from the kept refits (the rule may be newer)
             kept = {n: load_profile(args.refits / f"{m['budget']}-{m['storage'].replace('/', '_')}.yaml")
-                    for n, m in meta.items() if m["policy"].startswith("profiled")}
-            for n in kept:
-                meta[n]["policy"] = "profiled"
+                    for n, m in meta.items() if m["policy"] == "profiled"}
             mark_chosen(meta, kept)
-            for n in kept:
-                if meta[n].get("chosen"):
-                    meta[n]["policy"] = "profiled (chosen)"
         markdown = table(reports, meta, args.at_context)
         print(markdown)
         if args.write_docs:
@@ -278,9 +276,6 @@ def main() -> None:
     served = {name: plan.to_served(permuted_by=None) for name, plan in plans.items()}
     reports = evaluate_systems(engine, served, config, progress=progress)
     seconds = time.perf_counter() - started
-    for name in meta:
-        if meta[name].get("chosen"):
-            meta[name]["policy"] = "profiled (chosen)"
     markdown = table(reports, meta, args.at_context)
     print(markdown)
     if args.json:
