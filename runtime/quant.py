@@ -104,30 +104,29 @@ def _affine(x: Tensor, dim: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     return codes, scale, zero
 
 
+def _quantize_groups(x: Tensor, dim: int, bits: int, group: int) -> Quantized:
+    """``x`` with axis ``dim`` cut into groups of ``group`` (a last partial group quantized over
+    its own entries): packed codes, and a scale and zero per group in place of that axis."""
+    n = x.shape[dim]
+    n_groups = scale_groups(n, group)
+    x = x.float()
+    pad = n_groups * group - n
+    if pad:  # repeat the last entry: the partial group's range is its own entries'
+        tail = x.narrow(dim, n - 1, 1)
+        x = torch.cat([x, tail.expand(*x.shape[:dim], pad, *x.shape[dim + 1:])], dim=dim)
+    codes, scale, zero = _affine(x.unflatten(dim, (n_groups, group)), dim + 1, bits)
+    codes = codes.flatten(dim, dim + 1).narrow(dim, 0, n)
+    return Quantized(pack_codes(codes, bits), scale.squeeze(dim + 1), zero.squeeze(dim + 1))
+
+
 def quantize_keys(k: Tensor, bits: int, group: int) -> Quantized:
     """Keys ``[B, H, S, D]`` per channel over groups of ``group`` tokens."""
-    b, h, s, d = k.shape
-    n_groups = scale_groups(s, group)
-    padded = n_groups * group
-    x = k.float()
-    if padded != s:  # repeat the last token: the partial group's range is its own tokens'
-        x = torch.cat([x, x[:, :, -1:].expand(b, h, padded - s, d)], dim=2)
-    codes, scale, zero = _affine(x.view(b, h, n_groups, group, d), 3, bits)
-    codes = codes.view(b, h, padded, d)[:, :, :s]
-    return Quantized(pack_codes(codes, bits), scale.squeeze(3), zero.squeeze(3))
+    return _quantize_groups(k, 2, bits, group)
 
 
 def quantize_values(v: Tensor, bits: int, group: int) -> Quantized:
     """Values ``[B, H, S, D]`` per token over groups of ``group`` channels."""
-    b, h, s, d = v.shape
-    n_groups = scale_groups(d, group)
-    padded = n_groups * group
-    x = v.float()
-    if padded != d:  # repeat the last channel: the partial group's range is its own channels'
-        x = torch.cat([x, x[..., -1:].expand(b, h, s, padded - d)], dim=3)
-    codes, scale, zero = _affine(x.view(b, h, s, n_groups, group), 4, bits)
-    codes = codes.view(b, h, s, padded)[..., :d]
-    return Quantized(pack_codes(codes, bits), scale.squeeze(4), zero.squeeze(4))
+    return _quantize_groups(v, 3, bits, group)
 
 
 def dequantize_keys(q: Quantized, bits: int, group: int, head_dim: int,
