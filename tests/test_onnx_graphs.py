@@ -246,7 +246,7 @@ def run_op(op: str, overload: str, inputs: list, attributes: dict, outputs: int)
         if array is None:
             values.append(None)
             continue
-        dtype = ir.DataType.FLOAT if array.dtype == np.float32 else ir.DataType.INT64
+        dtype = ir.DataType.from_numpy(array.dtype)  # float32, int64; codes: uint8, float16
         values.append(ir.Value(name=f"in{index}", type=ir.TensorType(dtype),
                                shape=ir.Shape(array.shape)))
     node = ir.Node(onnx_io.DOMAIN, op, values, num_outputs=outputs, overload=overload,

@@ -7,39 +7,16 @@ onnxruntime runs each node's attached body with nothing registered.
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 
-from kvcompile.passes.onnx.functions import function_for
 from kvcompile.plan import Storage
-from kvcompile.runtime import onnx_io
 from kvcompile.runtime.quant import Quantized, quantize_keys, quantize_values
 from kvcompile.runtime.quant_cache import QuantizedFullBuffer
 from kvcompile.runtime.quant_ops import quantized_append, quantized_attention
+from tests.test_onnx_graphs import run_op  # one kvcompile node and its body in onnxruntime
 
-_DTYPES = {np.dtype(np.float32): ir.DataType.FLOAT, np.dtype(np.int64): ir.DataType.INT64,
-           np.dtype(np.float16): ir.DataType.FLOAT16, np.dtype(np.uint8): ir.DataType.UINT8}
 STORAGES = (Storage(8, 8, 4), Storage(4, 2, 4), Storage(2, 2, 3), Storage(8, 4, 5))
-
-
-def run_op(op: str, overload: str, inputs: list, attributes: dict, outputs: int) -> list:
-    """One kvcompile node with its reference body, in onnxruntime (nothing registered)."""
-    values = [None if array is None else
-              ir.Value(name=f"in{i}", type=ir.TensorType(_DTYPES[array.dtype]),
-                       shape=ir.Shape(array.shape)) for i, array in enumerate(inputs)]
-    node = ir.Node(onnx_io.DOMAIN, op, values, num_outputs=outputs, overload=overload,
-                   attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()])
-    for index, value in enumerate(node.outputs):
-        value.name = f"out{index}"
-    graph = ir.Graph([v for v in values if v is not None], list(node.outputs), nodes=[node],
-                     opset_imports={"": onnx_io.OPSET, onnx_io.DOMAIN: onnx_io.DOMAIN_VERSION})
-    model = ir.Model(graph, ir_version=10, functions=[function_for(op, overload)])
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    feed = {f"in{i}": array for i, array in enumerate(inputs) if array is not None}
-    return session.run(None, feed)
 
 
 def _attributes(storage: Storage) -> dict:
