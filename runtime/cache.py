@@ -23,6 +23,7 @@ from kvcompile.plan import SELECTIONS, BudgetLayout, LayerPlan, Plan, Selection
 
 from .ops import budgeted_attention, budgeted_cache_update, host_reads_free, log_count
 from .quant_cache import QuantizedBudgetedBuffer, QuantizedFullBuffer
+from .quant_ops import DequantMemo
 
 __all__ = [
     "BudgetedBuffer",
@@ -415,7 +416,9 @@ class LayerKV:
         """Attention for ``T >= 1`` new tokens after the cached ones; returns ``[B, Hq, T, D]``.
 
         Full heads: write all ``T`` then causal attention. Budgeted heads: token by token,
-        append then attend (the only way a fixed-size ring can serve several new tokens).
+        append then attend (the only way a fixed-size ring can serve several new tokens). A
+        layer with quantized groups: ``T`` decode steps (codes are written by the one-token
+        rule), each group's codes dequantized once per change rather than once per step.
         """
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
@@ -423,21 +426,12 @@ class LayerKV:
         self._check_room(n_new)  # first: nothing is touched when the full heads would overflow
         nf, nq = self.n_full, self.n_full * self.group_size
         q_full, q_budget = self._split_q(q)
-        if n_new > 1 and self.quantized:  # codes are written by the one-token rule
-            return torch.cat([self.extend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
-                                          scale) for t in range(n_new)], dim=2)
+        if n_new > 1 and self.quantized:  # codes are written by the one-token rule: T decode steps
+            memos = {"full": DequantMemo(), "budgeted": DequantMemo()}
+            return torch.cat([self._decode_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                                scale, memos) for t in range(n_new)], dim=2)
         if n_new == 1:  # decode: no output buffer to fill, no per-token slicing
-            parts = []
-            if self.full is not None:
-                self.full.write(k[:, :nf], v[:, :nf])
-                parts.append(self.full.attend(q_full, scale, causal=True))
-            if self.budgeted is not None:
-                self.budgeted.append(k[:, nf:], v[:, nf:])
-                parts.append(self.budgeted.attend(q_budget, scale))
-            self.length += 1
-            if len(parts) == 1:
-                return parts[0]
-            return torch.cat(parts, dim=1) if parts else q.new_empty(q.shape)
+            return self._decode_step(q, k, v, scale)
         out = q.new_empty(q.shape)
         if self.full is not None:
             self.full.write(k[:, :nf], v[:, :nf])
@@ -448,6 +442,30 @@ class LayerKV:
                 out[:, nq:, t:t + 1] = self.budgeted.attend(q_budget[:, :, t:t + 1], scale)
         self.length += n_new
         return out
+
+    def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                     memos: dict[str, DequantMemo] | None = None) -> Tensor:
+        """One new token: write it, then attend. ``memos``: the quantized groups' codes
+        dequantized by an earlier step of the same extend (:class:`DequantMemo`)."""
+        nf = self.n_full
+        q_full, q_budget = self._split_q(q)
+        parts = []
+        if self.full is not None:
+            self.full.write(k[:, :nf], v[:, :nf])
+            if isinstance(self.full, QuantizedFullBuffer):
+                parts.append(self.full.attend(q_full, scale, memo=memos and memos["full"]))
+            else:
+                parts.append(self.full.attend(q_full, scale, causal=True))
+        if self.budgeted is not None:
+            self.budgeted.append(k[:, nf:], v[:, nf:])
+            if isinstance(self.budgeted, QuantizedBudgetedBuffer):
+                parts.append(self.budgeted.attend(q_budget, scale, memo=memos and memos["budgeted"]))
+            else:
+                parts.append(self.budgeted.attend(q_budget, scale))
+        self.length += 1
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=1) if parts else q.new_empty(q.shape)
 
     def reset(self) -> None:
         for buf in (self.full, self.budgeted):

@@ -23,7 +23,7 @@ from kvcompile.memory import body_tokens, code_bytes, residual_tokens, scale_gro
 from kvcompile.plan import BudgetLayout, Storage
 
 from .quant import SCALE_DTYPE, Quantized, quantize_keys, quantize_values
-from .quant_ops import quantized_append, quantized_attention
+from .quant_ops import DequantMemo, quantized_append, quantized_attention
 
 __all__ = ["QuantizedBudgetedBuffer", "QuantizedFullBuffer", "empty_codes"]
 
@@ -125,13 +125,15 @@ class QuantizedFullBuffer:
                              k[:, :, t:t + 1], v[:, :, t:t + 1], key_bits=self.storage.key_bits,
                              value_bits=self.storage.value_bits, group=self.storage.group)
 
-    def attend(self, q: Tensor, scale: float | None = None, causal: bool = True) -> Tensor:
+    def attend(self, q: Tensor, scale: float | None = None, causal: bool = True,
+               memo: DequantMemo | None = None) -> Tensor:
         """Decode attention (``q`` holds one query per row, the newest token)."""
         g = self.storage.group
         in_ring = torch.remainder(self.length, g)
         return quantized_attention(q, self.keys, self.values, self.length - in_ring, self.k_res,
                                    self.v_res, fp_length=in_ring, key_bits=self.storage.key_bits,
-                                   value_bits=self.storage.value_bits, group=g, scale=scale)
+                                   value_bits=self.storage.value_bits, group=g, scale=scale,
+                                   memo=memo)
 
     def reset(self) -> None:
         self.length.zero_()
@@ -207,12 +209,13 @@ class QuantizedBudgetedBuffer:
     def append(self, k_new: Tensor, v_new: Tensor) -> None:
         self.fp.append(k_new, v_new)
 
-    def attend(self, q: Tensor, scale: float | None = None) -> Tensor:
+    def attend(self, q: Tensor, scale: float | None = None,
+               memo: DequantMemo | None = None) -> Tensor:
         return quantized_attention(q, self.keys, self.values, self.selected_length, self.fp.k,
                                    self.fp.v, fp_bias=self.fp.bias,
                                    key_bits=self.storage.key_bits,
                                    value_bits=self.storage.value_bits, group=self.storage.group,
-                                   scale=scale)
+                                   scale=scale, memo=memo)
 
     def reset(self) -> None:
         self.fp.reset()

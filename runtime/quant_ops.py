@@ -10,6 +10,7 @@ recomputation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from torch import Tensor
 from .ops import _budgeted_attention_ref, _plain_eager_cpu, host_reads_free
 from .quant import Quantized, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
-__all__ = ["quantized_attention", "quantized_append"]
+__all__ = ["DequantMemo", "quantized_attention", "quantized_append"]
 
 
 def _visible_bias(length: Tensor, slots: int, dtype: torch.dtype) -> Tensor:
@@ -26,27 +27,38 @@ def _visible_bias(length: Tensor, slots: int, dtype: torch.dtype) -> Tensor:
     return torch.where(inside, 0.0, float("-inf")).to(dtype)
 
 
-def _quantized_attention_ref(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
-                             v_codes: Tensor, v_scale: Tensor, v_zero: Tensor, q_length: Tensor,
-                             k_fp: Tensor, v_fp: Tensor, fp_bias: Tensor | None,
-                             fp_length: Tensor | None, key_bits: int, value_bits: int,
-                             group: int, scale: float) -> Tensor:
-    """Dequantize, concatenate with the full-precision part, attend (the ops' reference)."""
-    b, hq, t, d = q.shape
-    if t != 1:
-        raise ValueError(f"quantized attention is a decode op (one query per row), got T={t}")
-    if (fp_bias is None) == (fp_length is None):
-        raise ValueError("the full-precision part is masked by exactly one of fp_bias, fp_length")
-    if host_reads_free(q_length):  # CPU: dequantize only the codes some row holds
+def _dequantized(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor,
+                 v_scale: Tensor, v_zero: Tensor, q_length: Tensor, key_bits: int,
+                 value_bits: int, group: int, head_dim: int, k_dtype: torch.dtype,
+                 v_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The codes as keys and values in the full-precision part's dtypes (computed in float32);
+    on the CPU only the codes some row holds."""
+    if host_reads_free(q_length):
         n = int(q_length.max()) if q_length.numel() else 0
         if n < k_codes.shape[2]:
             groups = -(-n // group)
             k_codes, v_codes = k_codes[:, :, :n], v_codes[:, :, :n]
             v_scale, v_zero = v_scale[:, :, :n], v_zero[:, :, :n]
             k_scale, k_zero = k_scale[:, :, :groups], k_zero[:, :, :groups]
-    keys = dequantize_keys(Quantized(k_codes, k_scale, k_zero), key_bits, group, d, k_fp.dtype)
-    values = dequantize_values(Quantized(v_codes, v_scale, v_zero), value_bits, group, d,
-                               v_fp.dtype)
+    keys = dequantize_keys(Quantized(k_codes, k_scale, k_zero), key_bits, group, head_dim, k_dtype)
+    values = dequantize_values(Quantized(v_codes, v_scale, v_zero), value_bits, group, head_dim,
+                               v_dtype)
+    return keys, values
+
+
+def _check_decode(q: Tensor, fp_bias: Tensor | None, fp_length: Tensor | None) -> None:
+    if q.shape[2] != 1:
+        raise ValueError(f"quantized attention is a decode op (one query per row), got T={q.shape[2]}")
+    if (fp_bias is None) == (fp_length is None):
+        raise ValueError("the full-precision part is masked by exactly one of fp_bias, fp_length")
+
+
+def _attend_dequantized(q: Tensor, keys: Tensor, values: Tensor, q_length: Tensor, k_fp: Tensor,
+                        v_fp: Tensor, fp_bias: Tensor | None, fp_length: Tensor | None,
+                        scale: float) -> Tensor:
+    """One softmax over the dequantized codes (their first ``q_length[b]``) and the
+    full-precision part."""
+    b = q.shape[0]
     hkv, n_codes, n_fp = k_fp.shape[1], keys.shape[2], k_fp.shape[2]
     bias_dtype = fp_bias.dtype if fp_bias is not None else torch.promote_types(k_fp.dtype,
                                                                               torch.float32)
@@ -57,6 +69,40 @@ def _quantized_attention_ref(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero
     return _budgeted_attention_ref(q, torch.cat([keys, k_fp], dim=2),
                                    torch.cat([values, v_fp], dim=2),
                                    torch.cat([code_bias, fp_bias], dim=2), None, False, 0, scale)
+
+
+def _quantized_attention_ref(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
+                             v_codes: Tensor, v_scale: Tensor, v_zero: Tensor, q_length: Tensor,
+                             k_fp: Tensor, v_fp: Tensor, fp_bias: Tensor | None,
+                             fp_length: Tensor | None, key_bits: int, value_bits: int,
+                             group: int, scale: float) -> Tensor:
+    """Dequantize, concatenate with the full-precision part, attend (the ops' reference)."""
+    _check_decode(q, fp_bias, fp_length)
+    keys, values = _dequantized(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_length,
+                                key_bits, value_bits, group, q.shape[-1], k_fp.dtype, v_fp.dtype)
+    return _attend_dequantized(q, keys, values, q_length, k_fp, v_fp, fp_bias, fp_length, scale)
+
+
+class DequantMemo:
+    """Dequantized codes kept across the decode steps of one multi-token extend.
+
+    A group's codes change only when a row's count of them does (the full heads' ring
+    flushing a group; the budgeted heads' selected slots never change after prefill), so the
+    values one step dequantized serve every later step with the same counts: ``T`` steps
+    dequantize once per flush instead of ``T`` times. Same values, same attention: the
+    outputs equal ``T`` separate steps bit for bit. Plain CPU tensors only (elsewhere the op
+    runs, and the kernels dequantize in registers).
+    """
+
+    def __init__(self) -> None:
+        self._counts: tuple[int, ...] | None = None
+        self._values: tuple[Tensor, Tensor] | None = None
+
+    def get(self, q_length: Tensor, decode: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        counts = tuple(q_length.tolist())
+        if self._values is None or counts != self._counts:
+            self._counts, self._values = counts, decode()
+        return self._values
 
 
 @torch.library.custom_op("kvcompile::quantized_attention", mutates_args=())
@@ -82,7 +128,8 @@ def _quantized_attention_fake(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zer
 def quantized_attention(q: Tensor, keys: Quantized, values: Quantized, q_length: Tensor,
                         k_fp: Tensor, v_fp: Tensor, *, fp_bias: Tensor | None = None,
                         fp_length: Tensor | None = None, key_bits: int, value_bits: int,
-                        group: int, scale: float | None = None) -> Tensor:
+                        group: int, scale: float | None = None,
+                        memo: DequantMemo | None = None) -> Tensor:
     """Decode attention of ``q [B, Hq, 1, D]`` over a head group stored in two parts.
 
     * quantized: ``keys`` / ``values`` in the layout of :mod:`kvcompile.runtime.quant`,
@@ -94,6 +141,8 @@ def quantized_attention(q: Tensor, keys: Quantized, values: Quantized, q_length:
     Every visible slot of both parts is a key of the one softmax (the query is the newest
     token, so nothing is causal-masked); the codes are dequantized in float32 and rounded to
     ``k_fp``'s dtype, as the full-precision keys are stored. GQA as in ``budgeted_attention``.
+    ``memo``: reuse the dequantized codes of an earlier step of the same extend
+    (:class:`DequantMemo`).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -101,7 +150,14 @@ def quantized_attention(q: Tensor, keys: Quantized, values: Quantized, q_length:
             q_length, k_fp, v_fp, fp_bias, fp_length, int(key_bits), int(value_bits), int(group),
             float(scale))
     if _plain_eager_cpu(*(a for a in args if isinstance(a, Tensor))):
-        return _quantized_attention_ref(*args)
+        if memo is None:
+            return _quantized_attention_ref(*args)
+        _check_decode(q, fp_bias, fp_length)
+        keys_fp, values_fp = memo.get(q_length, lambda: _dequantized(
+            keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero, q_length,
+            key_bits, value_bits, group, q.shape[-1], k_fp.dtype, v_fp.dtype))
+        return _attend_dequantized(q, keys_fp, values_fp, q_length, k_fp, v_fp, fp_bias, fp_length,
+                                   float(scale))
     return _quantized_attention_op(*args)
 
 

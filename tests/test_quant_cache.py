@@ -197,3 +197,58 @@ def test_cpu_shortcut_equals_the_device_path(monkeypatch):
     monkeypatch.setattr(ops, "CPU_SHORTCUTS", False)
     torch.testing.assert_close(buf.attend(q), fast, rtol=0, atol=1e-6)
     assert buf.length.tolist() == [13, 22, 13]
+
+
+@pytest.mark.parametrize("full_storage,budget_storage", [
+    (Storage(8, 4, 4), Storage(4, 2, 4)),
+    (Storage(4, 4, 3), Storage.parse("full")),
+    (Storage.parse("full"), Storage(8, 8, 4)),
+])
+def test_a_multi_token_extend_is_its_decode_steps_bit_for_bit(full_storage, budget_storage, monkeypatch):
+    """``extend`` of T tokens on a layer with codes computes what T one-token extends do, to
+    the bit, state included; it dequantizes each group's codes once per change of their
+    count (a flush of the full heads' ring), not once per token."""
+    from kvcompile.runtime import quant_ops
+
+    d, g, batch, prompt_len, n_new = 6, 2, 2, 9, 11
+    layout = BudgetLayout(2, 1, 3, 4)
+    plan = LayerPlan((0,), (1, 2), layout, full_storage=full_storage, budget_storage=budget_storage)
+    q, k, v = random_qkv(3, batch, 3, g, prompt_len + n_new, d)
+    layers = [LayerKV.allocate(plan, batch, prompt_len + n_new, d, g, F64) for _ in range(2)]
+    for layer in layers:
+        layer.prefill(q[:, :, :prompt_len], k[:, :, :prompt_len], v[:, :, :prompt_len], 0.4,
+                      Selection("attention", 3))
+    decoded = []
+    original = quant_ops._dequantized
+    monkeypatch.setattr(quant_ops, "_dequantized", lambda *a: decoded.append(a[6].tolist()) or original(*a))
+    new = slice(prompt_len, prompt_len + n_new)
+    together = layers[0].extend(q[:, :, new], k[:, :, new], v[:, :, new], 0.4)
+    calls = len(decoded)
+    steps = torch.cat([layers[1].extend(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], 0.4)
+                       for p in range(prompt_len, prompt_len + n_new)], dim=2)
+    assert torch.equal(together, steps)
+    for a, b in zip(_state(layers[0]), _state(layers[1]), strict=True):
+        assert torch.equal(a, b)
+    # once per group for the selected codes, once per body length for the full heads' codes
+    bodies = {(n // full_storage.group) * full_storage.group
+              for n in range(prompt_len + 1, prompt_len + n_new + 1)} if full_storage.quantized else set()
+    assert calls == len(bodies) + int(budget_storage.quantized)
+    assert len(decoded) - calls == n_new * (int(full_storage.quantized) + int(budget_storage.quantized))
+
+
+def _state(layer: LayerKV) -> list[torch.Tensor]:
+    """Every tensor a layer's groups hold."""
+    from dataclasses import fields, is_dataclass
+
+    out = []
+
+    def walk(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            out.append(obj)
+        elif is_dataclass(obj):
+            for f in fields(obj):
+                walk(getattr(obj, f.name))
+
+    walk(layer.full)
+    walk(layer.budgeted)
+    return out
