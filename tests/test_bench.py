@@ -25,7 +25,7 @@ import torch
 
 from kvcompile.build.artifact import build_artifact
 from kvcompile.models import load_model
-from kvcompile.profile.record import save_profile
+from kvcompile.profile.record import load_profile, save_profile
 from kvcompile.stats import wilson_interval
 from tests.regressions import ARTIFACT
 from tests.test_profile_io import build_profile
@@ -230,9 +230,10 @@ def smoke_onnx_cache_copy(tiny: TinyBench, request) -> None:
 
 @pytest.fixture(scope="module")
 def policy_runs(tiny: TinyBench) -> dict[int, tuple[str, Path]]:
-    """bench/policies.py twice: seed 0 with the measured choice, seed 1 with the proxy fit."""
+    """bench/policies.py twice: seed 0 with the measured choice (its refits kept), seed 1 with
+    the proxy fit."""
     runs = {}
-    for seed, extra in ((0, ()), (1, ("--proxy",))):
+    for seed, extra in ((0, ("--refits", tiny.work / "refits")), (1, ("--proxy",))):
         path = tiny.work / f"policies-{seed}.json"
         runs[seed] = (run("policies", "--model", tiny.model, "--profile", tiny.profile,
                           "--budgets", 0.5, "--at-context", CONTEXT, "--lengths", CONTEXT,
@@ -241,7 +242,29 @@ def policy_runs(tiny: TinyBench) -> dict[int, tuple[str, Path]]:
     return runs
 
 
-POLICY_SYSTEMS = ["uncompressed", "profiled", "uniform", "pyramid", "quantized"]
+POLICY_SYSTEMS = ["uncompressed", "profiled", "profiled-fp", "uniform", "pyramid", "quantized"]
+
+
+def best_full_precision(choice: dict) -> dict:
+    """The recorded full-precision candidate (``uniform`` included) with the lowest score the
+    choice's rule gives: each loss over the uncompressed model divided by uniform's, averaged,
+    among those no worse than uniform on either loss; computed here from the record alone."""
+    base = choice["uncompressed"]
+
+    def losses(row: dict) -> tuple[float, float]:
+        return (row["answer_nll"] - base["answer_nll"],
+                row["text_nll"] - base["text_nll"] + row["text_kl"])
+
+    rows = [row for row in choice["candidates"]
+            if row["policy"] == "uniform" or (row["full_storage"], row["budget_storage"]) == ("full", "full")]
+    uniform = losses(next(row for row in rows if row["policy"] == "uniform"))
+    eligible = [row for row in rows if all(m <= u for m, u in zip(losses(row), uniform, strict=True))]
+
+    def score(row: dict) -> float:
+        return sum(m / u if u > 1e-9 else (0.0 if m <= 1e-9 else float("inf"))
+                   for m, u in zip(losses(row), uniform, strict=True))
+
+    return min(eligible, key=lambda row: (score(row), row["policy"] != "uniform"))
 
 
 def smoke_policies(tiny: TinyBench, request) -> None:
@@ -254,31 +277,22 @@ def smoke_policies(tiny: TinyBench, request) -> None:
         for row in rows:
             accuracy(row[f"passkey@{CONTEXT}"])
             accuracy(row[f"multikey@{CONTEXT}"])
-    assert "0.5:profiled: chose" in request.getfixturevalue("policy_runs")[0][0]  # measured choice
-
-
-def smoke_quant_sweep(tiny: TinyBench, request) -> None:
-    path = tiny.work / "quant.json"
-    out = run("quant_sweep", "--model", tiny.model, "--profile", tiny.profile, "--budgets", 0.5,
-              "--storages", "full/full,k8v8/k4v4", "--at-context", CONTEXT, "--length", CONTEXT,
-              "--samples", 2, "--genre", "pydoc", "--threads", 1, "--json", path)
-    rows = tables(out)[-1]
-    # quantization alone takes the most bits that fit (on this tiny head dim 4 bits may not)
-    assert [row["storage (full/budgeted)"] for row in rows[:4]] == [
-        "bf16", "full/full", "k8v8g32/k4v4g32", "full/full"]
-    assert rows[4]["storage (full/budgeted)"] in ("k4v4g32 (all)", "k2v2g32 (all)")
-    assert [row["policy"].split(" ")[0] for row in rows] == [
-        "uncompressed", "profiled", "profiled", "uniform", "quant-only"]
-    assert sum("(chosen)" in row["policy"] for row in rows) == 1  # one storage shipped
-    bits = [number(row["bits/value"]) for row in rows]
-    for row in rows[1:]:  # every plan within the byte budget
-        assert 0 < number(row[f"memory @ {CONTEXT}"]) <= 0.5005
-    # at the same bytes quantized storage holds more values: fewer bits per value (full
-    # precision is 16 plus the bias and counters, several bits at this tiny head dim; the
-    # measured choice at a quantized storage may still ship uniform, which stays full)
-    assert bits[2] <= bits[1] and bits[4] < bits[3] and bits[1] > 16
-    again = run("quant_sweep", "--from-json", path, "--at-context", CONTEXT)
-    assert tables(again)[-1] == rows  # the table is rebuilt from the stored reports
+        by_policy = {row["policy"]: row for row in rows}
+        # full precision counts 16 bits per value plus the bias and counters; codes hold fewer
+        for policy in ("profiled-fp", "uniform", "pyramid"):
+            assert by_policy[policy]["storage"] == "full" and number(by_policy[policy]["bits/value"]) > 16
+        assert by_policy["quantized"]["storage"] in ("k4v4g32", "k2v2g32")
+        # 4 or 2 bits plus scales, zero points and the ring: less than half of full precision's
+        assert number(by_policy["quantized"]["bits/value"]) < number(by_policy["uniform"]["bits/value"]) / 2
+    out = request.getfixturevalue("policy_runs")[0][0]
+    assert "0.5:profiled: chose" in out  # measured choice
+    # profiled-fp: the full-precision candidate the same measured choice ranks best
+    refit = load_profile(tiny.work / "refits" / "0.5-profiled.yaml")
+    best = best_full_precision(refit.choice)
+    row = {row["policy"]: row for row in tables(out)[-1]}["profiled-fp"]
+    assert int(row["full heads"]) == best["full_heads"]
+    if not refit.plan.quantized:  # the choice shipped full precision: that same plan
+        assert best["name"] == refit.choice["chosen"]
 
 
 def smoke_pool(tiny: TinyBench, request) -> None:
@@ -440,7 +454,6 @@ SMOKE: dict[str, Callable[[TinyBench, pytest.FixtureRequest], None]] = {
     "oracle_selection": smoke_oracle_selection,
     "policies": smoke_policies,
     "pool": smoke_pool,
-    "quant_sweep": smoke_quant_sweep,
     "serve": smoke_serve,
     "variants": smoke_variants,
 }
