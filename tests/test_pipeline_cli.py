@@ -253,8 +253,10 @@ def test_profile_bad_files(tmp_path: Path) -> None:
 
 
 def test_profile_cli_small_run_is_deterministic(tmp_path: Path) -> None:
+    # storages set: the measured choice serves the quantized variants alone, a quarter of the
+    # candidates of the default (tests/test_profile_io.py runs that, twice)
     args = ["profile", "default", "--calib-length", 192, "--calib-prompts", 1, "--kv-budget", 0.25,
-            "--at-context", 1024, "--plot"]
+            "--at-context", 1024, "--full-storage", "k8v4g32", "--budget-storage", "k8v4g32", "--plot"]
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     result = invoke(*args, "-o", first)
     assert result.exit_code == 0, result.stderr
@@ -270,6 +272,7 @@ def test_profile_cli_small_run_is_deterministic(tmp_path: Path) -> None:
     arch = arch_from_description(profile.model["architecture"])
     assert plan_bytes(profile.plan, arch, 1024) <= 0.25 * uncompressed_bytes(arch, 1024)
     assert "memory at 1024 tokens" in result.stdout
+    assert (profile.settings.full_storage.name, profile.settings.budget_storage.name) == ("k8v4g32",) * 2
 
 
 def test_manifest_naming_another_source_model_is_refused(artifact: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from kvcompile.errors import ProfileError
+from kvcompile.fit.choice import ChoiceConfig
 from kvcompile.fit.greedy import fit
 from kvcompile.fit.pipeline import (
     make_profile,
@@ -429,9 +430,11 @@ def test_smollm2_profile_labels_heads_and_meets_budget(
 def test_smollm2_profile_is_deterministic(
     smol_run: tuple[Profile, list[tuple[int, int, str]]], smollm2: LoadedModel, tmp_path: Path
 ) -> None:
-    # the default path, measured choice included, twice
-    save_profile(run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST), tmp_path / "first.yaml")
-    save_profile(run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST), tmp_path / "second.yaml")
+    # the default path, measured choice (every storage) included, twice; its held-out prompts
+    # at 512 tokens rather than the default 2048, for time (each candidate serves every one)
+    config = ChoiceConfig(length=512)
+    save_profile(run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST, choice=config), tmp_path / "first.yaml")
+    save_profile(run_profile(smollm2, SMALL_CALIB, SMOL_REQUEST, choice=config), tmp_path / "second.yaml")
     assert load_profile(tmp_path / "first.yaml").choice is not None
     assert (tmp_path / "first.yaml").read_bytes() == (tmp_path / "second.yaml").read_bytes()
 
