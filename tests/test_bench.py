@@ -297,8 +297,10 @@ def smoke_policies(tiny: TinyBench, request) -> None:
 
 def smoke_pool(tiny: TinyBench, request) -> None:
     runs = request.getfixturevalue("policy_runs")
-    out = run("pool", *(path for _, path in runs.values()))
+    figure = tiny.work / "pooled.png"
+    out = run("pool", *(path for _, path in runs.values()), "--plot", figure)
     assert out.startswith("seeds 0, 1;")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pooled = tables(out)[0]
     assert [row["policy"] for row in pooled] == POLICY_SYSTEMS
     single = [tables(text)[-1] for text, _ in runs.values()]
