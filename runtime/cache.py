@@ -453,13 +453,14 @@ class LayerKV:
         if self.full is not None:
             self.full.write(k[:, :nf], v[:, :nf])
             if isinstance(self.full, QuantizedFullBuffer):
-                parts.append(self.full.attend(q_full, scale, memo=memos and memos["full"]))
+                parts.append(self.full.attend(q_full, scale, memo=None if memos is None else memos["full"]))
             else:
                 parts.append(self.full.attend(q_full, scale, causal=True))
         if self.budgeted is not None:
             self.budgeted.append(k[:, nf:], v[:, nf:])
             if isinstance(self.budgeted, QuantizedBudgetedBuffer):
-                parts.append(self.budgeted.attend(q_budget, scale, memo=memos and memos["budgeted"]))
+                parts.append(self.budgeted.attend(q_budget, scale,
+                                                   memo=None if memos is None else memos["budgeted"]))
             else:
                 parts.append(self.budgeted.attend(q_budget, scale))
         self.length += 1

@@ -75,11 +75,16 @@ def _quantized_attention_ref(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero
                              v_codes: Tensor, v_scale: Tensor, v_zero: Tensor, q_length: Tensor,
                              k_fp: Tensor, v_fp: Tensor, fp_bias: Tensor | None,
                              fp_length: Tensor | None, key_bits: int, value_bits: int,
-                             group: int, scale: float) -> Tensor:
-    """Dequantize, concatenate with the full-precision part, attend (the ops' reference)."""
+                             group: int, scale: float, memo: DequantMemo | None = None) -> Tensor:
+    """Dequantize (or take an earlier step's values from ``memo``), concatenate with the
+    full-precision part, attend (the ops' reference)."""
     _check_decode(q, fp_bias, fp_length)
-    keys, values = _dequantized(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_length,
-                                key_bits, value_bits, group, q.shape[-1], k_fp.dtype, v_fp.dtype)
+
+    def decode() -> tuple[Tensor, Tensor]:
+        return _dequantized(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_length,
+                            key_bits, value_bits, group, q.shape[-1], k_fp.dtype, v_fp.dtype)
+
+    keys, values = decode() if memo is None else memo.get(q_length, decode)
     return _attend_dequantized(q, keys, values, q_length, k_fp, v_fp, fp_bias, fp_length, scale)
 
 
@@ -150,14 +155,7 @@ def quantized_attention(q: Tensor, keys: Quantized, values: Quantized, q_length:
             q_length, k_fp, v_fp, fp_bias, fp_length, int(key_bits), int(value_bits), int(group),
             float(scale))
     if _plain_eager_cpu(*(a for a in args if isinstance(a, Tensor))):
-        if memo is None:
-            return _quantized_attention_ref(*args)
-        _check_decode(q, fp_bias, fp_length)
-        keys_fp, values_fp = memo.get(q_length, lambda: _dequantized(
-            keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero, q_length,
-            key_bits, value_bits, group, q.shape[-1], k_fp.dtype, v_fp.dtype))
-        return _attend_dequantized(q, keys_fp, values_fp, q_length, k_fp, v_fp, fp_bias, fp_length,
-                                   float(scale))
+        return _quantized_attention_ref(*args, memo=memo)
     return _quantized_attention_op(*args)
 
 
